@@ -4,6 +4,6 @@ Importing it never imports LAVIS, diffusers or open_clip, so each extension pack
 without pulling in the other two.
 """
 
-from vlext.manifest import Extension, load_registry
+from vlext.manifest import Demo, Extension, ManifestError, load_demos, load_registry
 
-__all__ = ["Extension", "load_registry"]
+__all__ = ["Demo", "Extension", "ManifestError", "load_demos", "load_registry"]

@@ -34,7 +34,7 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class Extension:
-    """One entry of registry.yaml."""
+    """One entry of registry.yaml (``import`` is stored as ``import_path``)."""
 
     name: str
     host: str
@@ -119,14 +119,45 @@ def _parse_entry(index: int, raw: Any, source: Path) -> Extension:
     )
 
 
-def load_registry(path: str | Path | None = None) -> list[Extension]:
-    """Read and validate registry.yaml; returns its entries in file order."""
+@dataclass(frozen=True)
+class Demo:
+    """One step of ``make demo``: ``run`` is ``"module:function"`` taking the output folder."""
+
+    package: str
+    run: str
+    what: str = ""
+
+
+def _read(path: str | Path | None) -> tuple[Path, dict]:
     source = Path(path) if path is not None else registry_path()
     data = yaml.safe_load(source.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "extensions" not in data:
         raise ManifestError(f"{source}: expected a mapping with an 'extensions' list")
     if data.get("version") != 1:
         raise ManifestError(f"{source}: unsupported version {data.get('version')!r}; accepted: 1")
+    return source, data
+
+
+def load_demos(path: str | Path | None = None) -> list[Demo]:
+    """The ``demos`` section: what ``make demo`` runs, in order."""
+    source, data = _read(path)
+    demos = []
+    for i, raw in enumerate(data.get("demos") or []):
+        if not isinstance(raw, dict) or not {"package", "run"} <= set(raw):
+            raise ManifestError(
+                f"{source}: demos[{i}] must be a mapping with 'package' and 'run' (got {raw!r})"
+            )
+        if ":" not in raw["run"]:
+            raise ManifestError(
+                f"{source}: demos[{i}].run must look like 'module:function', got {raw['run']!r}"
+            )
+        demos.append(Demo(package=raw["package"], run=raw["run"], what=raw.get("what", "")))
+    return demos
+
+
+def load_registry(path: str | Path | None = None) -> list[Extension]:
+    """Read and validate registry.yaml; returns its entries in file order."""
+    source, data = _read(path)
     entries = data["extensions"] or []
     if not isinstance(entries, list):
         raise ManifestError(f"{source}: 'extensions' must be a list")

@@ -1,8 +1,6 @@
 import os
-import warnings
 
 # Tests never reach the network: hub look-ups must fail fast instead of hanging or downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")

@@ -246,3 +246,17 @@ def test_cpu_distributed_runs_under_lavis(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK 3 2.0" in result.stdout
+
+
+def test_lavis_processors_build_from_config():
+    import numpy as np
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    image = Image.fromarray((np.random.default_rng(0).random((50, 60, 3)) * 255).astype("uint8"))
+    for name in ("blip_image_train", "blip_image_eval", "blip2_image_train"):
+        processor = registry.get_processor_class(name).from_config(OmegaConf.create({"image_size": 32}))
+        assert processor(image).shape == (3, 32, 32), name
+    caption = registry.get_processor_class("blip_caption").from_config(OmegaConf.create({"max_words": 4}))
+    assert caption("Make the RED circle, blue!") == "make the red circle,"

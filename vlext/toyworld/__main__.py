@@ -1,0 +1,5 @@
+import sys
+
+from vlext.toyworld.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Toy image-text pairs for open_clip training, with region captions for fine-grained losses.
+
+Writes what ``open_clip_train`` reads with its defaults (``--dataset-type auto`` picks the CSV reader
+from the ``.csv`` suffix; ``--csv-separator`` is a tab, ``--csv-img-key filepath``,
+``--csv-caption-key title``). ``CsvDataset`` opens ``filepath`` as given, relative to the working
+directory of the training run, so paths are written absolute (the file is still byte-identical for the
+same ``root`` and seed). Next to it, ``<split>_regions.jsonl`` holds per-object boxes and phrases in
+the form region-level objectives (FG-CLIP's box-caption InfoNCE) consume::
+
+    {"filepath": same string as in the CSV, "regions": [{"box": [x0, y0, x1, y1], "caption": phrase}, ...]}
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from vlext.toyworld._output import check_root, save_png, write_jsonl
+from vlext.toyworld._validation import check_choice, check_count, check_image_size, check_lang, check_seed
+from vlext.toyworld.world import ToyWorld
+
+__all__ = ["write_clip_csv"]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Splits draw disjoint scene indices: split k uses k * _SPLIT_STRIDE + i.
+_SPLIT_STRIDE = 10**7
+CSV_SEPARATOR = "\t"
+
+
+def write_clip_csv(
+    root,
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    split: str = "train",
+    lang: str = "en",
+    max_objects: int = 3,
+) -> Path:
+    """Write ``n`` images under ``root/images/<split>`` and return the path of ``root/<split>.csv``."""
+    root = check_root(root)
+    check_count("n", n, minimum=1)
+    if n >= _SPLIT_STRIDE:
+        raise ValueError(f"n must be below {_SPLIT_STRIDE}, got {n}")
+    check_choice("split", split, SPLITS)
+    check_lang(lang)
+    world = ToyWorld(check_seed(seed), check_image_size(image_size), max_objects=max_objects)
+    root = root.resolve()
+    start = SPLITS.index(split) * _SPLIT_STRIDE
+    table, regions = [], []
+    for i, scene in enumerate(world.scenes(n, start=start)):
+        path = root / "images" / split / f"{i:06d}.png"
+        save_png(scene.render(), path)
+        table.append((str(path), scene.caption(lang)))
+        regions.append(
+            {
+                "filepath": str(path),
+                "regions": [
+                    {"box": list(box), "caption": phrase}
+                    for box, phrase in zip(scene.boxes, scene.phrases(lang))
+                ],
+            }
+        )
+    csv_path = root / f"{split}.csv"
+    with csv_path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter=CSV_SEPARATOR, lineterminator="\n")
+        writer.writerow(("filepath", "title"))
+        writer.writerows(table)
+    write_jsonl(regions, root / f"{split}_regions.jsonl")
+    return csv_path

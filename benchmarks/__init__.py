@@ -1,0 +1,1 @@
+"""Benchmarks: each ``bench_*.py`` compares an extension against its host's own implementation in one run."""

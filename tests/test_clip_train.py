@@ -1,0 +1,103 @@
+"""clip_ext.train: open_clip's own trainer with our flags (subprocess runs on toy-world CSVs)."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clip_ext.logit_scale import FROM_SCRATCH, init_logit_scale
+from clip_ext.train import extra_parser, parse_args
+from vlext.toyworld import write_clip_csv
+
+OUR_FLAGS = ["--memory-bank-size", "--memory-bank-warmup-steps", "--memory-bank-features", "--logit-scale-init",
+             "--diag"]  # fmt: skip
+
+
+def run_trainer(tmp_path, name, *extra):
+    data = tmp_path / "data"
+    if not (data / "train.csv").exists():
+        write_clip_csv(data, 32, seed=0, split="train")
+    argv = [
+        sys.executable, "-m", "clip_ext.train", "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"),
+        "--dataset-type", "csv", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
+        "--device", "cpu", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def log_steps(log_path):
+    """Optimizer steps of the run, read from open_clip's own per-step progress lines (logged every step)."""
+    return sum(1 for line in log_path.read_text().splitlines() if "Train Epoch:" in line)
+
+
+def test_help_shows_our_flags_and_open_clips():
+    result = subprocess.run([sys.executable, "-m", "clip_ext.train", "--help"], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0
+    for flag in [*OUR_FLAGS, "--warmup", "--accum-freq", "--train-data"]:
+        assert flag in result.stdout, flag
+
+
+def test_our_flags_cannot_swallow_open_clip_flags_by_prefix():
+    assert extra_parser().allow_abbrev is False
+    args = parse_args(["--model", "clip-ext-tiny", "--warmup", "7", "--memory-bank-size", "64"])
+    assert args.warmup == 7 and args.memory_bank_size == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--memory-bank", "64"])  # an abbreviation of ours is not accepted
+
+
+def test_bank_off_by_default_and_bad_values_refused():
+    args = parse_args(["--model", "clip-ext-tiny"])
+    assert args.memory_bank_size == 0 and args.logit_scale_init is None and not args.diag
+    with pytest.raises(SystemExit, match="--memory-bank-size must be >= 0"):
+        parse_args(["--memory-bank-size", "-1"])
+    with pytest.raises(SystemExit, match="contrastive loss only"):
+        parse_args(["--memory-bank-size", "64", "--siglip"])
+
+
+def test_logit_scale_init_from_scratch_and_pretrained():
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(4.0))
+    assert init_logit_scale(model, None, pretrained=None) == pytest.approx(FROM_SCRATCH)
+    assert model.logit_scale.item() == pytest.approx(2.6592, abs=1e-4)
+    model.logit_scale.data.fill_(4.2)
+    assert init_logit_scale(model, None, pretrained="openai") is None  # the checkpoint's value stays
+    assert model.logit_scale.item() == pytest.approx(4.2)
+    init_logit_scale(model, math.log(100), pretrained="openai")  # explicit request overrides
+    assert model.logit_scale.item() == pytest.approx(4.6052, abs=1e-4)
+    with pytest.raises(ValueError, match="--logit-scale-init must lie in"):
+        init_logit_scale(model, 5.0, pretrained=None)
+
+
+def test_bank_smaller_than_global_batch_is_refused(tmp_path):
+    result = run_trainer(tmp_path, "small", "--epochs", "1", "--memory-bank-size", "4")
+    assert result.returncode != 0
+    assert "--memory-bank-size 4 is smaller than the global batch 8" in result.stderr + result.stdout
+
+
+def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
+    first = run_trainer(tmp_path, "run", "--epochs", "1", "--memory-bank-size", "24", "--memory-bank-warmup-steps",
+                        "2", "--diag", "--log-every-n-steps", "1")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "logs/run/checkpoints/epoch_1.pt", map_location="cpu")
+    state = checkpoint["state_dict"]
+    steps = int(state["memory_bank.step"])  # one count per optimizer step of the epoch
+    assert steps == log_steps(tmp_path / "logs/run/out.log") >= 3
+    assert int(state["memory_bank.filled"]) == min(8 * steps, 24) and int(state["memory_bank.ptr"]) == 8 * steps % 24
+    assert bool(state["memory_bank.enabled"])
+    assert state["memory_bank.image_queue"].norm(dim=-1).min() > 0.99  # normalized embeddings stored
+    log = (tmp_path / "logs/run/out.log").read_text()
+    assert "diag step 1:" in log and "bank_filled=8" in log and "zero_norm_image_share=0" in log
+
+    resumed = run_trainer(tmp_path, "resumed", "--epochs", "2", "--memory-bank-size", "24",
+                          "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state2 = torch.load(tmp_path / "logs/resumed/checkpoints/epoch_2.pt", map_location="cpu")["state_dict"]
+    assert int(state2["memory_bank.step"]) == 2 * steps  # continued, not restarted
+
+    wrong = run_trainer(tmp_path, "wrong", "--epochs", "2", "--memory-bank-size", "16",
+                        "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
+    assert wrong.returncode != 0
+    assert "--memory-bank-size is 16" in wrong.stderr + wrong.stdout

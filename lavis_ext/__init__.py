@@ -8,4 +8,18 @@ from lavis_ext import compat
 
 compat.apply()
 
-__all__ = ["compat"]
+# Imported for their registrations in LAVIS's registry (model, processor, builders, task).
+from lavis_ext.datasets import CirrBuilder, FashionIQBuilder  # noqa: E402
+from lavis_ext.models import Blip2QformerCirAlignPrompt, GatedFusion  # noqa: E402
+from lavis_ext.processors import TargetPadProcessor  # noqa: E402
+from lavis_ext.tasks import ComposedImageRetrievalTask  # noqa: E402
+
+__all__ = [
+    "Blip2QformerCirAlignPrompt",
+    "CirrBuilder",
+    "ComposedImageRetrievalTask",
+    "FashionIQBuilder",
+    "GatedFusion",
+    "TargetPadProcessor",
+    "compat",
+]

@@ -277,9 +277,47 @@ def _synchronize_between_processes(self) -> None:
     self.count, self.total = int(count), total
 
 
+class _CpuLoader:
+    """Pass-through stand-in for LAVIS's PrefetchLoader, which creates a CUDA stream even on CPU runs."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def _prefetch_loader(original: type) -> Callable:
+    def make(loader):
+        return original(loader) if torch.cuda.is_available() else _CpuLoader(loader)
+
+    make._lavis_ext_shim = True
+    return make
+
+
+def _runner_model(self):
+    """LAVIS wraps the model only when it moves device, so a model already on the run device (CPU) was None."""
+    if self._model.device != self.device:
+        self._model = self._model.to(self.device)
+    if self._wrapped_model is None:
+        if self.use_distributed:
+            self._wrapped_model = _DeviceAwareDDP(self._model, device_ids=[self.config.run_cfg.gpu])
+        else:
+            self._wrapped_model = self._model
+    return self._wrapped_model
+
+
 @_shim(
     "LAVIS's distributed path assumes CUDA (nccl backend, torch.cuda.set_device, DDP device_ids, metric "
-    "sync on 'cuda'); on a machine without CUDA, torchrun now uses gloo on CPU. GPU behaviour is unchanged"
+    "sync on 'cuda'); on a machine without CUDA, torchrun now uses gloo on CPU. GPU behaviour is unchanged. "
+    "RunnerBase.model also left the model unwrapped (None) when it already sat on the run device (CPU), and "
+    "its PrefetchLoader opened a CUDA stream on CPU runs"
 )
 def _cpu_distributed() -> None:
     import lavis.common.dist_utils as dist_utils
@@ -289,6 +327,9 @@ def _cpu_distributed() -> None:
     if not getattr(dist_utils.init_distributed_mode, "_lavis_ext_shim", False):
         dist_utils.init_distributed_mode = _cpu_distributed_init(dist_utils.init_distributed_mode)
     runner_base.DDP = _DeviceAwareDDP
+    runner_base.RunnerBase.model = property(_runner_model)
+    if not getattr(runner_base.PrefetchLoader, "_lavis_ext_shim", False):
+        runner_base.PrefetchLoader = _prefetch_loader(runner_base.PrefetchLoader)
     lavis_logger.SmoothedValue.synchronize_between_processes = _synchronize_between_processes
 
 

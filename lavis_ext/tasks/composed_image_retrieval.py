@@ -1,0 +1,148 @@
+"""LAVIS task ``composed_image_retrieval``: train with the model's loss, evaluate CIRR / FashionIQ recall.
+
+Evaluation encodes the gallery once as target query features (N x Q x D), encodes every query once, and
+ranks all queries against the gallery in chunks (:mod:`lavis_ext.tasks.recall`). Under DDP each rank encodes
+its share of the gallery and of the queries; features are gathered so every rank ranks the same matrix and
+reports the same ``agg_metrics``, the number LAVIS's runner uses to keep the best checkpoint. On CIRR's test
+split (no targets) it writes the submission files the CIRR server expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from lavis.common.registry import registry
+from lavis.tasks.base_task import BaseTask
+from torch.utils.data import DataLoader, Subset
+
+from lavis_ext.tasks.recall import cirr_metrics, fashioniq_metrics, subset_ranks, target_ranks
+
+__all__ = ["ComposedImageRetrievalTask"]
+
+
+def _gather(indices: list[int], feats: torch.Tensor) -> torch.Tensor:
+    """Rows from every rank, put back in dataset order (each rank holds some (index, row) pairs)."""
+    if is_dist_avail_and_initialized() and get_world_size() > 1:
+        parts = [None] * get_world_size()
+        torch.distributed.all_gather_object(parts, (indices, feats.cpu()))
+    else:
+        parts = [(indices, feats.cpu())]
+    all_indices = torch.tensor([i for part in parts for i in part[0]], dtype=torch.long)
+    rows = torch.cat([part[1] for part in parts])
+    order = torch.empty(int(all_indices.max()) + 1, dtype=torch.long)
+    order[all_indices] = torch.arange(len(all_indices))  # duplicates from padded samplers collapse here
+    return rows[order]
+
+
+@registry.register_task("composed_image_retrieval")
+class ComposedImageRetrievalTask(BaseTask):
+    def __init__(self, rank_chunk: int = 1024, gallery_fp16: bool = False, write_submission: bool = False):
+        super().__init__()
+        self.rank_chunk = rank_chunk
+        self.gallery_fp16 = gallery_fp16
+        self.write_submission = write_submission
+
+    @classmethod
+    def setup_task(cls, cfg):
+        run_cfg = cfg.run_cfg
+        return cls(
+            rank_chunk=run_cfg.get("rank_chunk", 1024),
+            gallery_fp16=run_cfg.get("gallery_fp16", False),
+            write_submission=run_cfg.get("write_submission", False),
+        )
+
+    @torch.no_grad()
+    def evaluation(self, model, data_loader, cuda_enabled=True):
+        dataset = data_loader.dataset
+        device = model.device
+        shard = Subset(dataset.gallery, range(get_rank(), len(dataset.gallery), get_world_size()))
+        gallery_loader = DataLoader(shard, batch_size=data_loader.batch_size, num_workers=0)
+        indices, feats = [], []
+        for samples in gallery_loader:
+            feats.append(model.extract_target_features(samples["image"].to(device), fp16=self.gallery_fp16))
+            indices.extend(samples["index"].tolist())
+        gallery = _gather(indices, torch.cat(feats))
+
+        indices, feats = [], []
+        for samples in data_loader:
+            reference = model.extract_reference_features(samples["image"].to(device))
+            feats.append(model.extract_composed_features(reference, list(samples["text_input"])))
+            indices.extend(samples["index"].tolist())
+        queries = _gather(indices, torch.cat(feats))
+        return self._rank(model, dataset, queries, gallery)
+
+    def _rank(self, model, dataset, queries, gallery):
+        position = dataset.gallery_index
+        reference = torch.tensor([position[t["reference"]] for t in dataset.triplets])
+        target = (
+            torch.tensor([position[t["target"]] for t in dataset.triplets]) if dataset.has_targets else None
+        )
+        members = None
+        if dataset.kind == "cirr":
+            width = max(len(t["members"]) for t in dataset.triplets)
+            members = torch.full((len(dataset.triplets), width), -1, dtype=torch.long)
+            for q, row in enumerate(dataset.triplets):
+                members[q, : len(row["members"])] = torch.tensor([position[m] for m in row["members"]])
+        ranks, ranks_subset, top50, top3 = [], [], [], []
+        for start in range(0, len(queries), self.rank_chunk):
+            chunk = slice(start, start + self.rank_chunk)
+            sim = model.similarity(queries[chunk].float(), gallery.float())
+            if dataset.kind == "cirr":  # CIRR never counts the reference itself as a candidate
+                sim.scatter_(1, reference[chunk, None], float("-inf"))
+            if target is not None:
+                ranks.append(target_ranks(sim, target[chunk]))
+                if members is not None:
+                    ranks_subset.append(subset_ranks(sim, target[chunk], members[chunk], reference[chunk]))
+            elif members is not None:
+                top50.append(sim.topk(min(50, sim.size(1) - 1), dim=1).indices)  # reference is -inf
+                member_scores = sim.gather(1, members[chunk].clamp_min(0))
+                invalid = (members[chunk] < 0) | (members[chunk] == reference[chunk, None])
+                member_scores[invalid] = float("-inf")
+                top3.append(members[chunk].gather(1, member_scores.topk(3, dim=1).indices))
+        return {
+            "kind": dataset.kind,
+            "ranks": torch.cat(ranks) if ranks else None,
+            "ranks_subset": torch.cat(ranks_subset) if ranks_subset else None,
+            "top50": torch.cat(top50) if top50 else None,
+            "top3": torch.cat(top3) if top3 else None,
+            "dataset": dataset,
+        }
+
+    def after_evaluation(self, val_result, split_name, epoch, **kwargs):
+        dataset = val_result["dataset"]
+        if val_result["ranks"] is None:
+            if val_result["top50"] is not None:
+                self._write_cirr_submission(val_result, dataset, split_name)
+            return {"agg_metrics": 0.0}
+        if val_result["kind"] == "cirr":
+            metrics = cirr_metrics(val_result["ranks"], val_result["ranks_subset"])
+        else:
+            by_category = {}
+            categories = [t["category"] for t in dataset.triplets]
+            for category in dict.fromkeys(categories):
+                mask = torch.tensor([c == category for c in categories])
+                by_category[category] = val_result["ranks"][mask]
+            metrics = fashioniq_metrics(by_category)
+        if is_main_process():
+            with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
+                f.write(json.dumps({"split": split_name, "epoch": epoch, **metrics}) + "\n")
+        logging.info(f"{split_name} {metrics}")
+        return metrics
+
+    def _write_cirr_submission(self, result, dataset, split_name):
+        if not is_main_process():
+            return
+        names = dataset.gallery.names
+        recall = {"version": "rc2", "metric": "recall"}
+        subset = {"version": "rc2", "metric": "recall_subset"}
+        for row, top50, top3 in zip(dataset.triplets, result["top50"].tolist(), result["top3"].tolist()):
+            recall[str(row["pairid"])] = [names[i] for i in top50]
+            subset[str(row["pairid"])] = [names[i] for i in top3]
+        out = registry.get_path("result_dir")
+        for prefix, content in (("recall", recall), ("recall_subset", subset)):
+            with open(os.path.join(out, f"{prefix}_submission_{split_name}.json"), "w") as f:
+                json.dump(content, f)

@@ -1,0 +1,97 @@
+"""``python -m lavis_ext.train``: LAVIS's runner trains, evaluates, checkpoints and resumes the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
+
+
+def run_train(*options, timeout=400):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "lavis_ext.train",
+            "--cfg-path",
+            str(CFG),
+            "--options",
+            *options,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from vlext.toyworld import write_cirr
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_cirr(tmp / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
+    out = tmp / "run1"
+    log = run_train(
+        f"datasets.cirr.build_info.root={data}",
+        f"run.output_dir={out}",
+        "run.batch_size_train=8",
+        "model.use_gated_fusion=True",
+    )
+    (job,) = list(out.iterdir())
+    return {"data": data, "tmp": tmp, "job": job, "log": log}
+
+
+def test_one_epoch_reports_agg_metrics_and_saves_the_best_checkpoint(first_run):
+    evaluations = [json.loads(line) for line in (first_run["job"] / "evaluate.txt").read_text().splitlines()]
+    assert len(evaluations) == 1 and evaluations[0]["split"] == "val"
+    metrics = evaluations[0]
+    assert 0.0 <= metrics["agg_metrics"] <= 100.0
+    assert metrics["agg_metrics"] == pytest.approx(
+        (metrics["recall_at_5"] + metrics["recall_subset_at_1"]) / 2
+    )
+    assert (first_run["job"] / "checkpoint_best.pth").is_file() or metrics["agg_metrics"] == 0.0
+
+
+def test_options_override_the_project_yaml(first_run):
+    checkpoint = torch.load(first_run["job"] / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["config"]["model"]["use_gated_fusion"] is True
+    assert checkpoint["config"]["run"]["batch_size_train"] == 8
+    assert "gated_fusion.alpha" in checkpoint["model"]
+    # 32 triplets at batch 8 -> 4 optimizer steps: alpha left zero
+    assert checkpoint["model"]["gated_fusion.alpha"].abs().item() > 0
+
+
+def test_resume_continues_from_the_next_epoch(first_run):
+    out = first_run["tmp"] / "run2"
+    log = run_train(
+        f"datasets.cirr.build_info.root={first_run['data']}",
+        f"run.output_dir={out}",
+        "run.batch_size_train=8",
+        "model.use_gated_fusion=True",
+        "run.max_epoch=2",
+        f"run.resume_ckpt_path={first_run['job'] / 'checkpoint_best.pth'}",
+    )
+    assert "Resume checkpoint from" in log
+    assert "Start training epoch 1" in log and "Start training epoch 0" not in log
+    (job,) = list(out.iterdir())
+    assert [json.loads(line)["epoch"] for line in (job / "evaluate.txt").read_text().splitlines()] == [1]
+
+
+def test_missing_cfg_path_is_a_clear_error():
+    from lavis_ext.train import main
+
+    with pytest.raises(FileNotFoundError, match="--cfg-path 'nope.yaml' is not a file"):
+        main(["--cfg-path", "nope.yaml"])

@@ -1,6 +1,7 @@
 """lavis_ext.compat: the unmodified salesforce-lavis 1.0.2 works on transformers 5 / timm 1."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,12 @@ import torch
 
 import lavis_ext  # noqa: F401  (applies the shims)
 from lavis_ext import compat
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_qformer_config(**overrides):
@@ -234,7 +241,12 @@ def test_cpu_distributed_runs_under_lavis(tmp_path):
         """
     )
     env = dict(
-        os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533"
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
     )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(

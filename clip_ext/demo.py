@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from vlext.toyworld import write_clip_csv
 
-TRAIN_IMAGES, VAL_IMAGES, EPOCHS, BATCH = 512, 128, 8, 8
+TRAIN_IMAGES, VAL_IMAGES, EPOCHS, BATCH = 256, 64, 4, 8
 LOSS_LINE = re.compile(r"Train Epoch: (\d+) .*Contrastive_loss: ([0-9.]+)")
 
 
@@ -22,12 +23,14 @@ def _train(out: Path, data: Path, name: str, extra: list[str]) -> dict:
     argv = [
         "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"), "--val-data", str(data / "val.csv"),
         "--dataset-type", "csv", "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "1e-3",
-        "--warmup", "50", "--wd", "0.1", "--workers", "0", "--device", "cpu", "--seed", "0",
+        "--warmup", "16", "--wd", "0.1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--seed", "0",
         "--logs", str(out / "logs"), "--name", name, "--log-every-n-steps", "8", "--save-frequency", "0",
         *extra,
     ]  # fmt: skip
-    main(argv)
     run_dir = out / "logs" / name
+    if run_dir.exists():  # open_clip_train refuses to reuse an experiment name; this is the demo's own output
+        shutil.rmtree(run_dir)
+    main(argv)
     results = [
         json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()
     ]
@@ -60,7 +63,7 @@ def run(out_dir: Path) -> dict:
     runs = {
         "no bank": _train(out_dir, data, "no_bank", []),
         "bank K=512": _train(
-            out_dir, data, "bank", ["--memory-bank-size", "512", "--memory-bank-warmup-steps", "64", "--diag"]
+            out_dir, data, "bank", ["--memory-bank-size", "512", "--memory-bank-warmup-steps", "32", "--diag"]
         ),
     }
     summary = {}

@@ -26,7 +26,7 @@ def collect(model: torch.nn.Module, loss, bank=None) -> dict[str, float]:
         stats.update(
             logits_min=finite.min().item(), logits_max=finite.max().item(), logits_mean=finite.mean().item()
         )
-    pending = getattr(loss, "pending", None)
+    pending = getattr(loss, "pending", None) or getattr(loss, "last_batch", None)
     if pending is not None:
         norms = pending[0].float().norm(dim=-1)
         stats["zero_norm_image_share"] = (norms < 1e-6).float().mean().item()

@@ -24,6 +24,7 @@ class MemoryBankClipLoss(ClipLoss):
         self.pending_ids: torch.Tensor | None = None
         self.sample_ids: torch.Tensor | None = None  # set by the caller per batch when the bank tracks ids
         self.last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for --diag after commit()
 
     def _bank_columns(self, rows: torch.Tensor, queue: torch.Tensor, logit_scale, ids) -> torch.Tensor:
         logits = logit_scale * rows @ queue.to(rows.dtype).T
@@ -89,6 +90,7 @@ class MemoryBankClipLoss(ClipLoss):
         if self.pending is not None:
             image, text = self.pending
             self.bank.gather_and_enqueue(image.float(), text.float(), self.pending_ids)
+        self.last_batch = self.pending
         self.pending = None
         self.pending_ids = None
         self.bank.optimizer_step()

@@ -162,6 +162,8 @@ def create_loss(args):
 
 
 def _after_optimizer_step(optimizer, *_):
+    """Runs only when the optimizer really steps: a step that AMP's GradScaler skips (inf gradients) is not
+    counted towards the warmup and its batch is not enqueued."""
     args, loss = _run.args, _run.loss
     if loss is not None:
         loss.commit()

@@ -22,7 +22,7 @@ def run_trainer(tmp_path, name, *extra):
     argv = [
         sys.executable, "-m", "clip_ext.train", "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"),
         "--dataset-type", "csv", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
-        "--device", "cpu", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
+        "--device", "cpu", "--precision", "fp32", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
     ]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=600)
 
@@ -85,7 +85,10 @@ def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
     state = checkpoint["state_dict"]
     steps = int(state["memory_bank.step"])  # one count per optimizer step of the epoch
     assert steps == log_steps(tmp_path / "logs/run/out.log") >= 3
-    assert int(state["memory_bank.filled"]) == min(8 * steps, 24) and int(state["memory_bank.ptr"]) == 8 * steps % 24
+    assert (
+        int(state["memory_bank.filled"]) == min(8 * steps, 24)
+        and int(state["memory_bank.ptr"]) == 8 * steps % 24
+    )
     assert bool(state["memory_bank.enabled"])
     assert state["memory_bank.image_queue"].norm(dim=-1).min() > 0.99  # normalized embeddings stored
     log = (tmp_path / "logs/run/out.log").read_text()
@@ -101,3 +104,22 @@ def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
                         "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
     assert wrong.returncode != 0
     assert "--memory-bank-size is 16" in wrong.stderr + wrong.stdout
+
+
+def test_diag_reports_zero_norm_image_share_logit_range_and_bank_state():
+    from clip_ext.diagnostics import collect
+    from clip_ext.loss import MemoryBankClipLoss
+    from clip_ext.memory_bank import MemoryBank
+
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    loss = MemoryBankClipLoss(MemoryBank(8, 4))
+    image = torch.nn.functional.normalize(torch.eye(4), dim=-1)
+    image[:2] = 0.0  # two dead image embeddings out of four
+    loss(image, torch.eye(4), torch.tensor(10.0))
+    loss.commit()
+    stats = collect(model, loss, loss.bank)
+    assert stats["zero_norm_image_share"] == 0.5
+    assert stats["logit_scale"] == pytest.approx(10.0)
+    assert stats["logits_max"] == pytest.approx(10.0) and stats["logits_min"] == 0.0
+    assert (stats["bank_ptr"], stats["bank_filled"], stats["bank_enabled"]) == (4, 4, 1.0)

@@ -1,0 +1,106 @@
+"""clip_ext under torch.distributed: 2 CPU processes (gloo) started by torchrun.
+
+The test runs this file under ``torchrun --nproc_per_node 2``; each rank trains leaf features on its slice
+of a global batch, and rank 0 also computes the single-process loss on the whole global batch with its own
+bank. The ranks write what they saw to JSON, and the tests compare numbers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS, LOCAL_BATCH, DIM, BANK = 4, 3, 8, 10  # 6 per global step: the bank wraps with no divisibility
+
+
+def _global_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    image = torch.nn.functional.normalize(torch.randn(2 * LOCAL_BATCH, DIM, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(2 * LOCAL_BATCH, DIM, generator=g), dim=-1)
+    return image, text
+
+
+def _worker(out_dir: Path, local_loss: bool) -> None:
+    import torch.distributed as dist
+
+    from clip_ext.loss import MemoryBankClipLoss
+    from clip_ext.memory_bank import MemoryBank
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loss = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1), local_loss=local_loss,
+                              gather_with_grad=True, rank=rank, world_size=world)  # fmt: skip
+    reference = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1))
+    scale = torch.tensor(10.0)
+    record = {"loss": [], "reference": [], "grad_close": []}
+    for step in range(STEPS):
+        image, text = _global_batch(step)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        local_image = image[rows].clone().requires_grad_()
+        value = loss(local_image, text[rows], scale)
+        value.backward()
+        # open_clip's DDP loss is the per-rank loss; with local_loss it is a mean over local rows only
+        averaged = value.detach().clone()
+        dist.all_reduce(averaged)
+        record["loss"].append((averaged / world).item())
+        full_image = image.clone().requires_grad_()
+        ref_value = reference(full_image, text, scale)
+        ref_value.backward()
+        record["reference"].append(ref_value.item())
+        if local_loss:
+            # the sum of local gradients equals the gradient of the global mean for each row it owns
+            record["grad_close"].append(
+                torch.allclose(local_image.grad / world, full_image.grad[rows], atol=1e-6)
+            )
+        loss.commit()
+        # the reference is a single process: enqueue its global batch without any gather
+        reference.bank.enqueue(*reference.pending)
+        reference.bank.optimizer_step()
+    bank = loss.bank
+    record.update(
+        image_queue=bank.image_queue.tolist(),
+        text_queue=bank.text_queue.tolist(),
+        reference_queue=reference.bank.image_queue.tolist(),
+        ptr=int(bank.ptr),
+        filled=int(bank.filled),
+        step=int(bank.step),
+    )
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def _torchrun(tmp_path, local_loss):
+    env = {**os.environ, "CLIP_EXT_DIST_OUT": str(tmp_path), "CLIP_EXT_LOCAL_LOSS": str(int(local_loss)),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).resolve())]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_two_ranks_hold_identical_banks_and_match_single_process(tmp_path, local_loss):
+    ranks = _torchrun(tmp_path, local_loss)
+    r0, r1 = ranks
+    # identical banks on both ranks, equal to the bank a single process fills with the global batches
+    assert r0["image_queue"] == r1["image_queue"] and r0["text_queue"] == r1["text_queue"]
+    assert torch.allclose(torch.tensor(r0["image_queue"]), torch.tensor(r0["reference_queue"]))
+    assert r0["filled"] == BANK and r0["ptr"] == STEPS * 2 * LOCAL_BATCH % BANK and r0["step"] == STEPS
+    # the loss (averaged over ranks) equals the single-process loss on the same global batch and bank,
+    # including the steps where the bank is active (from step 1 on)
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx(rank["reference"], rel=1e-5, abs=1e-6)
+    assert r0["reference"][1] != pytest.approx(r0["reference"][0])  # the bank did change something
+    if local_loss:
+        assert all(r0["grad_close"]) and all(r1["grad_close"])
+
+
+if __name__ == "__main__":
+    _worker(Path(os.environ["CLIP_EXT_DIST_OUT"]), bool(int(os.environ["CLIP_EXT_LOCAL_LOSS"])))

@@ -1,0 +1,161 @@
+"""GLIGEN's gated self-attention as a diffusers attention processor for ``attn1``.
+
+Placement. GLIGEN's fuser acts on the un-normalized residual stream after self-attention and before
+cross-attention: ``x1 = x + SelfAttn(norm1(x))``, ``x2 = x1 + g_a * Attn(LN([x1; Linear(objs)]))[:n]``,
+``x3 = x2 + g_d * FF(LN(x2))``. An ``attn1`` processor only sees ``norm1(x)`` and returns a value that
+``BasicTransformerBlock`` adds to ``x``. Both facts together give an exact form: a forward pre-hook on the
+block stashes ``x`` (the block's ``hidden_states`` argument) on the processor; the processor computes the
+self-attention output ``a``, then ``x1 = x + a`` and the two gated deltas ``d_a``, ``d_d`` from ``x1``, and
+returns ``a + d_a + d_d``. The block then forms ``x + a + d_a + d_d = x3``: the same residual stream as
+GLIGEN, with no change to diffusers' block code (the identity is checked to 1e-5 against diffusers'
+native ``attention_type="gated"`` UNet in tests/test_diffusers_gligen_compat.py).
+
+Gates are ``gate_scale * tanh(alpha)``: GLIGEN's scheduled sampling multiplies the same factor.
+Grounding tokens arrive through ``cross_attention_kwargs={"grounding_tokens": ..., "grounding_scale": ...}``
+(``gligen`` is popped by the block and ``scale`` is deprecated there, so neither is used).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GatedSelfAttnProcessor", "GroundingPassThroughProcessor"]
+
+
+def _multihead_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    b = q.shape[0]
+    q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * out.shape[-1])
+
+
+class GatedSelfAttnProcessor(nn.Module):
+    """Self-attention of ``attn1`` plus GLIGEN's gated self-attention and gated feed-forward.
+
+    Without ``grounding_tokens`` (or with ``grounding_scale=0``) it is exactly the plain self-attention, so
+    a UNet carrying the adapter behaves as before wherever no layout is given.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, token_dim: int, ff_mult: int = 4):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.linear = nn.Linear(token_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff_in = nn.Linear(dim, 2 * ff_mult * dim)  # GEGLU: value and gate halves
+        self.ff_out = nn.Linear(ff_mult * dim, dim)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+        self._residual: torch.Tensor | None = None
+
+    def stash_residual(self, hidden_states: torch.Tensor) -> None:
+        """Called by the block's forward pre-hook with the un-normalized block input."""
+        self._residual = hidden_states
+
+    def gates(self) -> torch.Tensor:
+        return torch.stack([self.alpha_attn.tanh(), self.alpha_dense.tanh()])
+
+    def _self_attention(self, attn, hidden_states, attention_mask):
+        if hidden_states.ndim != 3:
+            raise ValueError(
+                f"GatedSelfAttnProcessor expects (batch, tokens, dim) hidden states from a BasicTransformerBlock, "
+                f"got shape {tuple(hidden_states.shape)}"
+            )
+        b, n, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, n, b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None or attn.norm_k is not None:
+            hd = q.shape[-1] // attn.heads
+            q = q.view(b, -1, attn.heads, hd)
+            k = k.view(b, -1, attn.heads, hd)
+            q = (attn.norm_q(q) if attn.norm_q is not None else q).reshape(b, -1, attn.heads * hd)
+            k = (attn.norm_k(k) if attn.norm_k is not None else k).reshape(b, -1, attn.heads * hd)
+        out = _multihead_sdpa(q, k, v, attn.heads, attention_mask).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        grounding_tokens: torch.Tensor | None = None,
+        grounding_scale: float = 1.0,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual, self._residual = self._residual, None
+        attn_out = self._self_attention(attn, hidden_states, attention_mask)
+        if grounding_tokens is None or grounding_scale == 0:
+            return attn_out
+        if residual is None:
+            raise RuntimeError(
+                "GatedSelfAttnProcessor got grounding tokens but no block input: the forward pre-hook that "
+                "stashes it is missing. Install the adapter with SpatialAdapter.install(unet), not by "
+                "set_attn_processor alone."
+            )
+        if grounding_tokens.shape[0] not in (1, hidden_states.shape[0]):
+            raise ValueError(
+                f"grounding_tokens batch {grounding_tokens.shape[0]} does not match the UNet batch "
+                f"{hidden_states.shape[0]} (for classifier-free guidance pass null tokens for the "
+                "unconditional half)"
+            )
+        tokens = grounding_tokens.to(hidden_states.dtype)
+        if tokens.shape[0] == 1:
+            tokens = tokens.expand(hidden_states.shape[0], -1, -1)
+        n_visual = hidden_states.shape[1]
+        x = residual + attn_out
+        z = self.norm1(torch.cat([x, self.linear(tokens)], dim=1))
+        fused = self.to_out(_multihead_sdpa(self.to_q(z), self.to_k(z), self.to_v(z), self.heads))
+        delta_attn = grounding_scale * self.alpha_attn.tanh() * fused[:, :n_visual]
+        value, gate = self.ff_in(self.norm2(x + delta_attn)).chunk(2, dim=-1)
+        delta_dense = grounding_scale * self.alpha_dense.tanh() * self.ff_out(value * F.gelu(gate))
+        return attn_out + delta_attn + delta_dense
+
+
+class GroundingPassThroughProcessor(nn.Module):
+    """Wraps the previous ``attn2`` processor and drops the grounding keys before calling it.
+
+    diffusers passes the same ``cross_attention_kwargs`` to attn1 and attn2 and warns on every call
+    about keys a processor does not name; this names them, and keeps whatever ran before (default SDPA,
+    IP-Adapter, ...) doing the cross-attention. An ``nn.Module`` inner processor (IP-Adapter) stays a
+    submodule, so its weights keep moving with ``.to()``; while installed its state-dict keys gain an
+    ``inner.`` prefix, and ``SpatialAdapter.remove()`` puts it back unchanged.
+    """
+
+    _forwarded = ("temb", "ip_adapter_masks", "ip_hidden_states")
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        params = inspect.signature(inner.__call__).parameters
+        self._accepts = {k for k in self._forwarded if k in params}
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ip_adapter_masks=None,
+        ip_hidden_states=None,
+        grounding_tokens: torch.Tensor | None = None,
+        grounding_scale: float = 1.0,
+    ) -> torch.Tensor:
+        given = {"temb": temb, "ip_adapter_masks": ip_adapter_masks, "ip_hidden_states": ip_hidden_states}
+        extra = {k: v for k, v in given.items() if k in self._accepts and v is not None}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)

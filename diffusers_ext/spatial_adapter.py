@@ -1,0 +1,250 @@
+"""SpatialAdapter: the grounding tokenizer plus one gated self-attention processor per chosen block.
+
+One ``ModelMixin``/``ConfigMixin`` holds every adapter weight, so ``save_pretrained``/``from_pretrained``
+store the adapter alone in safetensors; ``install`` puts the processors into a UNet (or a pipeline's UNet)
+with ``set_attn_processor`` and ``remove`` restores exactly the processors that were there before.
+
+Zero-init. The adapter adds ``tanh(alpha) * W h`` to the residual stream. Exactly one factor may start
+at zero: with ``alpha = 0`` the gradient reaches ``alpha`` through ``W h != 0`` (GLIGEN's ``gate`` mode);
+with ``W = 0`` it reaches ``W`` through ``tanh(alpha) != 0`` (``zero_out`` mode, as in ControlNet /
+IP-Adapter). If both start at zero, d/dalpha = (1 - tanh^2) W h = 0 and d/dW = tanh(alpha) h^T = 0: every
+gradient is zero forever and training silently stalls (a user's "fix" zeroed the output layer while
+keeping the gate at 0 and got exactly that). A zero gate that is also frozen can never open either.
+Both configurations are refused at construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor, GroundingPassThroughProcessor
+from diffusers_ext.grounding import GroundingTokenizer
+
+__all__ = ["SpatialAdapter", "install", "transformer_blocks"]
+
+INIT_MODES = ("gate", "zero_out")
+
+
+def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
+    """Name -> block for every ``BasicTransformerBlock`` of a UNet (the places a fuser can sit)."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+
+
+def _unet_of(target):
+    unet = getattr(target, "unet", target)
+    if not hasattr(unet, "set_attn_processor"):
+        raise TypeError(
+            f"expected a diffusers UNet2DConditionModel or a pipeline with a .unet, got {type(target).__name__}"
+        )
+    return unet
+
+
+class SpatialAdapter(ModelMixin, ConfigMixin):
+    """GLIGEN-style gated spatial adapter for a diffusers UNet.
+
+    ``layers`` lists ``[block_name, dim, heads, dim_head]`` for each fuser; build it from a UNet with
+    :meth:`for_unet`. ``init_mode``: ``gate`` (gate ``gate_init`` = 0, normal weights, GLIGEN) or
+    ``zero_out`` (output layers 0, gate ``gate_init`` = 1). ``freeze_gate`` keeps alpha fixed.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        layers: list | None = None,
+        phrase_dim: int = 768,
+        token_dim: int = 768,
+        max_objs: int = 30,
+        fourier_freqs: int = 8,
+        hidden_dim: int = 512,
+        phrase_norm: bool = True,
+        init_mode: str = "gate",
+        gate_init: float | None = None,
+        freeze_gate: bool = False,
+    ):
+        super().__init__()
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode must be one of {INIT_MODES}, got {init_mode!r}")
+        gate = (0.0 if init_mode == "gate" else 1.0) if gate_init is None else float(gate_init)
+        if init_mode == "zero_out" and gate == 0.0:
+            raise ValueError(
+                "init_mode='zero_out' with gate_init=0 can never learn: with both the output layers and the "
+                "gate at zero every gradient of the adapter is zero (d/dgate = W h = 0, d/dW = tanh(0) h = 0). "
+                "Use init_mode='gate' (gate 0, normal weights) or a non-zero gate_init (default 1.0)."
+            )
+        if freeze_gate and gate == 0.0:
+            raise ValueError(
+                "freeze_gate=True with gate_init=0 can never learn: tanh(0) = 0 multiplies the adapter's "
+                "output, so no gradient reaches its weights and the frozen gate never opens. Unfreeze the "
+                "gate or start it at a non-zero value."
+            )
+        if not layers:
+            raise ValueError(
+                "SpatialAdapter needs at least one layer; build it with SpatialAdapter.for_unet(unet)"
+            )
+        self.position_net = GroundingTokenizer(
+            phrase_dim=phrase_dim,
+            token_dim=token_dim,
+            max_objs=max_objs,
+            fourier_freqs=fourier_freqs,
+            hidden_dim=hidden_dim,
+            phrase_norm=phrase_norm,
+        )
+        self.fusers = nn.ModuleList(
+            GatedSelfAttnProcessor(dim, heads, dim_head, token_dim) for _, dim, heads, dim_head in layers
+        )
+        with torch.no_grad():
+            for fuser in self.fusers:
+                fuser.alpha_attn.fill_(gate)
+                fuser.alpha_dense.fill_(gate)
+                fuser.alpha_attn.requires_grad_(not freeze_gate)
+                fuser.alpha_dense.requires_grad_(not freeze_gate)
+                if init_mode == "zero_out":
+                    for out in (fuser.to_out, fuser.ff_out):
+                        nn.init.zeros_(out.weight)
+                        nn.init.zeros_(out.bias)
+        self._installed: dict | None = None
+
+    @classmethod
+    def for_unet(cls, unet, phrase_dim: int, layers: list[str] | None = None, **config) -> SpatialAdapter:
+        """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` whose name starts with one
+        of ``layers`` (all blocks when None). ``token_dim`` defaults to the UNet's cross-attention dim."""
+        unet = _unet_of(unet)
+        blocks = transformer_blocks(unet)
+        if not blocks:
+            raise ValueError(
+                f"{type(unet).__name__} has no BasicTransformerBlock: a spatial adapter needs a UNet with "
+                "cross-attention blocks (CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D)"
+            )
+        if layers is not None:
+            unknown = [p for p in layers if not any(n.startswith(p) for n in blocks)]
+            if unknown:
+                raise ValueError(f"layers {unknown} match no transformer block; available: {sorted(blocks)}")
+            blocks = {n: b for n, b in blocks.items() if any(n.startswith(p) for p in layers)}
+        spec = []
+        for name, block in blocks.items():
+            if block.norm_type != "layer_norm":
+                raise ValueError(
+                    f"block {name} uses norm_type={block.norm_type!r}; the gated fuser's residual placement is "
+                    "exact only for 'layer_norm' blocks (UNet2DConditionModel)"
+                )
+            attn = block.attn1
+            spec.append([name, attn.to_q.in_features, attn.heads, attn.inner_dim // attn.heads])
+        token_dim = config.pop("token_dim", unet.config.cross_attention_dim)
+        if isinstance(token_dim, (list, tuple)):
+            token_dim = token_dim[0]
+        return cls(layers=spec, phrase_dim=phrase_dim, token_dim=token_dim, **config)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [spec[0] for spec in self.config.layers]
+
+    def install(self, target) -> None:
+        """Put the fusers into ``target``'s UNet (``set_attn_processor`` underneath) and hook the blocks."""
+        if self._installed is not None:
+            raise RuntimeError("this SpatialAdapter is already installed; call remove() first")
+        unet = _unet_of(target)
+        blocks = transformer_blocks(unet)
+        missing = [n for n in self.layer_names if n not in blocks]
+        if missing:
+            raise ValueError(
+                f"the UNet lacks the adapter's blocks {missing[:3]}...; was it built for another UNet?"
+            )
+        previous = dict(unet.attn_processors)
+        new = dict(previous)
+        hooks = []
+        for name, fuser in zip(self.layer_names, self.fusers, strict=True):
+            block = blocks[name]
+            if block.attn1.to_q.in_features != fuser.norm1.normalized_shape[0]:
+                raise ValueError(
+                    f"block {name} has width {block.attn1.to_q.in_features}, the fuser was built for "
+                    f"{fuser.norm1.normalized_shape[0]}"
+                )
+            new[f"{name}.attn1.processor"] = fuser
+            if block.attn2 is not None:
+                key = f"{name}.attn2.processor"
+                new[key] = GroundingPassThroughProcessor(previous[key])
+            hooks.append(block.register_forward_pre_hook(self._stash_hook(name, fuser), with_kwargs=True))
+        device = next(unet.parameters()).device
+        self.to(device)
+        unet.set_attn_processor(new)
+        self._installed = {"unet": unet, "previous": previous, "hooks": hooks}
+
+    @staticmethod
+    def _stash_hook(name: str, fuser: GatedSelfAttnProcessor):
+        def hook(block, args, kwargs):
+            if block.attn1.processor is not fuser:
+                warnings.warn(
+                    f"the spatial adapter's processor on {name}.attn1 was replaced by "
+                    f"{type(block.attn1.processor).__name__} (enable_xformers_memory_efficient_attention, "
+                    "attention slicing, fuse_qkv_projections, set_default_attn_processor or load_ip_adapter "
+                    "do this); the adapter is inactive there. Call adapter.remove() and adapter.install() "
+                    "after changing processors.",
+                    stacklevel=2,
+                )
+                return None
+            fuser.stash_residual(args[0] if args else kwargs["hidden_states"])
+            return None
+
+        return hook
+
+    def check_installed(self) -> None:
+        """Raise if any fuser was swapped out of the UNet after install (e.g. by xformers)."""
+        if self._installed is None:
+            raise RuntimeError("the SpatialAdapter is not installed; call adapter.install(unet_or_pipeline)")
+        procs = self._installed["unet"].attn_processors
+        swapped = [
+            n
+            for n, f in zip(self.layer_names, self.fusers, strict=True)
+            if procs.get(f"{n}.attn1.processor") is not f
+        ]
+        if swapped:
+            raise RuntimeError(
+                f"{len(swapped)} spatial-adapter processors were replaced after install (first: {swapped[0]}.attn1, "
+                f"now {type(procs[f'{swapped[0]}.attn1.processor']).__name__}); xformers, attention slicing, "
+                "fuse_qkv_projections, set_default_attn_processor and load_ip_adapter replace processors. "
+                "Call adapter.remove() and adapter.install() afterwards."
+            )
+
+    def remove(self) -> None:
+        """Restore the processors that were installed before and drop the hooks."""
+        if self._installed is None:
+            raise RuntimeError("the SpatialAdapter is not installed")
+        for hook in self._installed["hooks"]:
+            hook.remove()
+        self._installed["unet"].set_attn_processor(self._installed["previous"])
+        self._installed = None
+
+    def gate_stats(self) -> dict:
+        """Effective gates tanh(alpha) over all layers (attention and dense): mean/std/min/max, plus each
+        layer's pair, the numbers to watch while training (a gate stuck at 0 means nothing learns)."""
+        gates = torch.stack([f.gates().detach().float() for f in self.fusers])  # (L, 2)
+        flat = gates.flatten()
+        return {
+            "mean": flat.mean().item(),
+            "abs_mean": flat.abs().mean().item(),
+            "std": flat.std().item() if flat.numel() > 1 else 0.0,
+            "min": flat.min().item(),
+            "max": flat.max().item(),
+            "per_layer": {n: g.tolist() for n, g in zip(self.layer_names, gates, strict=True)},
+        }
+
+    def forward(self, boxes, phrase_embeds, masks=None) -> torch.Tensor:
+        """Grounding tokens for ``cross_attention_kwargs={"grounding_tokens": ...}``."""
+        return self.position_net(boxes, phrase_embeds, masks)
+
+    def cross_attention_kwargs(self, boxes, phrase_embeds, masks=None, gate_scale: float = 1.0) -> dict:
+        return {"grounding_tokens": self(boxes, phrase_embeds, masks), "grounding_scale": gate_scale}
+
+
+def install(unet) -> None:
+    """Registry hook: shape a default adapter for ``unet`` (phrase dim = cross-attention dim) and install it."""
+    dim = unet.config.cross_attention_dim
+    SpatialAdapter.for_unet(unet, phrase_dim=dim if isinstance(dim, int) else dim[0]).install(unet)

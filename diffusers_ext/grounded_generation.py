@@ -1,0 +1,283 @@
+"""Layout-grounded generation with an installed spatial adapter on SD, SDXL and Kolors pipelines.
+
+Phrases are encoded with the pipeline's own text encoder, as GLIGEN does with its CLIP text encoder: the
+pooled CLIP feature for SD (width 768 on SD1.5); the two pooled CLIP features concatenated for SDXL (768 +
+1280 = 2048: the first encoder's pooled hidden state, the second's projected text embedding); the last
+layer's last-token hidden state for Kolors' ChatGLM (4096), the same vector Kolors uses as its pooled
+prompt. ``phrase_dim(pipe)`` gives the width to build the adapter with.
+
+Classifier-free guidance. The pipelines run the UNet on ``[unconditional; conditional]`` halves with one
+``cross_attention_kwargs``; the unconditional half must see no layout (only the tokenizer's null tokens,
+as in GLIGEN, where its masks are zeroed), otherwise guidance would push away from the layout too. The
+grounding tokens are therefore built for the whole doubled batch here, in the pipeline's order (prompt
+``i`` repeated ``num_images_per_prompt`` times).
+
+Scheduled sampling (``scheduled_sampling.grounding_schedule``) is applied per denoising step by a forward
+pre-hook on the UNet that rescales ``grounding_scale`` on each call, so it works the same in every
+pipeline and leaves ``callback_on_step_end`` to the user.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from diffusers import KolorsPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from diffusers_ext.scheduled_sampling import grounding_schedule
+
+__all__ = ["encode_phrases", "generate", "grounding_cross_attention_kwargs", "phrase_dim", "pipeline_kind"]
+
+SUPPORTED = (StableDiffusionPipeline, StableDiffusionXLPipeline, KolorsPipeline)
+GROUNDING_KEYS = ("grounding_tokens", "grounding_scale")
+
+
+def pipeline_kind(pipe) -> str:
+    if isinstance(pipe, KolorsPipeline):
+        return "kolors"
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd"
+    raise TypeError(
+        f"grounded generation supports {', '.join(p.__name__ for p in SUPPORTED)}; got {type(pipe).__name__}"
+    )
+
+
+def phrase_dim(pipe) -> int:
+    """Width of the phrase features ``encode_phrases`` returns for this pipeline."""
+    kind = pipeline_kind(pipe)
+    if kind == "sdxl":
+        return pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.projection_dim
+    return pipe.text_encoder.config.hidden_size
+
+
+def _clip_ids(tokenizer, phrases: list[str], device) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length; warns (never silently cuts) when a phrase is longer."""
+    limit = tokenizer.model_max_length
+    for phrase in phrases:
+        n = len(tokenizer(phrase).input_ids)
+        if n > limit:
+            warnings.warn(
+                f"phrase {phrase!r} has {n} tokens; the text encoder reads {limit}, the rest is cut",
+                stacklevel=3,
+            )
+    ids = tokenizer(phrases, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+    return ids.input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_phrases(pipe, phrases: Sequence[str]) -> torch.Tensor:
+    """(N,) phrases -> (N, phrase_dim(pipe)) features from the pipeline's own text encoder(s)."""
+    kind = pipeline_kind(pipe)
+    phrases = list(phrases)
+    bad = [p for p in phrases if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"phrases must be non-empty strings, got {bad[:3]}")
+    if not phrases:
+        return torch.zeros(0, phrase_dim(pipe), device=pipe.text_encoder.device)
+    encoder = pipe.text_encoder
+    if kind == "kolors":
+        inputs = pipe.tokenizer(phrases, padding=True, return_tensors="pt").to(encoder.device)
+        out = encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            output_hidden_states=True,
+        )
+        # ChatGLM is sequence-first and pads on the left: the last position is every phrase's last token.
+        return out.hidden_states[-1][-1].float()
+    pooled = encoder(_clip_ids(pipe.tokenizer, phrases, encoder.device)).pooler_output
+    if kind == "sd":
+        return pooled.float()
+    encoder_2 = pipe.text_encoder_2
+    projected = encoder_2(_clip_ids(pipe.tokenizer_2, phrases, encoder_2.device)).text_embeds
+    return torch.cat([pooled.float(), projected.float().to(pooled.device)], dim=-1)
+
+
+def _layouts(phrases, boxes, n_prompts: int) -> list[tuple[list[str], list]]:
+    """One (phrases, boxes) layout per prompt: a single layout is shared by every prompt."""
+    nested = bool(phrases) and not isinstance(phrases[0], str)
+    if not nested:
+        phrases, boxes = [phrases] * n_prompts, [boxes] * n_prompts
+    if len(phrases) != n_prompts or len(boxes) != n_prompts:
+        raise ValueError(
+            f"{n_prompts} prompt(s) but {len(phrases)} phrase lists and {len(boxes)} box lists; give one layout "
+            "(list of phrases, list of boxes) for all prompts or one per prompt"
+        )
+    layouts = []
+    for i, (ps, bs) in enumerate(zip(phrases, boxes, strict=True)):
+        ps, bs = list(ps), [list(map(float, b)) for b in bs]
+        if len(ps) != len(bs):
+            raise ValueError(
+                f"layout {i}: {len(ps)} phrases but {len(bs)} boxes; each phrase needs exactly one xyxy box"
+            )
+        wrong = [b for b in bs if len(b) != 4]
+        if wrong:
+            raise ValueError(
+                f"layout {i}: boxes must be 4 numbers (x0, y0, x1, y1) in [0, 1], got {wrong[0]}"
+            )
+        layouts.append((ps, bs))
+    return layouts
+
+
+def _check_scale(gate_scale) -> float:
+    value = float(gate_scale)
+    if not math.isfinite(value):
+        raise ValueError(f"gate_scale must be a finite number (GLIGEN uses 1.0), got {gate_scale}")
+    return value
+
+
+def _check_adapter_on(pipe, adapter) -> None:
+    fusers = {id(f) for f in adapter.fusers}
+    if not any(id(p) in fusers for p in pipe.unet.attn_processors.values()):
+        raise RuntimeError(
+            "the spatial adapter is not installed on this pipeline's UNet; call adapter.install(pipe) first"
+        )
+    adapter.check_installed()
+    if adapter.config.phrase_dim != phrase_dim(pipe):
+        raise ValueError(
+            f"the adapter expects {adapter.config.phrase_dim}-d phrase features but this "
+            f"{type(pipe).__name__}'s text encoder gives {phrase_dim(pipe)}-d ones; build the adapter with "
+            "phrase_dim=phrase_dim(pipe)"
+        )
+
+
+def grounding_cross_attention_kwargs(
+    pipe,
+    adapter,
+    phrases,
+    boxes,
+    *,
+    n_prompts: int = 1,
+    num_images_per_prompt: int = 1,
+    classifier_free_guidance: bool = True,
+    gate_scale: float = 1.0,
+) -> dict:
+    """``cross_attention_kwargs`` carrying grounding tokens for the pipeline's UNet batch.
+
+    ``phrases``/``boxes``: one layout (list of str, list of xyxy boxes in [0, 1]) shared by all prompts, or a
+    list of layouts, one per prompt. Layouts with fewer objects are padded with null tokens (mask 0).
+    With ``classifier_free_guidance`` the first half of the batch gets only null tokens.
+    """
+    _check_adapter_on(pipe, adapter)
+    scale = _check_scale(gate_scale)
+    layouts = _layouts(phrases, boxes, n_prompts)
+    n_objs = max(1, max(len(ps) for ps, _ in layouts))
+    max_objs = adapter.config.max_objs
+    if n_objs > max_objs:
+        raise ValueError(
+            f"a layout has {n_objs} objects but the adapter takes at most max_objs={max_objs}; "
+            "drop or merge objects (nothing is truncated silently)"
+        )
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    width = adapter.config.phrase_dim
+    box_t = torch.zeros(n_prompts, n_objs, 4)
+    feat_t = torch.zeros(n_prompts, n_objs, width)
+    mask_t = torch.zeros(n_prompts, n_objs)
+    for i, (ps, bs) in enumerate(layouts):
+        if ps:
+            box_t[i, : len(bs)] = torch.tensor(bs)
+            feat_t[i, : len(ps)] = encode_phrases(pipe, ps).cpu()
+            mask_t[i, : len(ps)] = 1
+    adapter_dtype = next(adapter.parameters()).dtype
+    with torch.no_grad():
+        tokens = adapter(box_t.to(device, adapter_dtype), feat_t.to(device, adapter_dtype), mask_t.to(device))
+        tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
+        if classifier_free_guidance:
+            null = adapter.position_net.null_tokens(tokens.shape[0], n_objs)
+            tokens = torch.cat([null, tokens])
+    return {"grounding_tokens": tokens.to(dtype), "grounding_scale": scale}
+
+
+class _PerStepScale:
+    """UNet forward pre-hook: step ``i`` runs with ``grounding_scale = base * schedule[i]``."""
+
+    def __init__(self, schedule: list[float]):
+        self.schedule = schedule
+        self.step = 0
+        self.seen: list[float] = []
+
+    def __call__(self, module, args, kwargs):
+        kw = kwargs.get("cross_attention_kwargs") or {}
+        if "grounding_tokens" not in kw:
+            return None
+        if self.step >= len(self.schedule):
+            raise RuntimeError(
+                f"the UNet ran more than the {len(self.schedule)} scheduled steps; pass the pipeline's "
+                "num_inference_steps to generate() and avoid denoising_end/timesteps overrides with a schedule"
+            )
+        scale = kw["grounding_scale"] * self.schedule[self.step]
+        self.step += 1
+        self.seen.append(scale)
+        return args, {**kwargs, "cross_attention_kwargs": {**kw, "grounding_scale": scale}}
+
+
+def generate(
+    pipe,
+    adapter,
+    prompt: str | list[str],
+    phrases,
+    boxes,
+    *,
+    gate_scale: float = 1.0,
+    schedule: Sequence[float] | None = None,
+    beta: float | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    num_images_per_prompt: int = 1,
+    return_scales: bool = False,
+    **pipe_kwargs,
+):
+    """Run ``pipe`` with the layout: ``phrases[i]`` should appear inside ``boxes[i]`` (normalized xyxy).
+
+    ``gate_scale`` multiplies every gate at run time (1.0 is the trained model; compare 0.5, 1, 2);
+    ``schedule`` is GLIGEN's ``[a, b, c]`` and ``beta`` diffusers' form of scheduled sampling (at most one).
+    Other keyword arguments go to the pipeline unchanged. With ``return_scales`` it returns
+    ``(output, scales)``, the grounding scale each denoising step actually ran with.
+    ``num_inference_steps`` and ``guidance_scale`` default to the pipeline's own defaults.
+    """
+    pipeline_kind(pipe)
+    defaults = inspect.signature(pipe.__call__).parameters
+    if num_inference_steps is None:
+        num_inference_steps = defaults["num_inference_steps"].default
+    if guidance_scale is None:
+        guidance_scale = defaults["guidance_scale"].default
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    steps = grounding_schedule(num_inference_steps, abc=schedule, beta=beta)
+    user_kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
+    clash = [k for k in GROUNDING_KEYS if k in user_kwargs]
+    if clash:
+        raise ValueError(
+            f"cross_attention_kwargs {clash} are set by generate(); pass phrases/boxes/gate_scale"
+        )
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    grounding = grounding_cross_attention_kwargs(
+        pipe,
+        adapter,
+        phrases,
+        boxes,
+        n_prompts=len(prompts),
+        num_images_per_prompt=num_images_per_prompt,
+        classifier_free_guidance=cfg,
+        gate_scale=gate_scale,
+    )
+    per_step = _PerStepScale(steps)
+    handle = pipe.unet.register_forward_pre_hook(per_step, with_kwargs=True)
+    try:
+        out = pipe(
+            prompt=prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            cross_attention_kwargs={**user_kwargs, **grounding},
+            **pipe_kwargs,
+        )
+    finally:
+        handle.remove()
+    return (out, per_step.seen) if return_scales else out

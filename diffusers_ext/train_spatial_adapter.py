@@ -1,0 +1,488 @@
+"""Train the spatial adapter on grounding rows with accelerate: ``python -m diffusers_ext.train_spatial_adapter``.
+
+GLIGEN's recipe (Li et al., CVPR 2023): the base model stays frozen and only the gated layers and the
+grounding tokenizer learn (optionally LoRA on the UNet too), with the ordinary denoising loss; whole
+layouts are dropped with ``--box-dropout`` and captions with ``--caption-dropout`` so the model also
+learns the null condition that classifier-free guidance uses. ``--pretrained-model`` is an SD, SDXL or
+Kolors folder; the text conditioning comes from the pipeline's own ``encode_prompt`` and the phrase
+features from its text encoder (``grounded_generation.encode_phrases``).
+
+Exact resume. Data order is a permutation seeded by (seed, epoch) and every random draw of a step (noise,
+timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a run resumed
+from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
+``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
+the trainable weights (adapter, LoRA), not the frozen base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["build_parser", "main", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_spatial_adapter", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--mixed-data", required=True, help="JSONL rows: image, caption, boxes (xyxy in [0,1]), phrases"
+    )
+    data.add_argument(
+        "--image-dir",
+        default=None,
+        help="folder the rows' image paths are relative to (default: the JSONL's)",
+    )
+    data.add_argument(
+        "--min-area", type=float, default=0.01, help="drop boxes under this area fraction (GLIGEN: 1%%)"
+    )
+    data.add_argument(
+        "--min-side", type=float, default=0.0, help="drop boxes with a side under this fraction"
+    )
+    data.add_argument("--max-objs", type=int, default=30, help="keep the largest this many boxes per image")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image size (default: the UNet's sample size x VAE scale)",
+    )
+    data.add_argument(
+        "--phrase-dropout", type=float, default=0.0, help="probability of replacing one object by null tokens"
+    )
+    data.add_argument(
+        "--box-dropout", type=float, default=0.1, help="probability of dropping a whole layout (GLIGEN: 0.1)"
+    )
+    data.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=0.5,
+        help="probability of an empty caption (GLIGEN's code: 0.5)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained-model", required=True, help="SD, SDXL or Kolors pipeline folder")
+    model.add_argument("--init-mode", choices=("gate", "zero_out"), default="gate")
+    model.add_argument(
+        "--gate-init-value",
+        type=float,
+        default=None,
+        help="initial alpha (default: 0 for gate, 1 for zero_out)",
+    )
+    model.add_argument("--freeze-gate", action="store_true")
+    model.add_argument(
+        "--hidden-dim", type=int, default=512, help="grounding tokenizer MLP width (GLIGEN: 512)"
+    )
+    model.add_argument(
+        "--layers", nargs="*", default=None, help="transformer-block name prefixes to adapt (default: all)"
+    )
+    model.add_argument(
+        "--lora-rank", type=int, default=0, help="LoRA on the UNet attention projections via peft (0: off)"
+    )
+    model.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    optim = p.add_argument_group("optimization")
+    optim.add_argument("--output-dir", required=True)
+    optim.add_argument("--batch-size", type=int, default=4, help="per process")
+    optim.add_argument("--epochs", type=int, default=1)
+    optim.add_argument(
+        "--max-train-steps", type=int, default=None, help="stop after this many steps in total"
+    )
+    optim.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (GLIGEN: 5e-5)")
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    optim.add_argument("--lr-warmup-steps", type=int, default=0)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    optim.add_argument("--gradient-checkpointing", action="store_true")
+    optim.add_argument("--ema", action="store_true", help="keep an EMA of the adapter, saved as adapter_ema")
+    optim.add_argument("--ema-decay", type=float, default=0.9999)
+    optim.add_argument("--seed", type=int, default=0)
+    logs = p.add_argument_group("saving and logging")
+    logs.add_argument("--save-epoch", type=int, default=1, help="save the adapter every N epochs")
+    logs.add_argument(
+        "--checkpointing-steps", type=int, default=0, help="resumable checkpoint every N steps (0: off)"
+    )
+    logs.add_argument(
+        "--resume", default=None, help="a checkpoint-<step> folder, or 'latest' in --output-dir"
+    )
+    logs.add_argument(
+        "--log-gate-stats", type=int, default=0, help="print per-layer and overall gates every N steps"
+    )
+    logs.add_argument(
+        "--log-tensorboard", action="store_true", help="TensorBoard scalars under <output-dir>/logs"
+    )
+    return p
+
+
+def _check_args(args) -> None:
+    for name in ("phrase_dropout", "box_dropout", "caption_dropout", "min_area", "min_side"):
+        v = getattr(args, name)
+        if not 0.0 <= v <= 1.0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    for name in ("batch_size", "epochs", "max_objs", "save_epoch"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
+
+
+class GroundedDenoiser(nn.Module):
+    """UNet + adapter as one module, so DDP sees the adapter's forward (its fusers run inside the UNet)."""
+
+    def __init__(self, unet, adapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+
+    def forward(self, noisy, timesteps, text, boxes, phrase_feats, masks, added_cond_kwargs=None):
+        tokens = self.adapter(boxes, phrase_feats, masks)
+        kwargs = {"grounding_tokens": tokens, "grounding_scale": 1.0}
+        return self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            added_cond_kwargs=added_cond_kwargs,
+            cross_attention_kwargs=kwargs,
+        ).sample
+
+
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * rank)
+
+
+def _encode_text(pipe, kind: str, captions: list[str], device, resolution: int):
+    """Prompt embeddings (and SDXL/Kolors added conditions) from the pipeline's own ``encode_prompt``."""
+    with torch.no_grad():
+        if kind == "sd":
+            text, _ = pipe.encode_prompt(captions, device, 1, False)
+            return text, None
+        text, _, pooled, _ = pipe.encode_prompt(
+            prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        size = (resolution, resolution)
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, text.dtype, text_encoder_projection_dim=pooled.shape[-1]
+        )
+        time_ids = time_ids.to(device).repeat(len(captions), 1)
+        return text, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, args, device):
+    """Boxes, phrase features and masks (B, max_objs, ...) with GLIGEN's object and layout dropout."""
+    from diffusers_ext.grounded_generation import encode_phrases
+
+    b = len(batch)
+    boxes = torch.zeros(b, max_objs, 4)
+    feats = torch.zeros(b, max_objs, phrase_dim)
+    masks = torch.zeros(b, max_objs)
+    phrases = [p for row in batch for p in row["phrases"]]
+    encoded = encode_phrases(pipe, phrases).cpu() if phrases else None
+    k = 0
+    for i, row in enumerate(batch):
+        n = len(row["phrases"])
+        boxes[i, :n] = torch.tensor(row["boxes"])
+        feats[i, :n] = encoded[k : k + n]
+        masks[i, :n] = 1
+        k += n
+    masks = masks * (torch.rand(b, max_objs, generator=g) >= args.phrase_dropout)
+    masks = masks * (torch.rand(b, 1, generator=g) >= args.box_dropout)
+    return boxes.to(device), feats.to(device), masks.to(device)
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def train(argv: list[str] | None = None) -> dict:
+    """Run training from command-line arguments; returns steps, per-step losses, final gate stats, the
+    cleaning report and the names of the trained parameters."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from diffusers_ext.grounded_generation import phrase_dim, pipeline_kind
+    from diffusers_ext.grounding_data import GroundingRows, read_grounding_rows
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard" if args.log_tensorboard else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    rows, report = read_grounding_rows(
+        args.mixed_data, min_area=args.min_area, min_side=args.min_side, max_objs=args.max_objs
+    )
+    accelerator.print(f"box cleaning: {report.summary()}")
+    if not rows:
+        raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
+
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model)
+    kind = pipeline_kind(pipe)
+    unet = pipe.unet
+    resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
+    dataset = GroundingRows(rows, image_dir, resolution)
+    global_batch = args.batch_size * world
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"{len(dataset)} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes)"
+        )
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_train_steps is not None:
+        total_steps = min(total_steps, args.max_train_steps)
+
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), unet):
+        if module is not None:
+            module.requires_grad_(False).to(device, weight_dtype)
+    pipe.vae.eval()
+    pipe.text_encoder.eval()
+
+    trainable_extra = []
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
+        trainable_extra = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in trainable_extra:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+    torch.manual_seed(args.seed)
+    adapter = SpatialAdapter.for_unet(
+        unet,
+        phrase_dim=phrase_dim(pipe),
+        layers=args.layers,
+        max_objs=args.max_objs,
+        hidden_dim=args.hidden_dim,
+        init_mode=args.init_mode,
+        gate_init=args.gate_init_value,
+        freeze_gate=args.freeze_gate,
+    )
+    adapter.install(unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in adapter.parameters() if p.requires_grad] + trainable_extra
+    trainable_ids = {id(p) for p in params}
+    trainable_names = [f"adapter.{n}" for n, p in adapter.named_parameters() if id(p) in trainable_ids]
+    trainable_names += [n for n, p in unet.named_parameters() if "lora_" in n and id(p) in trainable_ids]
+    denoiser = GroundedDenoiser(unet, adapter)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=total_steps * world,
+    )
+    ema = EMAModel([p for p in adapter.parameters()], decay=args.ema_decay) if args.ema else None
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def trainable_state() -> dict:
+        named = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+        named.update({n: p for n, p in unet.named_parameters() if "lora_" in n})
+        return {k: v.detach().float().cpu().contiguous() for k, v in named.items()}
+
+    def save_hook(models, weights, out_dir):
+        if accelerator.is_main_process:
+            save_file(trainable_state(), str(Path(out_dir) / "trainable.safetensors"))
+        weights.clear()
+
+    def load_hook(models, in_dir):
+        state = load_file(str(Path(in_dir) / "trainable.safetensors"))
+        own = {f"adapter.{k}": v for k, v in adapter.state_dict(keep_vars=True).items()}
+        lora = dict(unet.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                target = own[k] if k.startswith("adapter.") else lora[k]
+                target.copy_(v.to(target.dtype))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = 0
+    if args.resume:
+        ckpt = _latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
+        if ckpt is None or not ckpt.is_dir():
+            raise SystemExit(
+                f"--resume {args.resume}: no checkpoint-<step> folder found (looked in {output_dir})"
+            )
+        accelerator.load_state(str(ckpt))
+        global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+        accelerator.print(f"resumed from {ckpt} at step {global_step}")
+    if args.log_tensorboard:
+        accelerator.init_trackers(
+            "spatial_adapter",
+            config={
+                k: v
+                for k, v in vars(args).items()
+                if v is not None and isinstance(v, (int, float, str, bool))
+            },
+        )
+
+    def save_checkpoint(step: int) -> None:
+        ckpt = output_dir / f"checkpoint-{step}"
+        accelerator.save_state(str(ckpt))
+        if accelerator.is_main_process:
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+    def save_adapter(folder: Path) -> None:
+        if not accelerator.is_main_process:
+            return
+        adapter.save_pretrained(folder / "adapter")
+        if ema is not None:
+            ema.store(adapter.parameters())
+            ema.copy_to(adapter.parameters())
+            adapter.save_pretrained(folder / "adapter_ema")
+            ema.restore(adapter.parameters())
+        if args.lora_rank:
+            save_file(
+                {
+                    n: p.detach().float().cpu().contiguous()
+                    for n, p in unet.named_parameters()
+                    if "lora_" in n
+                },
+                str(folder / "unet_lora.safetensors"),
+            )
+
+    metrics_path = output_dir / "metrics.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scaling = pipe.vae.config.scaling_factor
+    losses = []
+    bar = tqdm(
+        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
+    while global_step < total_steps:
+        epoch = global_step // steps_per_epoch
+        order = torch.randperm(
+            len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)
+        ).tolist()
+        for local in range(global_step % steps_per_epoch, steps_per_epoch):
+            start = local * global_batch + rank * args.batch_size
+            batch = [dataset[i] for i in order[start : start + args.batch_size]]
+            g = _step_generator(args.seed, global_step, rank)
+            captions = [
+                "" if torch.rand(1, generator=g).item() < args.caption_dropout else r["caption"]
+                for r in batch
+            ]
+            pixels = torch.stack([r["pixels"] for r in batch]).to(device, weight_dtype)
+            with torch.no_grad():
+                dist = pipe.vae.encode(pixels).latent_dist
+                latents = (
+                    dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)
+                ) * scaling
+                text, added = _encode_text(pipe, kind, captions, device, resolution)
+            boxes, feats, masks = _batch_layouts(
+                pipe, batch, args.max_objs, adapter.config.phrase_dim, g, args, device
+            )
+            noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(
+                device
+            )
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, t)
+            else:
+                target = noise
+            pred = denoiser(noisy, t, text, boxes, feats, masks, added)
+            loss = F.mse_loss(pred.float(), target.float())
+            accelerator.backward(loss)
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(adapter.parameters())
+            global_step += 1
+            mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            losses.append(mean_loss)
+            stats = adapter.gate_stats()
+            record = {
+                "step": global_step,
+                "epoch": epoch,
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "gate_mean": stats["mean"],
+                "gate_std": stats["std"],
+                "gate_min": stats["min"],
+                "gate_max": stats["max"],
+            }
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            accelerator.log(
+                {
+                    "train/loss": mean_loss,
+                    "train/gate_mean": stats["mean"],
+                    "train/gate_std": stats["std"],
+                    "train/lr": record["lr"],
+                },
+                step=global_step,
+            )
+            if args.log_gate_stats and global_step % args.log_gate_stats == 0:
+                accelerator.print(
+                    f"step {global_step} gates mean={stats['mean']:.5f} std={stats['std']:.5f} "
+                    f"min={stats['min']:.5f} max={stats['max']:.5f}"
+                )
+                for name, (g_attn, g_dense) in stats["per_layer"].items():
+                    accelerator.print(f"  {name}: attn={g_attn:.5f} dense={g_dense:.5f}")
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
+                save_adapter(output_dir / f"epoch-{epoch + 1}")
+            if global_step >= total_steps:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    save_adapter(output_dir)
+    accelerator.end_training()
+    return {
+        "steps": global_step,
+        "losses": losses,
+        "gate_stats": adapter.gate_stats(),
+        "cleaning": report,
+        "trainable": trainable_names,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point (``train-spatial-adapter``)."""
+    train(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,20 +13,9 @@ EXTENSIONS = load_registry()
 
 
 def tiny_unet():
-    from diffusers import UNet2DConditionModel
+    from diffusers_ext.tiny import tiny_unet as build
 
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    return build()
 
 
 def check_lavis(ext, getter: str):

@@ -29,6 +29,8 @@ from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from diffusers_ext.tiny import TINY_UNET_CONFIG
+
 __all__ = [
     "TINY_PIPELINE_CONFIG",
     "tiny_clip_tokenizer",
@@ -42,15 +44,8 @@ TINY_PIPELINE_CONFIG = {
     "image_size": 64,
     "text_width": 32,
     "max_text_length": 128,
-    "unet": {
-        "sample_size": 8,
-        "block_out_channels": (32, 64),
-        "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        "attention_head_dim": 8,
-        "norm_num_groups": 8,
-    },
+    # the UNet of diffusers_ext.tiny (SD-shaped: 4 latent channels), cross-attention width set per pipeline
+    "unet": {k: v for k, v in TINY_UNET_CONFIG.items() if k != "cross_attention_dim"},
     "addition_time_embed_dim": 8,
     "vae": {
         "block_out_channels": (8, 16, 16, 16),

@@ -4,22 +4,44 @@ With the bank off, empty or still warming up, :class:`MemoryBankClipLoss` *is* `
 parent's code path, so results are bit-identical). Once active, image->text logits gain one column per
 stored text and text->image logits one per stored image; labels stay the in-batch diagonal, so the bank
 only adds negatives. ``local_loss`` and ``gather_with_grad`` keep their open_clip meaning.
+
+Sample ids (``--memory-bank-dedup``) arrive as the ``sample_ids`` entry of the model's output; under a
+global DDP loss (no ``local_loss``) the rows are the global batch, so the ids are gathered over ranks too.
+
+With a :class:`~clip_ext.region.RegionHead` and ``region_weight`` > 0, the model's output also carries
+padded region features (see :func:`clip_ext.region.region_forward`) and the loss adds
+``region_weight x`` the FG-CLIP region InfoNCE as its own entry ``region_loss`` (open_clip's trainer sums
+every entry and logs each). The region loss is per rank (local regions as negatives), plus the bank's region
+captions when the bank keeps them and is active.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from open_clip.loss import ClipLoss, gather_features
 
 from clip_ext.memory_bank import MemoryBank
+from clip_ext.region import RegionHead, region_contrastive_loss
 
 __all__ = ["MemoryBankClipLoss"]
 
 
 class MemoryBankClipLoss(ClipLoss):
-    def __init__(self, bank: MemoryBank | None = None, **clip_loss_kwargs):
+    def __init__(
+        self,
+        bank: MemoryBank | None = None,
+        region_head: RegionHead | None = None,
+        region_weight: float = 0.0,
+        **clip_loss_kwargs,
+    ):
         super().__init__(**clip_loss_kwargs)
+        if region_weight < 0:
+            raise ValueError(f"--region-loss-weight must be >= 0, got {region_weight}")
         self.bank = bank
+        self.region_head = region_head
+        self.region_weight = region_weight
+        self.pending_regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pending_ids: torch.Tensor | None = None
         self.sample_ids: torch.Tensor | None = None  # set by the caller per batch when the bank tracks ids
@@ -58,7 +80,7 @@ class MemoryBankClipLoss(ClipLoss):
             image_rows, text_rows = image_features, text_features
         ids = self.sample_ids
         if ids is not None and self.world_size > 1 and not self.local_loss:
-            ids = None  # rows are the global batch; ids are local
+            ids = self._gather_ids(ids)  # rows are the global batch
         use_text = self.bank.features in ("both", "text")
         use_image = self.bank.features in ("both", "image")
         per_image = logit_scale * image_rows @ all_texts.T
@@ -75,12 +97,53 @@ class MemoryBankClipLoss(ClipLoss):
         self.last_logits = (per_image.detach(), per_text.detach())
         return per_image, per_text
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+    def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.use_horovod:
+            import horovod.torch as hvd
+
+            return hvd.allgather(ids)
+        parts = [torch.empty_like(ids) for _ in range(self.world_size)]
+        dist.all_gather(parts, ids.contiguous())
+        return torch.cat(parts)
+
+    def forward(
+        self,
+        image_features,
+        text_features,
+        logit_scale,
+        logit_bias=None,
+        output_dict=False,
+        sample_ids=None,
+        region_features=None,
+        region_text_features=None,
+        region_valid=None,
+        region_caption_ids=None,
+    ):
+        if sample_ids is not None:
+            self.sample_ids = sample_ids
         # Remember this call's (local, detached) batch; the trainer enqueues it after the optimizer step,
         # so with --accum-freq k only the last of the k calls (the whole accumulated batch) is stored.
         self.pending = (image_features.detach(), text_features.detach())
         self.pending_ids = self.sample_ids
-        return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict)
+        losses = super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=True)
+        if region_features is not None and self.region_head is not None and self.region_weight > 0:
+            losses["region_loss"] = self.region_weight * self.region_loss(
+                region_features, region_text_features, region_valid, region_caption_ids
+            )
+        if output_dict:
+            return losses
+        total = losses["contrastive_loss"]
+        return total + losses["region_loss"] if "region_loss" in losses else total
+
+    def region_loss(self, region, caption, valid, caption_ids=None) -> torch.Tensor:
+        """Unweighted region InfoNCE with the head's temperature and, when active, the bank's region texts."""
+        bank_captions = bank_ids = None
+        if self.bank is not None and self.bank.region_text and self.bank.active:
+            bank_captions, bank_ids = self.bank.region_negatives()
+        ids_or_none = caption_ids if caption_ids is not None else torch.full_like(valid, -1, dtype=torch.long)
+        self.pending_regions = (caption.detach(), valid, ids_or_none)
+        return region_contrastive_loss(region, caption, valid, self.region_head.logit_scale, caption_ids,
+                                       bank_captions, bank_ids)  # fmt: skip
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -90,7 +153,11 @@ class MemoryBankClipLoss(ClipLoss):
         if self.pending is not None:
             image, text = self.pending
             self.bank.gather_and_enqueue(image.float(), text.float(), self.pending_ids)
+        if self.pending_regions is not None and self.bank.region_text:
+            text, valid, ids = self.pending_regions
+            self.bank.gather_and_enqueue_regions(text.float(), valid, ids)
         self.last_batch = self.pending
         self.pending = None
         self.pending_ids = None
+        self.pending_regions = None
         self.bank.optimizer_step()

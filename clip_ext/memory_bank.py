@@ -41,10 +41,18 @@ class MemoryBank(nn.Module):
         features: which negatives to add: ``both`` (image->text gets text negatives and text->image
             image negatives), ``image`` or ``text`` (``--memory-bank-features``).
         track_ids: keep a sample-id queue so that entries of the same sample are masked (ALBEF).
+        region_text: also keep the last ``size`` region-caption embeddings (with their caption ids) as
+            extra negatives of the region loss (``--region-data`` with ``--memory-bank-size``).
     """
 
     def __init__(
-        self, size: int, dim: int, warmup_steps: int = 0, features: str = "both", track_ids: bool = False
+        self,
+        size: int,
+        dim: int,
+        warmup_steps: int = 0,
+        features: str = "both",
+        track_ids: bool = False,
+        region_text: bool = False,
     ):
         super().__init__()
         if not isinstance(size, int) or size <= 0:
@@ -64,6 +72,12 @@ class MemoryBank(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
+        self.region_text = region_text
+        if region_text:
+            self.register_buffer("region_text_queue", torch.zeros(size, dim))
+            self.register_buffer("region_id_queue", torch.full((size,), -1, dtype=torch.long))
+            self.register_buffer("region_ptr", torch.zeros((), dtype=torch.long))
+            self.register_buffer("region_filled", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, warmup_steps={self.warmup_steps}, features={self.features}"
@@ -129,6 +143,47 @@ class MemoryBank(nn.Module):
                 dist.all_gather(id_parts, ids.contiguous())
                 ids = torch.cat(id_parts)
         self.enqueue(image, text, ids)
+
+    def region_negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region caption embeddings, caption ids) of the filled region slots, as views."""
+        if not self.region_text:
+            raise ValueError("this memory bank keeps no region texts (built without region_text=True)")
+        n = int(self.region_filled)
+        return self.region_text_queue[:n], self.region_id_queue[:n]
+
+    @torch.no_grad()
+    def enqueue_regions(self, text: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write region-caption embeddings (any count per step) at the region pointer, wrapping around.
+
+        A step with more valid regions than slots keeps the last ``size`` of them, as a ring buffer does.
+        """
+        if text.ndim != 2 or text.shape[1] != self.dim or ids.shape != text.shape[:1]:
+            raise ValueError(f"memory bank holds {self.dim}-d region texts with one id each; got "
+                             f"{tuple(text.shape)} and ids {tuple(ids.shape)}")  # fmt: skip
+        text, ids = text[-self.size :], ids[-self.size :]
+        n, start = text.shape[0], int(self.region_ptr)
+        first = min(n, self.size - start)
+        self.region_text_queue[start : start + first].copy_(text[:first])
+        self.region_id_queue[start : start + first].copy_(ids[:first])
+        if n > first:
+            self.region_text_queue[: n - first].copy_(text[first:])
+            self.region_id_queue[: n - first].copy_(ids[first:])
+        self.region_ptr.fill_((start + n) % self.size)
+        self.region_filled.fill_(min(int(self.region_filled) + n, self.size))
+
+    @torch.no_grad()
+    def gather_and_enqueue_regions(self, text: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor) -> None:
+        """Gather the padded (N, D) region texts of all ranks (equal N: padded to the same R), keep the valid
+        rows and enqueue them, so every rank holds the same region queue."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            gathered = []
+            for t in (text, valid.to(torch.uint8), ids):  # as uint8: not every backend gathers bool
+                parts = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(parts, t.contiguous())
+                gathered.append(torch.cat(parts))
+            text, valid, ids = gathered[0], gathered[1].bool(), gathered[2]
+        self.enqueue_regions(text[valid], ids[valid])
 
     @torch.no_grad()
     def optimizer_step(self) -> None:

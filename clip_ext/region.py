@@ -3,16 +3,23 @@
 FG-CLIP (360CVGroup/FG-CLIP) pools each box from the patch-token map with roi_align and projects it like
 the global feature, then contrasts it with the box's caption. Boxes are filtered first and what was dropped
 is counted, because silently losing boxes hides data problems (degenerate boxes from a converter, boxes in
-pixels instead of normalized). Not wired into ``clip_ext.train`` yet.
+pixels instead of normalized). ``clip_ext.train`` wires these in with ``--region-data`` (see
+:mod:`clip_ext.region_data` for the data side): :class:`RegionHead` is a submodule of the model (so its
+temperature is checkpointed) and :func:`region_forward` is the model's forward while the region loss is on.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import roi_align
 
-__all__ = ["filter_boxes", "region_features", "region_contrastive_loss"]
+__all__ = ["filter_boxes", "region_features", "region_contrastive_loss", "RegionHead", "region_forward"]
+
+MAX_LOGIT_SCALE = math.log(100)
 
 
 def filter_boxes(
@@ -33,13 +40,23 @@ def filter_boxes(
     if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
         raise ValueError(f"{where}: boxes must satisfy x0 <= x1 and y0 <= y1 (xyxy order)")
     clamped = boxes.clamp(0.0, 1.0)
-    width, height = clamped[:, 2] - clamped[:, 0], clamped[:, 3] - clamped[:, 1]
-    small_side = (width < min_side) | (height < min_side)
-    small_area = ~small_side & (width * height < min_area)
+    small_side, small_area = _too_small(clamped, min_area, min_side)
     keep = ~(small_side | small_area)
     counts = {"kept": int(keep.sum()), "dropped_min_side": int(small_side.sum()),
               "dropped_min_area": int(small_area.sum())}  # fmt: skip
     return clamped[keep], counts
+
+
+def _too_small(clamped: torch.Tensor, min_area: float, min_side: float) -> tuple[torch.Tensor, torch.Tensor]:
+    width, height = clamped[:, 2] - clamped[:, 0], clamped[:, 3] - clamped[:, 1]
+    small_side = (width < min_side) | (height < min_side)
+    return small_side, ~small_side & (width * height < min_area)
+
+
+def kept_box_mask(boxes: torch.Tensor, min_area: float, min_side: float) -> torch.Tensor:
+    """Which rows :func:`filter_boxes` keeps (boxes already validated), to select their captions."""
+    small_side, small_area = _too_small(boxes.clamp(0.0, 1.0), min_area, min_side)
+    return ~(small_side | small_area)
 
 
 def region_features(patch_map: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 1) -> torch.Tensor:
@@ -52,20 +69,110 @@ def region_features(patch_map: torch.Tensor, boxes: list[torch.Tensor], output_s
 
 
 def region_contrastive_loss(
-    region: torch.Tensor, caption: torch.Tensor, valid: torch.Tensor, logit_scale: torch.Tensor
+    region: torch.Tensor,
+    caption: torch.Tensor,
+    valid: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_ids: torch.Tensor | None = None,
+    bank_captions: torch.Tensor | None = None,
+    bank_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between (N, D) region and caption features over the rows where ``valid`` is True.
 
     Padding rows (``valid`` False) are neither anchors nor negatives. ``logit_scale`` is the region head's
     own log temperature, clamped at ln(100) as open_clip clamps the global one.
+
+    ``caption_ids`` (N,) names each row's caption text: another row (or bank entry, ``bank_ids``) with the
+    same caption is not a negative, since short region phrases repeat across images ("a red square") and
+    would otherwise be pushed apart from themselves. ``bank_captions`` (M, D) are extra caption negatives of
+    the region->caption direction (the memory bank's region texts, detached).
     """
     if region.shape != caption.shape or valid.shape != region.shape[:1]:
         raise ValueError(f"region {tuple(region.shape)}, caption {tuple(caption.shape)} and valid "
                          f"{tuple(valid.shape)} must agree on (N, D) / (N,)")  # fmt: skip
     region, caption = F.normalize(region[valid], dim=-1), F.normalize(caption[valid], dim=-1)
     if region.shape[0] == 0:
-        return region.sum() * 0.0
-    scale = logit_scale.clamp(max=torch.log(torch.tensor(100.0))).exp()
-    logits = scale * region @ caption.T
-    labels = torch.arange(region.shape[0], device=region.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        # keep the temperature in the graph so DDP sees a gradient for it on every rank
+        return region.sum() * 0.0 + logit_scale * 0.0
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    per_region = scale * region @ caption.T
+    per_caption = per_region.T
+    n = region.shape[0]
+    labels = torch.arange(n, device=region.device)
+    if caption_ids is not None:
+        ids = caption_ids[valid]
+        same = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool, device=region.device)
+        per_region = per_region.masked_fill(same, float("-inf"))
+        per_caption = per_caption.masked_fill(same, float("-inf"))
+    if bank_captions is not None and bank_captions.shape[0] > 0:
+        extra = scale * region @ bank_captions.to(region.dtype).T
+        if caption_ids is not None and bank_ids is not None:
+            extra = extra.masked_fill(caption_ids[valid][:, None] == bank_ids[None, :], float("-inf"))
+        per_region = torch.cat([per_region, extra], 1)
+    return (F.cross_entropy(per_region, labels) + F.cross_entropy(per_caption, labels)) / 2
+
+
+class RegionHead(nn.Module):
+    """The region loss's own learnable temperature (log space), a submodule of the CLIP model.
+
+    FG-CLIP gives the region InfoNCE its own scale; it starts from the global one (so a pretrained model's
+    region logits start as sharp as its global logits) and is clamped at ln(100) like the global scale.
+    """
+
+    def __init__(self, init_logit_scale: float):
+        super().__init__()
+        if not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE + 1e-6:
+            raise ValueError(f"region logit scale init must lie in [0, ln(100)], got {init_logit_scale}")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(n_valid, D) -> (len(valid), D) with zeros in the padding rows (fixed shapes concatenate under
+    ``--accum-freq``)."""
+    index = valid.nonzero().squeeze(1)
+    return values.new_zeros(valid.shape[0], values.shape[1]).index_copy(0, index, values)
+
+
+def region_forward(
+    model: nn.Module,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    boxes: torch.Tensor,
+    valid: torch.Tensor,
+    region_text: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """open_clip ``CLIP.forward`` outputs plus region features, in one pass of each tower.
+
+    The image tower runs through ``forward_intermediates`` (its pooled output equals ``encode_image``);
+    the last block's patch tokens after ``ln_post`` are pooled per box with roi_align and projected with
+    the tower's own ``proj``, as FG-CLIP does. Region captions go through the text tower together with the
+    batch captions. ``boxes`` (B, R, 4) normalized xyxy, ``valid`` (B, R) and ``region_text`` (B, R, L) are
+    padded to R regions per image; padding rows of the outputs are zero and ``region_valid`` is False.
+    """
+    visual = model.visual
+    out = visual.forward_intermediates(image, indices=1, normalize_intermediates=True, output_fmt="NCHW")
+    patch_map = out["image_intermediates"][-1]
+    flat_valid = valid.reshape(-1)
+    per_image = [b[v] for b, v in zip(boxes, valid)]
+    pooled = region_features(patch_map, per_image)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    n_valid = int(flat_valid.sum())
+    texts = model.encode_text(
+        torch.cat([text, region_text.reshape(-1, text.shape[-1])[flat_valid]]), normalize=True
+    )
+    result = {
+        "image_features": F.normalize(out["image_features"], dim=-1),
+        "text_features": texts[: text.shape[0]],
+        "logit_scale": model.logit_scale.exp(),
+        "region_features": _scatter_rows(F.normalize(pooled, dim=-1), flat_valid),
+        "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], flat_valid),
+        "region_valid": flat_valid,
+    }
+    if getattr(model, "logit_bias", None) is not None:
+        result["logit_bias"] = model.logit_bias
+    return result

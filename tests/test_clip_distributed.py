@@ -2,7 +2,9 @@
 
 The test runs this file under ``torchrun --nproc_per_node 2``; each rank trains leaf features on its slice
 of a global batch, and rank 0 also computes the single-process loss on the whole global batch with its own
-bank. The ranks write what they saw to JSON, and the tests compare numbers.
+bank. The ranks write what they saw to JSON, and the tests compare numbers. A second pair of losses tracks
+sample ids (``--memory-bank-dedup``): ids recur across steps, so bank entries of the same sample are masked,
+and under the global loss every rank needs the ids of the whole global batch.
 """
 
 import json
@@ -36,8 +38,11 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
     loss = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1), local_loss=local_loss,
                               gather_with_grad=True, rank=rank, world_size=world)  # fmt: skip
     reference = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1))
+    dedup = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1, track_ids=True), local_loss=local_loss,
+                               gather_with_grad=True, rank=rank, world_size=world)  # fmt: skip
+    dedup_reference = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1, track_ids=True))
     scale = torch.tensor(10.0)
-    record = {"loss": [], "reference": [], "grad_close": []}
+    record = {"loss": [], "reference": [], "grad_close": [], "dedup": [], "dedup_reference": []}
     for step in range(STEPS):
         image, text = _global_batch(step)
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
@@ -61,6 +66,16 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
         # the reference is a single process: enqueue its global batch without any gather
         reference.bank.enqueue(*reference.pending)
         reference.bank.optimizer_step()
+
+        ids = torch.arange(2 * LOCAL_BATCH) % 4  # the same 4 samples come back every step
+        value = dedup(image[rows], text[rows], scale, sample_ids=ids[rows])
+        averaged = value.detach().clone()
+        dist.all_reduce(averaged)
+        record["dedup"].append((averaged / world).item())
+        record["dedup_reference"].append(dedup_reference(image, text, scale, sample_ids=ids).item())
+        dedup.commit()
+        dedup_reference.bank.enqueue(*dedup_reference.pending, ids=ids)
+        dedup_reference.bank.optimizer_step()
     bank = loss.bank
     record.update(
         image_queue=bank.image_queue.tolist(),
@@ -69,6 +84,8 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
         ptr=int(bank.ptr),
         filled=int(bank.filled),
         step=int(bank.step),
+        id_queue=dedup.bank.id_queue.tolist(),
+        reference_id_queue=dedup_reference.bank.id_queue.tolist(),
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
@@ -85,9 +102,14 @@ def _torchrun(tmp_path, local_loss):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("local_loss", [False, True])
-def test_two_ranks_hold_identical_banks_and_match_single_process(tmp_path, local_loss):
-    ranks = _torchrun(tmp_path, local_loss)
+@pytest.fixture(scope="module", params=[False, True], ids=["global_loss", "local_loss"])
+def ranks(request, tmp_path_factory):
+    """One torchrun per loss mode, shared by the tests of this file."""
+    return request.param, _torchrun(tmp_path_factory.mktemp("dist"), request.param)
+
+
+def test_two_ranks_hold_identical_banks_and_match_single_process(ranks):
+    local_loss, ranks = ranks
     r0, r1 = ranks
     # identical banks on both ranks, equal to the bank a single process fills with the global batches
     assert r0["image_queue"] == r1["image_queue"] and r0["text_queue"] == r1["text_queue"]
@@ -100,6 +122,18 @@ def test_two_ranks_hold_identical_banks_and_match_single_process(tmp_path, local
     assert r0["reference"][1] != pytest.approx(r0["reference"][0])  # the bank did change something
     if local_loss:
         assert all(r0["grad_close"]) and all(r1["grad_close"])
+
+
+def test_duplicate_masking_works_under_ddp(ranks):
+    _, ranks = ranks
+    for rank in ranks:
+        # the ids of the whole global batch reach every rank: the masked loss equals the single process's
+        assert rank["dedup"] == pytest.approx(rank["dedup_reference"], rel=1e-5, abs=1e-6)
+        assert rank["id_queue"] == rank["reference_id_queue"]
+    # the masking did something once the bank was active (from step 1 on), and nothing before
+    r0 = ranks[0]
+    assert r0["dedup"][0] == pytest.approx(r0["loss"][0], rel=1e-6)
+    assert all(d < plain - 1e-3 for d, plain in zip(r0["dedup"][1:], r0["loss"][1:]))
 
 
 if __name__ == "__main__":

@@ -166,3 +166,28 @@ def test_bad_input_is_refused_clearly():
     bank.optimizer_step()
     with pytest.raises(ValueError, match="bank dim must equal the model's embed_dim"):
         MemoryBankClipLoss(bank)(*features(2, d=16), torch.tensor(1.0))
+
+
+def test_sample_ids_from_the_model_output_mask_duplicates():
+    image, text = features(2, seed=3)
+    bank = MemoryBank(size=8, dim=8, track_ids=True)
+    bank.enqueue(image.clone(), text.clone(), ids=torch.tensor([7, 8]))
+    bank.optimizer_step()
+    loss = MemoryBankClipLoss(bank)
+    loss(image, text, torch.tensor(10.0), sample_ids=torch.tensor([8, 9]))  # as the trainer passes them
+    assert loss.last_logits[0][0, 3] == float("-inf") and torch.isfinite(loss.last_logits[0][1]).all()
+    assert torch.equal(loss.pending_ids, torch.tensor([8, 9]))  # enqueued with the batch after the step
+
+
+def test_region_text_queue_wraps_and_keeps_the_last_slots_of_a_large_step():
+    bank = MemoryBank(size=4, dim=8, region_text=True)
+    a, _ = features(3, seed=1)
+    bank.enqueue_regions(a, torch.tensor([0, 1, 2]))
+    b, _ = features(6, seed=2)  # more valid regions in one step than slots: the last 4 win
+    bank.enqueue_regions(b, torch.arange(10, 16))
+    texts, ids = bank.region_negatives()
+    assert int(bank.region_filled) == 4 and int(bank.region_ptr) == (3 + 4) % 4
+    assert sorted(ids.tolist()) == [12, 13, 14, 15]
+    assert torch.equal(texts[ids.argsort()], b[2:])
+    with pytest.raises(ValueError, match="keeps no region texts"):
+        MemoryBank(size=4, dim=8).region_negatives()

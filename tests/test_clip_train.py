@@ -1,6 +1,7 @@
 """clip_ext.train: open_clip's own trainer with our flags (subprocess runs on toy-world CSVs)."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -8,20 +9,22 @@ import pytest
 import torch
 
 from clip_ext.logit_scale import FROM_SCRATCH, init_logit_scale
+from clip_ext.region_data import load_region_table
 from clip_ext.train import extra_parser, parse_args
 from vlext.toyworld import write_clip_csv
 
 OUR_FLAGS = ["--memory-bank-size", "--memory-bank-warmup-steps", "--memory-bank-features", "--logit-scale-init",
-             "--diag"]  # fmt: skip
+             "--diag", "--memory-bank-dedup", "--region-data", "--region-loss-weight", "--min-box-area",
+             "--min-box-side"]  # fmt: skip
 
 
-def run_trainer(tmp_path, name, *extra):
+def run_trainer(tmp_path, name, *extra, n=32, batch_size=8):
     data = tmp_path / "data"
     if not (data / "train.csv").exists():
-        write_clip_csv(data, 32, seed=0, split="train")
+        write_clip_csv(data, n, seed=0, split="train")
     argv = [
         sys.executable, "-m", "clip_ext.train", "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"),
-        "--dataset-type", "csv", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--workers", "0",
+        "--dataset-type", "csv", "--batch-size", str(batch_size), "--lr", "1e-3", "--warmup", "1", "--workers", "0",
         "--device", "cpu", "--precision", "fp32", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
     ]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -123,3 +126,72 @@ def test_diag_reports_zero_norm_image_share_logit_range_and_bank_state():
     assert stats["logit_scale"] == pytest.approx(10.0)
     assert stats["logits_max"] == pytest.approx(10.0) and stats["logits_min"] == 0.0
     assert (stats["bank_ptr"], stats["bank_filled"], stats["bank_enabled"]) == (4, 4, 1.0)
+
+
+def test_region_flags_default_weight_and_bad_values(tmp_path):
+    args = parse_args(["--model", "clip-ext-tiny"])
+    assert args.region_data is None and args.region_loss_weight == 0.0 and not args.memory_bank_dedup
+    regions = tmp_path / "r.jsonl"
+    regions.write_text("")
+    args = parse_args(["--model", "clip-ext-tiny", "--region-data", str(regions), "--min-box-side", "0.05"])
+    assert args.region_loss_weight == pytest.approx(0.1) and args.min_box_side == 0.05  # FG-CLIP's weight
+    assert parse_args(["--region-data", str(regions), "--region-loss-weight", "0"]).region_loss_weight == 0.0
+    with pytest.raises(SystemExit, match="--region-data missing.jsonl: no such file"):
+        parse_args(["--region-data", "missing.jsonl"])
+    with pytest.raises(SystemExit, match="--region-loss-weight needs --region-data"):
+        parse_args(["--region-loss-weight", "0.5"])
+    with pytest.raises(SystemExit, match="--region-loss-weight must be >= 0"):
+        parse_args(["--region-data", str(regions), "--region-loss-weight", "-1"])
+    with pytest.raises(SystemExit, match="--min-box-area and --min-box-side must be >= 0"):
+        parse_args(["--region-data", str(regions), "--min-box-area", "-0.1"])
+    with pytest.raises(SystemExit, match="--memory-bank-dedup .* needs --memory-bank-size"):
+        parse_args(["--memory-bank-dedup"])
+    with pytest.raises(SystemExit, match="--region-data works with the CLIP contrastive loss only"):
+        parse_args(["--region-data", str(regions), "--siglip"])
+
+
+def _logged(log, name):
+    """Per-step values of a loss entry from open_clip's progress lines ("Region_loss: 0.31 (0.30)")."""
+    return [float(m) for m in re.findall(rf"{name}: ([-\d.eE+naif]+) \(", log)]
+
+
+def test_region_loss_trains_with_the_bank_dedup_and_gradient_accumulation(tmp_path):
+    # 24 images, batch 4, --accum-freq 2: 3 optimizer steps, each with 2 cached + 2 recomputed forwards
+    regions = tmp_path / "data/train_regions.jsonl"
+    result = run_trainer(tmp_path, "region", "--epochs", "1", "--accum-freq", "2", "--region-data", str(regions),
+                         "--min-box-area", "0.05", "--memory-bank-size", "16", "--memory-bank-dedup", "--diag",
+                         "--log-every-n-steps", "1", n=24, batch_size=4)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs/region/out.log").read_text()
+    region = _logged(log, "Region_loss")
+    assert len(region) == 3 and all(math.isfinite(v) and v > 0 for v in region)
+    contrastive, total = _logged(log, "Contrastive_loss"), _logged(log, "Loss")
+    assert total[0] == pytest.approx(contrastive[0] + region[0], abs=2e-4)  # added to the total
+    assert "region_logit_scale=" in log
+    assert "is replaced by a box-aware one" in log and "RandomResizedCrop" in log
+    # box filter counts: at dataset build and once per epoch, equal to what the filter drops
+    rows = (tmp_path / "data/train.csv").read_text().splitlines()[1:]
+    table = load_region_table(regions, [row.split("\t")[0] for row in rows], min_area=0.05, min_side=0.01)
+    assert table.counts["dropped_min_area"] > 0
+    assert log.count(table.summary()) == 2 and log.count("epoch 0: " + table.summary()) == 1
+    state = torch.load(tmp_path / "logs/region/checkpoints/epoch_1.pt", map_location="cpu")["state_dict"]
+    # the region temperature is learnt (it started from the global scale, ln(1/0.07)) and clamped
+    assert state["clip_ext_region.logit_scale"] != pytest.approx(FROM_SCRATCH, abs=1e-6)
+    assert 0 <= float(state["clip_ext_region.logit_scale"]) <= math.log(100)
+    # the bank kept region captions (valid boxes only) and the image ids of the CSV rows
+    filled_regions = int(state["memory_bank.region_filled"])
+    assert 0 < filled_regions <= 16 and (state["memory_bank.region_id_queue"][:filled_regions] >= 0).all()
+    ids = state["memory_bank.id_queue"]
+    assert sorted(ids[: int(state["memory_bank.filled"])].tolist()) == sorted(set(ids.tolist()))
+    assert 0 <= int(ids.min()) and int(ids.max()) < 24
+
+
+def test_region_data_that_does_not_match_the_csv_is_refused(tmp_path):
+    write_clip_csv(tmp_path / "data", 8, seed=0, split="train")
+    write_clip_csv(tmp_path / "other", 8, seed=0, split="val")
+    result = run_trainer(tmp_path, "mismatch", "--epochs", "1", "--region-data",
+                         str(tmp_path / "other/val_regions.jsonl"))  # fmt: skip
+    assert result.returncode != 0
+    message = result.stderr + result.stdout
+    assert "val_regions.jsonl does not match --train-data: no line for image" in message
+    assert str(tmp_path / "data/images/train/000000.png") in message

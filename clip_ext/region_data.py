@@ -1,0 +1,251 @@
+"""Region data for the FG-CLIP-style loss: a JSONL of boxes and captions matched to open_clip's CSV rows.
+
+``--region-data`` is a JSONL file with one line per image::
+
+    {"filepath": "/data/images/000001.png", "regions": [{"box": [x0, y0, x1, y1], "caption": "a red square"}]}
+
+boxes in normalized xyxy (``vlext.toyworld.write_clip_csv`` writes ``<split>_regions.jsonl`` in this form).
+Lines are matched to the ``--train-data`` CSV rows by image path; every CSV image needs a line (an empty
+``regions`` list is fine). Boxes are clamped and filtered with :func:`clip_ext.region.filter_boxes`
+(``--min-box-area``, ``--min-box-side``) once, when the dataset is built; the counts are kept and logged.
+
+How it reaches open_clip's trainer: ``open_clip_train.train.train_one_epoch`` unpacks every batch as
+``images, texts = batch`` and calls ``model(images, texts)``, so a batch cannot carry boxes. The trainer
+therefore wraps the host's ``CsvDataset`` in :class:`ClipExtCsvDataset` (which also yields boxes, region
+captions and sample ids) and its loader in :class:`SideChannelLoader`: the loader moves the images to the
+training device and dtype itself (so the host's ``images.to(...)`` returns the very same tensor), yields
+``(images, texts)`` and files the rest in a :class:`BatchSideChannel` keyed by that tensor's identity.
+The model's forward looks its batch up there. Identity (not "the latest batch") keeps this right under
+``--accum-freq k``, where the host runs k forwards without gradient and then k again on cached images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from clip_ext.region import filter_boxes, kept_box_mask
+
+__all__ = ["RegionTable", "load_region_table", "ClipExtCsvDataset", "BatchSideChannel", "SideChannelLoader"]
+
+FORMAT_HINT = (
+    '{"filepath": "<image path as in the CSV>", "regions": [{"box": [x0, y0, x1, y1], "caption": "..."}]}'
+)
+
+
+class RegionDataError(ValueError):
+    """``--region-data`` is malformed or does not match ``--train-data``."""
+
+
+@dataclass
+class RegionTable:
+    """Per CSV row: the kept boxes (n_i, 4) and their captions; plus what filtering dropped."""
+
+    path: str
+    boxes: list[torch.Tensor]
+    captions: list[list[str]]
+    caption_ids: list[list[int]]  # index of the caption text among the distinct captions of the file
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_regions(self) -> int:
+        return max((len(c) for c in self.captions), default=0)
+
+    def summary(self) -> str:
+        c = self.counts
+        return (
+            f"region data {self.path}: {c['kept']} boxes kept, {c['dropped_min_side']} dropped by "
+            f"--min-box-side, {c['dropped_min_area']} dropped by --min-box-area; {c['images_without_regions']} "
+            f"of {len(self.boxes)} images have no box; padded to {self.max_regions} regions per image"
+        )
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(str(path))
+
+
+def load_region_table(path, image_paths: list[str], min_area: float, min_side: float) -> RegionTable:
+    """Read and check ``path``, filter its boxes, and order it like ``image_paths`` (the CSV rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegionDataError(f"--region-data {path}: no such file")
+    if min_area < 0 or min_side < 0:
+        raise RegionDataError(f"--min-box-area and --min-box-side must be >= 0, got {min_area}, {min_side}")
+    by_image: dict[str, tuple[torch.Tensor, list[str], dict[str, int], int]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RegionDataError(
+                    f"{where}: not valid JSON ({e.msg}); each line must be {FORMAT_HINT}"
+                ) from None
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("filepath"), str)
+                or not isinstance(row.get("regions"), list)
+            ):
+                raise RegionDataError(f"{where}: expected an object with 'filepath' (string) and 'regions' "
+                                      f"(list), i.e. {FORMAT_HINT}")  # fmt: skip
+            boxes, captions = [], []
+            for k, region in enumerate(row["regions"]):
+                if not isinstance(region, dict) or "box" not in region or "caption" not in region:
+                    raise RegionDataError(f"{where}: region {k} must be an object with 'box' and 'caption'")
+                box, caption = region["box"], region["caption"]
+                if not (
+                    isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                ):
+                    raise RegionDataError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] "
+                                          f"normalized to [0, 1], got {box!r}")  # fmt: skip
+                if not isinstance(caption, str) or not caption.strip():
+                    raise RegionDataError(
+                        f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
+                    )
+                boxes.append(box)
+                captions.append(caption)
+            key = _norm(row["filepath"])
+            if key in by_image:
+                raise RegionDataError(
+                    f"{where}: image {row['filepath']} already listed on line {by_image[key][3]}"
+                )
+            tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            try:
+                kept, c = filter_boxes(tensor, min_area, min_side, where=where)
+            except ValueError as e:
+                raise RegionDataError(str(e)) from None
+            keep = kept_box_mask(tensor, min_area, min_side).tolist()
+            by_image[key] = (kept, [cap for cap, k in zip(captions, keep) if k], c, lineno)
+
+    counts = {"kept": 0, "dropped_min_side": 0, "dropped_min_area": 0, "images_without_regions": 0}
+    table_boxes, table_captions = [], []
+    for i, image in enumerate(image_paths):
+        entry = by_image.get(_norm(image))
+        if entry is None:
+            matched = sum(_norm(p) in by_image for p in image_paths)
+            raise RegionDataError(
+                f"--region-data {path} does not match --train-data: no line for image {image} (CSV row {i + 1}); "
+                f"{matched} of {len(image_paths)} CSV images have a line. Every CSV image needs one, matched "
+                f"by its path as written in the CSV (an empty 'regions' list is fine)"
+            )
+        kept, captions, c, _ = entry
+        for key in ("kept", "dropped_min_side", "dropped_min_area"):
+            counts[key] += c[key]
+        counts["images_without_regions"] += int(kept.shape[0] == 0)
+        table_boxes.append(kept)
+        table_captions.append(captions)
+    unused = len(by_image) - len({_norm(p) for p in image_paths})
+    if unused > 0:
+        logging.info(
+            "region data %s: %d lines name images that are not in --train-data (not used)", path, unused
+        )
+    vocab = {cap: j for j, cap in enumerate(sorted({c for caps in table_captions for c in caps}))}
+    table = RegionTable(str(path), table_boxes, table_captions,
+                        [[vocab[c] for c in caps] for caps in table_captions], counts)  # fmt: skip
+    if table.max_regions == 0:
+        raise RegionDataError(f"{table.summary()}: no box survived filtering; lower --min-box-area / "
+                              "--min-box-side or check that boxes are normalized xyxy")  # fmt: skip
+    return table
+
+
+def sample_ids_for(image_paths: list[str]) -> torch.Tensor:
+    """One id per distinct image: the CSV row where the image first appears (rows of the same image with
+    other captions share it, so the bank does not use that image as its own negative)."""
+    first: dict[str, int] = {}
+    return torch.tensor([first.setdefault(_norm(p), i) for i, p in enumerate(image_paths)], dtype=torch.long)
+
+
+class ClipExtCsvDataset(Dataset):
+    """open_clip's ``CsvDataset`` rows as ``(image, text, extras)``.
+
+    ``extras`` holds ``sample_ids`` (see :func:`sample_ids_for`) and, with a :class:`RegionTable`,
+    ``region_boxes`` (R, 4), ``region_valid`` (R,), ``region_text`` (R, L) tokens and
+    ``region_caption_ids`` (R,), padded to the table's ``max_regions`` R (padding: zero box, no tokens,
+    id -1, valid False).
+    """
+
+    def __init__(self, base, transform=None, regions: RegionTable | None = None):
+        self.base = base
+        self.transform = transform if transform is not None else base.transforms
+        self.regions = regions
+        self.sample_ids = sample_ids_for(base.images)
+        if regions is not None and len(regions.boxes) != len(base.images):
+            raise RegionDataError(
+                f"{regions.path}: {len(regions.boxes)} rows for {len(base.images)} CSV rows"
+            )
+
+    def __len__(self) -> int:
+        return len(self.base.images)
+
+    def __getitem__(self, idx):
+        image = self.transform(Image.open(str(self.base.images[idx])))
+        text = self.base.tokenize([str(self.base.captions[idx])])[0]
+        extras = {"sample_ids": self.sample_ids[idx]}
+        if self.regions is not None:
+            r = self.regions.max_regions
+            boxes, captions = self.regions.boxes[idx], self.regions.captions[idx]
+            n = len(captions)
+            padded = torch.zeros(r, 4)
+            padded[:n] = boxes
+            tokens = torch.zeros(r, text.shape[-1], dtype=text.dtype)
+            if n:
+                tokens[:n] = self.base.tokenize(captions)
+            ids = torch.full((r,), -1, dtype=torch.long)
+            ids[:n] = torch.tensor(self.regions.caption_ids[idx], dtype=torch.long)
+            extras.update(region_boxes=padded, region_valid=torch.arange(r) < n, region_text=tokens,
+                          region_caption_ids=ids)  # fmt: skip
+        return image, text, extras
+
+
+class BatchSideChannel:
+    """The extras of the last few batches, looked up by the identity of their image tensor."""
+
+    def __init__(self, keep: int):
+        self._entries: deque = deque(maxlen=keep)
+
+    def put(self, images: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        self._entries.append((images, extras))
+
+    def get(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        for stored, extras in reversed(self._entries):
+            if stored is images:
+                return extras
+        return None
+
+
+class SideChannelLoader:
+    """Yields ``(images, texts)`` as the host expects and files each batch's extras in ``channel``.
+
+    Images are moved to ``device``/``dtype`` here so that the host's own ``.to(device, dtype)`` is a no-op
+    returning the same tensor, which is the key of the side channel.
+    """
+
+    def __init__(self, loader, channel: BatchSideChannel, device, dtype):
+        self.loader, self.channel, self.device, self.dtype = loader, channel, torch.device(device), dtype
+        # what the host's train_one_epoch reads off its loader (set by clip_ext.train.get_data)
+        self.num_samples = getattr(loader, "num_samples", None)
+        self.num_batches = getattr(loader, "num_batches", len(loader))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __iter__(self):
+        for images, texts, extras in self.loader:
+            images = images.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            extras = {k: v.to(self.device, non_blocking=True) for k, v in extras.items()}
+            self.channel.put(images, extras)
+            yield images, texts

@@ -37,17 +37,31 @@ DEMO_CONFIG = {
     "render_size": 32,  # ToyWorld's smallest image; downsampled to the UNet's resolution
     "resolution": 16,
     "max_objects": 2,
-    "n_train": 1024,
-    "n_eval": 48,
+    "n_train": 512,
+    "n_eval": 32,
     "text_dim": 32,
     "batch_size": 32,
-    "base_steps": 700,
+    "base_steps": 400,
     "base_lr": 2e-3,
-    "adapter_steps": 600,
-    "adapter_lr": 1e-3,
+    "adapter_steps": 400,
+    "adapter_lr": 3e-3,
     "adapter_hidden_dim": 64,
+    # self-attention only at 8x8 (DownBlock2D at 16x16): CPU attention over 256 tokens with 8-dim heads
+    # cost 40% of a step; layout at 2-pixel granularity is all the toy world needs
+    "unet": {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    },
     "train_timesteps": 200,
-    "sample_steps": 25,
+    # the UNet predicts the clean image: a model this small trained this briefly gives clean samples
+    # from x0-prediction, where epsilon-prediction leaves visible noise that colour segmentation trips on
+    "prediction_type": "sample",
+    # two extra input channels holding each pixel's (x, y): a UNet this shallow has almost no sense of
+    # where a token is (only zero padding at the borders), and a box is useless to a token that cannot
+    # tell whether it lies inside it; SD's deep UNet gets this from its depth and receptive field
+    "coord_channels": True,
+    "sample_steps": 20,
     "log_every": 25,
 }
 
@@ -78,8 +92,20 @@ def _dataset(world: ToyWorld, start: int, n: int, cfg: dict, table: dict):
     return torch.stack(images), torch.stack(context), torch.stack(boxes), torch.stack(masks), requests
 
 
+def _with_coords(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    if not cfg["coord_channels"]:
+        return x
+    b, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.cat([x, torch.stack([xs, ys]).expand(b, 2, h, w)], dim=1)
+
+
 def _sample(unet, adapter, context, boxes, masks, cfg, noise) -> list[Image.Image]:
-    sched = DDIMScheduler(num_train_timesteps=cfg["train_timesteps"], beta_schedule="squaredcos_cap_v2")
+    sched = DDIMScheduler(
+        num_train_timesteps=cfg["train_timesteps"],
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=cfg["prediction_type"],
+    )
     sched.set_timesteps(cfg["sample_steps"])
     x = noise.clone()
     kwargs = None
@@ -87,7 +113,7 @@ def _sample(unet, adapter, context, boxes, masks, cfg, noise) -> list[Image.Imag
         kwargs = adapter.cross_attention_kwargs(boxes, context, masks)
     with torch.no_grad():
         for t in sched.timesteps:
-            eps = unet(x, t, context, cross_attention_kwargs=kwargs).sample
+            eps = unet(_with_coords(x, cfg), t, context, cross_attention_kwargs=kwargs).sample
             x = sched.step(eps, t, x).prev_sample
     arrays = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arrays]
@@ -95,7 +121,11 @@ def _sample(unet, adapter, context, boxes, masks, cfg, noise) -> list[Image.Imag
 
 def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
     images, context, boxes, masks, _ = data
-    noise_sched = DDPMScheduler(num_train_timesteps=cfg["train_timesteps"], beta_schedule="squaredcos_cap_v2")
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=cfg["train_timesteps"],
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=cfg["prediction_type"],
+    )
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg["seed"] + (1 if adapter is None else 2))
     losses = []
@@ -108,7 +138,9 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
         kwargs = (
             None if adapter is None else adapter.cross_attention_kwargs(boxes[idx], context[idx], masks[idx])
         )
-        loss = F.mse_loss(unet(xt, t, context[idx], cross_attention_kwargs=kwargs).sample, noise)
+        target = x0 if cfg["prediction_type"] == "sample" else noise
+        pred = unet(_with_coords(xt, cfg), t, context[idx], cross_attention_kwargs=kwargs).sample
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,7 +198,11 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
     train = _dataset(world, 0, cfg["n_train"], cfg, table)
     held_out = _dataset(world, cfg["n_train"], cfg["n_eval"], cfg, table)
     unet = tiny_unet(
-        sample_size=cfg["resolution"], in_channels=3, out_channels=3, cross_attention_dim=cfg["text_dim"]
+        sample_size=cfg["resolution"],
+        in_channels=5 if cfg["coord_channels"] else 3,
+        out_channels=3,
+        cross_attention_dim=cfg["text_dim"],
+        **cfg["unet"],
     )
 
     print(f"data ready ({time.perf_counter() - started:.0f}s)", flush=True)

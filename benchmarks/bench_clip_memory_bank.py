@@ -23,14 +23,18 @@ from clip_ext.loss import MemoryBankClipLoss
 from clip_ext.memory_bank import MemoryBank
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, run in turn (A, B, A, B, ...) so that load drifting on a shared
+    machine hits every variant alike; one warm-up call each first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _full_bank(size: int, dim: int) -> MemoryBank:
@@ -49,8 +53,8 @@ def bench_loss(size: int, dim: int, batch: int, repeats: int) -> None:
     def step(loss):
         return lambda: loss(image, text, scale).backward()
 
-    t_plain = _median_seconds(step(plain), repeats)
-    t_bank = _median_seconds(step(banked), repeats)
+    medians = _interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
+    t_plain, t_bank = medians["plain"], medians["bank"]
     print(f"loss fwd+bwd, batch {batch}, K={size}, D={dim}: ClipLoss {1e3 * t_plain:.2f} ms, "
           f"MemoryBankClipLoss {1e3 * t_bank:.2f} ms, ratio {t_bank / t_plain:.2f}")  # fmt: skip
 
@@ -76,8 +80,8 @@ def bench_step(model_name: str, size: int, batch: int, repeats: int) -> None:
 
         return run
 
-    t_plain = _median_seconds(step(plain), repeats)
-    t_bank = _median_seconds(step(banked), repeats)
+    medians = _interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
+    t_plain, t_bank = medians["plain"], medians["bank"]
     print(f"train step of {model_name}, batch {batch}, K={size}, D={dim}: without bank {1e3 * t_plain:.1f} ms, "
           f"with bank {1e3 * t_bank:.1f} ms, ratio {t_bank / t_plain:.3f} (goal <= 1.05)")  # fmt: skip
 

@@ -136,14 +136,14 @@ def test_fashioniq_builder_joins_both_captions(tmp_path):
 
 
 def test_task_evaluation_matches_a_brute_force_ranking(toy_cirr):
-    """Chunked, vectorized ranking equals sorting each query's full score list (reference removed)."""
+    """Ranking in query x gallery chunks equals sorting each query's full score list (reference removed)."""
     from lavis.common.registry import registry
     from lavis.models import load_model
 
     torch.manual_seed(0)
     model = load_model("blip2_cir_align_prompt", "tiny", is_eval=True)
     val = build("cirr", toy_cirr, ["val"])["val"]
-    task = registry.get_task_class("composed_image_retrieval")(rank_chunk=5)
+    task = registry.get_task_class("composed_image_retrieval")(rank_chunk=5, rank_gallery_chunk=3)
     loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=val.collater)
     result = task.evaluation(model, loader)
     gallery = torch.stack([val.gallery[i]["image"] for i in range(len(val.gallery))])
@@ -183,3 +183,11 @@ def test_cirr_test_split_writes_submission_files(toy_cirr, tmp_path):
         assert len(top) == min(50, len(test.gallery) - 1) and row["reference"] not in top
         top3 = subset[str(row["pairid"])]
         assert len(top3) == 3 and set(top3) <= set(row["members"]) - {row["reference"]}
+
+
+@pytest.mark.parametrize("key", ["rank_chunk", "rank_gallery_chunk"])
+def test_task_rejects_non_positive_chunks(key):
+    from lavis.common.registry import registry
+
+    with pytest.raises(ValueError, match=f"run.{key} must be a positive int, got 0"):
+        registry.get_task_class("composed_image_retrieval")(**{key: 0})

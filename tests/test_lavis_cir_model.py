@@ -338,3 +338,35 @@ def test_long_captions_are_truncated_with_one_warning():
         model._tokenize(long)
     assert tokens.input_ids.shape == (2, 6)
     assert sum("truncated to max_txt_len=6" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize(("query_chunk", "gallery_chunk"), [(None, 1), (1, None), (3, 7), (64, 5), (4, 100)])
+def test_chunked_similarity_is_bit_identical_to_unchunked(query_chunk, gallery_chunk):
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(37, 33, generator=g)
+    targets = torch.randn(101, 5, 33, generator=g)
+    full = Blip2QformerCirAlignPrompt.similarity(queries, targets)
+    chunked = Blip2QformerCirAlignPrompt.similarity(queries, targets, query_chunk, gallery_chunk)
+    assert torch.equal(chunked, full)
+    # and both are the max-over-query-tokens dot product (checked in float64)
+    reference = torch.einsum("bd,nqd->bnq", queries.double(), targets.double()).amax(-1)
+    assert torch.allclose(full.double(), reference, atol=1e-4)
+
+
+def test_chunked_similarity_casts_an_fp16_gallery_per_block():
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(9, 16, generator=g)
+    targets = torch.randn(23, 4, 16, generator=g).half()
+    full = Blip2QformerCirAlignPrompt.similarity(queries, targets.float())
+    assert torch.equal(Blip2QformerCirAlignPrompt.similarity(queries, targets, gallery_chunk=6), full)
+
+
+@pytest.mark.parametrize("chunk", [0, -2, 1.5, True])
+def test_similarity_rejects_bad_chunks(chunk):
+    with pytest.raises(ValueError, match="gallery_chunk must be a positive int or None"):
+        Blip2QformerCirAlignPrompt.similarity(torch.randn(2, 4), torch.randn(3, 2, 4), gallery_chunk=chunk)
+
+
+def test_similarity_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match=r"same D, got \(2, 4\) and \(3, 2, 5\)"):
+        Blip2QformerCirAlignPrompt.similarity(torch.randn(2, 4), torch.randn(3, 2, 5))

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
 
 
-def run_train(*options, timeout=400):
+def run_train(*options, cfg=CFG, timeout=400):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [
@@ -23,7 +23,7 @@ def run_train(*options, timeout=400):
             "-m",
             "lavis_ext.train",
             "--cfg-path",
-            str(CFG),
+            str(cfg),
             "--options",
             *options,
         ],
@@ -95,3 +95,31 @@ def test_missing_cfg_path_is_a_clear_error():
 
     with pytest.raises(FileNotFoundError, match="--cfg-path 'nope.yaml' is not a file"):
         main(["--cfg-path", "nope.yaml"])
+
+
+def test_fashioniq_tiny_trains_and_reports_per_category_recall(tmp_path):
+    from vlext.toyworld import write_fashioniq
+
+    data = write_fashioniq(tmp_path / "fashionIQ_dataset", n_per_category=8, seed=0, image_size=32)
+    out = tmp_path / "fiq"
+    run_train(
+        f"datasets.fashioniq.build_info.root={data}",
+        f"run.output_dir={out}",
+        "run.batch_size_train=8",
+        cfg=ROOT / "lavis_ext" / "projects" / "fashioniq_tiny.yaml",
+        timeout=120,
+    )
+    (job,) = list(out.iterdir())
+    (metrics,) = [json.loads(line) for line in (job / "evaluate.txt").read_text().splitlines()]
+    assert metrics["split"] == "val"
+    categories = ("dress", "shirt", "toptee")
+    expected = {f"{c}_recall_at_{k}" for c in categories for k in (10, 50)}
+    expected |= {"average_recall_at_10", "average_recall_at_50", "agg_metrics"}
+    assert expected <= set(metrics)
+    assert all(0.0 <= metrics[key] <= 100.0 for key in expected)
+    for k in (10, 50):
+        mean = sum(metrics[f"{c}_recall_at_{k}"] for c in categories) / 3
+        assert metrics[f"average_recall_at_{k}"] == pytest.approx(mean)
+    assert metrics["agg_metrics"] == pytest.approx(
+        (metrics["average_recall_at_10"] + metrics["average_recall_at_50"]) / 2
+    )

@@ -29,6 +29,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch import nn
 
 from lavis_ext.models.gated_fusion import GatedFusion
+from lavis_ext.models.qformer_lora import apply_qformer_lora, check_lora_config
 from lavis_ext.models.sprc_qformer import to_sprc_qformer
 
 __all__ = ["Blip2QformerCirAlignPrompt"]
@@ -54,6 +55,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "bert_base": (str,),
     "tiny_bert": (dict,),
     "tiny_vit": (dict,),
+    "lora": (dict,),
 }
 
 
@@ -73,6 +75,25 @@ def _check_config(cfg) -> dict:
                 f"({type(value).__name__})"
             )
     return values
+
+
+_SIM_PAD = 16
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _SIM_PAD) * _SIM_PAD
+
+
+def _padded_similarity(query_feats: torch.Tensor, target_feats: torch.Tensor) -> torch.Tensor:
+    """One block of :meth:`Blip2QformerCirAlignPrompt.similarity`; zero padding leaves every dot product
+    unchanged but gives the matmul no ragged edges, so a score does not depend on the block it is in."""
+    n_queries, n_targets, width = query_feats.size(0), target_feats.size(0), query_feats.size(1)
+    target_feats = target_feats.to(query_feats.dtype)
+    query_feats = F.pad(query_feats, (0, _round_up(width) - width, 0, _round_up(n_queries) - n_queries))
+    target_feats = F.pad(
+        target_feats, (0, _round_up(width) - width, 0, 0, 0, _round_up(n_targets) - n_targets)
+    )
+    return torch.einsum("bd,nqd->bnq", query_feats, target_feats).amax(-1)[:n_queries, :n_targets]
 
 
 @registry.register_model("blip2_cir_align_prompt")
@@ -140,6 +161,13 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
         self.itm_head = nn.Linear(hidden, 2)  # unused, kept so SPRC checkpoints load without unexpected keys
+        # SPRC's losses never use the ITM head or the Q-Former's LM head: frozen, so that DDP (which fails on
+        # trainable parameters without a gradient) works and the runner's checkpoints leave them out. The
+        # LM decoder's weight is the word embedding table, which does train.
+        word_embeddings = self.Qformer.bert.embeddings.word_embeddings.weight
+        for param in [*self.itm_head.parameters(), *self.Qformer.cls.parameters()]:
+            if param is not word_embeddings:
+                param.requires_grad = False
         self.temp = nn.Parameter(0.07 * torch.ones([]))
         self.max_txt_len = max_txt_len
         self.prompt_tokens = nn.Parameter(torch.zeros(1, num_query_token, hidden))
@@ -290,9 +318,40 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)
 
     @staticmethod
-    def similarity(query_feats: torch.Tensor, target_feats: torch.Tensor) -> torch.Tensor:
-        """Max over the target's query tokens of the cosine similarity: (B, D), (N, Q, D) -> (B, N)."""
-        return torch.einsum("bd,nqd->bnq", query_feats, target_feats.to(query_feats.dtype)).amax(-1)
+    def similarity(
+        query_feats: torch.Tensor,
+        target_feats: torch.Tensor,
+        query_chunk: int | None = None,
+        gallery_chunk: int | None = None,
+    ) -> torch.Tensor:
+        """Max over the target's query tokens of the cosine similarity: (B, D), (N, Q, D) -> (B, N).
+
+        Scoring makes a (B, N, Q) temporary before the max; ``query_chunk`` / ``gallery_chunk`` score that many
+        queries / targets at a time, so evaluation memory is query_chunk x gallery_chunk x Q instead of
+        B x N x Q (13 GB for 1024 queries over a 100k gallery). The scores are the same bits chunked or not:
+        every block is zero-padded to multiples of ``_SIM_PAD`` (rows, targets, width) before its matmul,
+        because CPU BLAS rounds the edges of an odd-shaped matmul differently from its interior.
+        """
+        if query_feats.dim() != 2 or target_feats.dim() != 3 or query_feats.size(1) != target_feats.size(2):
+            raise ValueError(
+                f"similarity needs query features (B, D) and target features (N, Q, D) of the same D, got "
+                f"{tuple(query_feats.shape)} and {tuple(target_feats.shape)}"
+            )
+        for name, chunk in (("query_chunk", query_chunk), ("gallery_chunk", gallery_chunk)):
+            if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+                raise ValueError(f"{name} must be a positive int or None (no chunking), got {chunk!r}")
+        n_queries, n_targets = query_feats.size(0), target_feats.size(0)
+        query_chunk = query_chunk or max(n_queries, 1)
+        gallery_chunk = gallery_chunk or max(n_targets, 1)
+        if query_chunk >= n_queries and gallery_chunk >= n_targets:
+            return _padded_similarity(query_feats, target_feats)
+        out = query_feats.new_empty(n_queries, n_targets)
+        for i in range(0, n_queries, query_chunk):
+            for j in range(0, n_targets, gallery_chunk):
+                out[i : i + query_chunk, j : j + gallery_chunk] = _padded_similarity(
+                    query_feats[i : i + query_chunk], target_feats[j : j + gallery_chunk]
+                )
+        return out
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: dict) -> dict:
@@ -384,10 +443,33 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         """Parameters added by gated fusion (0 when it is off, i.e. exactly SPRC)."""
         return 0 if self.gated_fusion is None else self.gated_fusion.num_parameters()
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``strict`` accepts a state dict that lacks only frozen parameters.
+
+        LAVIS's runner saves only parameters that require grad (frozen ViT, frozen Q-Former under LoRA, the
+        unused heads) but resumes with a strict ``load_state_dict``, which would reject its own checkpoints;
+        the frozen weights come from the pretrained checkpoint the model was built from. Unexpected keys and
+        missing trainable parameters still fail.
+        """
+        if strict:
+            frozen = {name for name, param in self.named_parameters() if not param.requires_grad}
+            missing = set(self.state_dict()) - set(state_dict)
+            if missing and missing <= frozen:
+                result = super().load_state_dict(state_dict, strict=False, assign=assign)
+                if result.unexpected_keys:
+                    raise RuntimeError(
+                        f"unexpected key(s) in state_dict for {type(self).__name__}: {result.unexpected_keys}"
+                    )
+                return result
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ------------------------------------------------------------------ LAVIS config plumbing
     @classmethod
     def from_config(cls, cfg):
         values = _check_config(cfg)
+        lora = values.get("lora")
+        if lora is not None:
+            check_lora_config(lora)  # fail before the model is built
         bert_base = values.get("bert_base")
         if bert_base == "tiny":
             from lavis_ext.tiny import tiny_bert_folder
@@ -416,6 +498,8 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
             tiny_vit=values.get("tiny_vit"),
         )
         model.load_checkpoint_from_config(cfg)
+        if lora is not None:  # after loading, so pretrained checkpoints keep their plain Q-Former key names
+            apply_qformer_lora(model.Qformer, lora)
         return model
 
     def load_checkpoint_from_config(self, cfg, **kwargs):

@@ -1,7 +1,8 @@
 """LAVIS task ``composed_image_retrieval``: train with the model's loss, evaluate CIRR / FashionIQ recall.
 
 Evaluation encodes the gallery once as target query features (N x Q x D), encodes every query once, and
-ranks all queries against the gallery in chunks (:mod:`lavis_ext.tasks.recall`). Under DDP each rank encodes
+ranks all queries against the gallery in chunks of queries and of gallery items
+(:mod:`lavis_ext.tasks.recall`), so memory stays bounded for a 100k-image gallery. Under DDP each rank encodes
 its share of the gallery and of the queries; features are gathered so every rank ranks the same matrix and
 reports the same ``agg_metrics``, the number LAVIS's runner uses to keep the best checkpoint. On CIRR's test
 split (no targets) it writes the submission files the CIRR server expects.
@@ -40,9 +41,20 @@ def _gather(indices: list[int], feats: torch.Tensor) -> torch.Tensor:
 
 @registry.register_task("composed_image_retrieval")
 class ComposedImageRetrievalTask(BaseTask):
-    def __init__(self, rank_chunk: int = 1024, gallery_fp16: bool = False, write_submission: bool = False):
+    def __init__(
+        self,
+        rank_chunk: int = 1024,
+        gallery_fp16: bool = False,
+        write_submission: bool = False,
+        rank_gallery_chunk: int = 2048,
+    ):
         super().__init__()
+        for name, value in (("rank_chunk", rank_chunk), ("rank_gallery_chunk", rank_gallery_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"run.{name} must be a positive int, got {value!r}")
         self.rank_chunk = rank_chunk
+        # Scoring temporary: rank_chunk x rank_gallery_chunk x Q floats (256 MB at the defaults, Q = 32).
+        self.rank_gallery_chunk = rank_gallery_chunk
         self.gallery_fp16 = gallery_fp16
         self.write_submission = write_submission
 
@@ -53,6 +65,7 @@ class ComposedImageRetrievalTask(BaseTask):
             rank_chunk=run_cfg.get("rank_chunk", 1024),
             gallery_fp16=run_cfg.get("gallery_fp16", False),
             write_submission=run_cfg.get("write_submission", False),
+            rank_gallery_chunk=run_cfg.get("rank_gallery_chunk", 2048),
         )
 
     @torch.no_grad()
@@ -90,7 +103,8 @@ class ComposedImageRetrievalTask(BaseTask):
         ranks, ranks_subset, top50, top3 = [], [], [], []
         for start in range(0, len(queries), self.rank_chunk):
             chunk = slice(start, start + self.rank_chunk)
-            sim = model.similarity(queries[chunk].float(), gallery.float())
+            # the gallery stays as cached (fp16 if gallery_fp16); each block is cast inside similarity
+            sim = model.similarity(queries[chunk].float(), gallery, gallery_chunk=self.rank_gallery_chunk)
             if dataset.kind == "cirr":  # CIRR never counts the reference itself as a candidate
                 sim.scatter_(1, reference[chunk, None], float("-inf"))
             if target is not None:

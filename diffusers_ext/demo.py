@@ -57,6 +57,9 @@ DEMO_CONFIG = {
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
     },
     "train_timesteps": 200,
+    # the adapter phase samples only timesteps >= this: below it x_t already shows where the objects are,
+    # so the boxes carry no information and those steps only dilute the adapter's gradient
+    "adapter_min_timestep": 0,
     # the UNet predicts the clean image: a model this small trained this briefly gives clean samples
     # from x0-prediction, where epsilon-prediction leaves visible noise that colour segmentation trips on
     "prediction_type": "sample",
@@ -136,7 +139,8 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
         idx = torch.randint(0, len(images), (cfg["batch_size"],), generator=g)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, cfg["train_timesteps"], (len(idx),), generator=g)
+        t_min = 0 if adapter is None else cfg["adapter_min_timestep"]
+        t = torch.randint(t_min, cfg["train_timesteps"], (len(idx),), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
         kwargs = (
             None if adapter is None else adapter.cross_attention_kwargs(boxes[idx], context[idx], masks[idx])

@@ -160,9 +160,16 @@ def test_region_loss_trains_with_the_bank_dedup_and_gradient_accumulation(tmp_pa
     regions = tmp_path / "data/train_regions.jsonl"
     result = run_trainer(tmp_path, "region", "--epochs", "1", "--accum-freq", "2", "--region-data", str(regions),
                          "--min-box-area", "0.05", "--memory-bank-size", "16", "--memory-bank-dedup", "--diag",
-                         "--log-every-n-steps", "1", n=24, batch_size=4)  # fmt: skip
+                         "--log-every-n-steps", "1", "--report-to", "tensorboard", n=24, batch_size=4)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs/region/out.log").read_text()
+    # --diag also reaches TensorBoard, one scalar per optimizer step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs/region/tensorboard"))
+    events.Reload()
+    for tag in ("diag/logit_scale", "diag/bank_filled", "diag/zero_norm_image_share"):
+        assert len(events.Scalars(tag)) == 3, tag
     region = _logged(log, "Region_loss")
     assert len(region) == 3 and all(math.isfinite(v) and v > 0 for v in region)
     contrastive, total = _logged(log, "Contrastive_loss"), _logged(log, "Loss")

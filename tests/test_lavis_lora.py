@@ -134,16 +134,11 @@ def test_bad_lora_config_is_a_clear_error(lora, error, message):
 
 
 def test_runner_trains_lora_and_saves_only_trainable_weights(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from lavis_helpers import run_train
 
     from vlext.toyworld import write_cirr
 
-    root = Path(__file__).resolve().parent.parent
     data = write_cirr(tmp_path / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     options = [
         f"datasets.cirr.build_info.root={data}",
         f"run.output_dir={tmp_path / 'out'}",
@@ -152,26 +147,7 @@ def test_runner_trains_lora_and_saves_only_trainable_weights(tmp_path):
         "model.lora.alpha=8",
         "model.lora.target_modules=[query,value]",
     ]
-    cfg = root / "lavis_ext" / "projects" / "cirr_tiny.yaml"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "lavis_ext.train",
-            "--cfg-path",
-            str(cfg),
-            "--options",
-            *options,
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run_train(*options, timeout=120)
     (job,) = list((tmp_path / "out").iterdir())
     checkpoint = torch.load(job / "checkpoint_best.pth", map_location="cpu", weights_only=False)
     saved = checkpoint["model"]

@@ -1,0 +1,33 @@
+"""Run ``python -m lavis_ext.train`` in a subprocess for the lavis tests (offline, one thread)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
+
+
+def run_train(*options, cfg=CFG, timeout=400):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "lavis_ext.train",
+            "--cfg-path",
+            str(cfg),
+            "--options",
+            *options,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr

@@ -19,11 +19,18 @@ MICRO = {
 }
 
 
-def test_micro_demo_writes_its_evidence_and_opens_the_gate(tmp_path):
-    result = run(tmp_path, MICRO)
-    assert result["gate_abs_mean_end"] > 0.0  # gradients reached the zero-initialised gates
+def test_micro_demo_writes_its_evidence_and_leaves_the_zero_init_point(tmp_path):
+    result = run(tmp_path, MICRO)  # the default init, zero_out: output layers start at 0, gates at tanh(1)
+    assert result["init_mode"] == "zero_out"
+    assert result["output_layer_norm_init"] == 0.0 < result["output_layer_norm_end"]
     assert 0.0 <= result["mean_iou_adapter"] <= 1.0 and 0.0 <= result["mean_iou_baseline"] <= 1.0
-    assert result["n_objects"] >= 2
+    assert result["n_objects"] == 2  # one object in each of the 2 held-out scenes
     assert (tmp_path / "diffusers_layout_grid.png").stat().st_size > 0
     assert (tmp_path / "diffusers_gate_loss.png").stat().st_size > 0
     assert json.loads((tmp_path / "diffusers_demo.json").read_text())["n_objects"] == result["n_objects"]
+
+
+def test_micro_demo_in_gligen_gate_mode_opens_the_gate(tmp_path):
+    result = run(tmp_path, {**MICRO, "adapter_init_mode": "gate"})
+    assert result["gate_abs_mean_end"] > 0.0  # gradients reached the zero-initialised gates
+    assert result["gate_abs_mean_init"] == 0.0 and result["output_layer_norm_init"] > 0.0

@@ -1,4 +1,4 @@
-"""Run ``python -m lavis_ext.train`` in a subprocess for the lavis tests (offline, one thread)."""
+"""Run ``python -m lavis_ext.train`` (or torchrun) in a subprocess for the lavis tests (offline, one thread)."""
 
 import os
 import subprocess
@@ -9,25 +9,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
 
 
-def run_train(*options, cfg=CFG, timeout=400):
+def launch(command, timeout):
+    """Run ``command`` from the repository root offline with one thread; assert it succeeds; return its log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "lavis_ext.train",
-            "--cfg-path",
-            str(cfg),
-            "--options",
-            *options,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout + result.stderr
+
+
+def run_train(*options, cfg=CFG, timeout=400):
+    command = [sys.executable, "-W", "ignore", "-m", "lavis_ext.train", "--cfg-path", str(cfg), "--options"]
+    return launch([*command, *options], timeout)

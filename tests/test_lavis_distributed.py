@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from lavis_helpers import CFG, launch, run_train
 from omegaconf import OmegaConf
 
 import lavis_ext  # noqa: F401  (registers the model)
@@ -98,25 +99,12 @@ def test_gradient_flows_to_other_ranks_targets(gather_run, single_process):
         )
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIRR_TINY = os.path.join(ROOT, "lavis_ext", "projects", "cirr_tiny.yaml")
-
-
 def _free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _launch(command, timeout):
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
 
 
 def _val_metrics(output_dir):
@@ -139,9 +127,9 @@ def test_torchrun_two_processes_train_and_evaluate_like_one_process(tmp_path):
     data = write_cirr(tmp_path / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
     common = [f"datasets.cirr.build_info.root={data}", "run.batch_size_train=4", "run.batch_size_eval=5"]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    log = _launch(
+    log = launch(
         [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-        + ["-m", "lavis_ext.train", "--cfg-path", CIRR_TINY, "--options", *common]
+        + ["-m", "lavis_ext.train", "--cfg-path", str(CFG), "--options", *common]
         + [f"run.output_dir={tmp_path / 'ddp'}"],
         timeout=150,
     )
@@ -151,20 +139,12 @@ def test_torchrun_two_processes_train_and_evaluate_like_one_process(tmp_path):
     checkpoint = job / "checkpoint_best.pth"
     assert checkpoint.is_file(), f"no best checkpoint (agg_metrics {ddp['agg_metrics']})"
 
-    log = _launch(
-        [
-            sys.executable,
-            "-W",
-            "ignore",
-            "-m",
-            "lavis_ext.train",
-            "--cfg-path",
-            CIRR_TINY,
-            "--options",
-            *common,
-        ]
-        + [f"run.output_dir={tmp_path / 'single'}", "run.evaluate=True"]
-        + ["model.load_finetuned=True", f"model.finetuned={checkpoint}"],
+    log = run_train(
+        *common,
+        f"run.output_dir={tmp_path / 'single'}",
+        "run.evaluate=True",
+        "model.load_finetuned=True",
+        f"model.finetuned={checkpoint}",
         timeout=120,
     )
     assert f"load checkpoint from {checkpoint}".lower() in log.lower(), log[-2000:]

@@ -16,23 +16,34 @@ from vlext.toyworld import box_iou, locate
 __all__ = ["clip_score", "fid", "layout_scores"]
 
 
-def layout_scores(images: Sequence, requests: Sequence[Sequence[tuple[str, Sequence[float]]]]) -> dict:
-    """Mean IoU and the share of objects with IoU > 0.5 over all requested (colour, xyxy box) pairs.
+def _center_inside(found, box) -> bool:
+    cx, cy = (found[0] + found[2]) / 2, (found[1] + found[3]) / 2
+    return box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
 
-    An object whose colour is not found counts as IoU 0 (a miss is a failure, not a skipped sample).
+
+def layout_scores(images: Sequence, requests: Sequence[Sequence[tuple[str, Sequence[float]]]]) -> dict:
+    """Layout scores over all requested (colour, xyxy box) pairs.
+
+    ``mean_iou`` and ``share_iou_gt_0.5`` compare the detected box with the requested one; they also
+    punish an object drawn in the right place but smaller or paler than asked. ``share_center_in_box``
+    asks only whether the detected object's centre lies inside its box: placement alone, the question
+    layout control is about (a pointing-game style hit rate). An object whose colour is not found counts
+    as IoU 0 and as a miss (a failure, not a skipped sample).
     """
     if len(images) != len(requests):
         raise ValueError(f"{len(images)} images but {len(requests)} request lists; give one list per image")
-    ious = []
+    ious, hits = [], []
     for image, objects in zip(images, requests, strict=True):
         for color, box in objects:
             found = locate(image, color)
             ious.append(0.0 if found is None else box_iou(found, box))
+            hits.append(found is not None and _center_inside(found, box))
     if not ious:
         raise ValueError("no objects requested: nothing to score")
     return {
         "mean_iou": sum(ious) / len(ious),
         "share_iou_gt_0.5": sum(i > 0.5 for i in ious) / len(ious),
+        "share_center_in_box": sum(hits) / len(hits),
         "n_objects": len(ious),
         "ious": ious,
     }

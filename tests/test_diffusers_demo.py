@@ -23,7 +23,8 @@ def test_micro_demo_writes_its_evidence_and_leaves_the_zero_init_point(tmp_path)
     result = run(tmp_path, MICRO)  # the default init, zero_out: output layers start at 0, gates at tanh(1)
     assert result["init_mode"] == "zero_out"
     assert result["output_layer_norm_init"] == 0.0 < result["output_layer_norm_end"]
-    assert 0.0 <= result["mean_iou_adapter"] <= 1.0 and 0.0 <= result["mean_iou_baseline"] <= 1.0
+    for key in ("mean_iou", "share_iou_gt_0.5", "share_center_in_box"):
+        assert 0.0 <= result[f"{key}_adapter"] <= 1.0 and 0.0 <= result[f"{key}_baseline"] <= 1.0
     assert result["n_objects"] == 2  # one object in each of the 2 held-out scenes
     assert (tmp_path / "diffusers_layout_grid.png").stat().st_size > 0
     assert (tmp_path / "diffusers_gate_loss.png").stat().st_size > 0

@@ -21,7 +21,6 @@ The model's forward looks its batch up there. Identity (not "the latest batch") 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import deque
@@ -33,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clip_ext.region import filter_boxes, kept_box_mask
+from vlext.jsonl import read_jsonl_objects
 
 __all__ = ["RegionTable", "load_region_table", "ClipExtCsvDataset", "BatchSideChannel", "SideChannelLoader"]
 
@@ -79,53 +79,37 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         raise RegionDataError(f"--region-data {path}: no such file")
     if min_area < 0 or min_side < 0:
         raise RegionDataError(f"--min-box-area and --min-box-side must be >= 0, got {min_area}, {min_side}")
-    by_image: dict[str, tuple[torch.Tensor, list[str], dict[str, int], int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RegionDataError(
-                    f"{where}: not valid JSON ({e.msg}); each line must be {FORMAT_HINT}"
-                ) from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("filepath"), str)
-                or not isinstance(row.get("regions"), list)
+    by_image: dict[str, tuple[torch.Tensor, list[str], dict[str, int], str]] = {}
+    for where, row in read_jsonl_objects(path, FORMAT_HINT, RegionDataError):
+        if not isinstance(row.get("filepath"), str) or not isinstance(row.get("regions"), list):
+            raise RegionDataError(f"{where}: expected an object with 'filepath' (string) and 'regions' "
+                                  f"(list), i.e. {FORMAT_HINT}")  # fmt: skip
+        boxes, captions = [], []
+        for k, region in enumerate(row["regions"]):
+            if not isinstance(region, dict) or "box" not in region or "caption" not in region:
+                raise RegionDataError(f"{where}: region {k} must be an object with 'box' and 'caption'")
+            box, caption = region["box"], region["caption"]
+            if not (
+                isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
             ):
-                raise RegionDataError(f"{where}: expected an object with 'filepath' (string) and 'regions' "
-                                      f"(list), i.e. {FORMAT_HINT}")  # fmt: skip
-            boxes, captions = [], []
-            for k, region in enumerate(row["regions"]):
-                if not isinstance(region, dict) or "box" not in region or "caption" not in region:
-                    raise RegionDataError(f"{where}: region {k} must be an object with 'box' and 'caption'")
-                box, caption = region["box"], region["caption"]
-                if not (
-                    isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                ):
-                    raise RegionDataError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] "
-                                          f"normalized to [0, 1], got {box!r}")  # fmt: skip
-                if not isinstance(caption, str) or not caption.strip():
-                    raise RegionDataError(
-                        f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
-                    )
-                boxes.append(box)
-                captions.append(caption)
-            key = _norm(row["filepath"])
-            if key in by_image:
+                raise RegionDataError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] "
+                                      f"normalized to [0, 1], got {box!r}")  # fmt: skip
+            if not isinstance(caption, str) or not caption.strip():
                 raise RegionDataError(
-                    f"{where}: image {row['filepath']} already listed on line {by_image[key][3]}"
+                    f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
                 )
-            tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-            try:
-                kept, c = filter_boxes(tensor, min_area, min_side, where=where)
-            except ValueError as e:
-                raise RegionDataError(str(e)) from None
-            keep = kept_box_mask(tensor, min_area, min_side).tolist()
-            by_image[key] = (kept, [cap for cap, k in zip(captions, keep) if k], c, lineno)
+            boxes.append(box)
+            captions.append(caption)
+        key = _norm(row["filepath"])
+        if key in by_image:
+            raise RegionDataError(f"{where}: image {row['filepath']} is already listed at {by_image[key][3]}")
+        tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        try:
+            kept, c = filter_boxes(tensor, min_area, min_side, where=where)
+        except ValueError as e:
+            raise RegionDataError(str(e)) from None
+        keep = kept_box_mask(tensor, min_area, min_side).tolist()
+        by_image[key] = (kept, [cap for cap, k in zip(captions, keep) if k], c, where)
 
     counts = {"kept": 0, "dropped_min_side": 0, "dropped_min_area": 0, "images_without_regions": 0}
     table_boxes, table_captions = [], []

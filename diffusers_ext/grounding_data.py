@@ -10,7 +10,6 @@ count mismatch, NaN, x1 < x0) are errors naming the line, never silently skipped
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlext.jsonl import read_jsonl_objects
+
 __all__ = ["CleaningReport", "GroundingRows", "clean_layout", "read_grounding_rows"]
+
+ROW_HINT = '{"image": "<path>", "caption": "...", "boxes": [[x0, y0, x1, y1], ...], "phrases": ["...", ...]}'
 
 
 @dataclass
@@ -83,14 +86,7 @@ def read_grounding_rows(
             f"--mixed-data {jsonl} does not exist (a JSONL of image/caption/boxes/phrases rows)"
         )
     report, rows = CleaningReport(), []
-    for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{jsonl.name}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, row in read_jsonl_objects(jsonl, ROW_HINT):
         missing = [k for k in ("image", "caption", "boxes", "phrases") if k not in row]
         if missing:
             raise ValueError(f"{where}: missing keys {missing}; rows need image, caption, boxes, phrases")

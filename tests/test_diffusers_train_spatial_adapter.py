@@ -82,6 +82,7 @@ def test_rows_left_without_boxes_are_dropped_and_counted(tmp_path):
         ),
         ({"image": "a", "caption": "c", "boxes": [[0.5, 0, 0.1, 1]], "phrases": ["x"]}, "x1 < x0"),
         ({"image": "a", "caption": "c", "boxes": []}, r"missing keys \['phrases'\]"),
+        (["a", "c"], r"rows.jsonl:2: expected a JSON object, got list"),
     ],
 )
 def test_malformed_rows_are_errors_naming_the_line(tmp_path, row, match):

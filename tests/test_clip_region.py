@@ -141,7 +141,9 @@ def test_invalid_boxes_and_lines_are_refused_naming_file_and_line(toy):
         load_region_table(broken, base.images, 0.0, 0.0)
     with pytest.raises(RegionDataError, match=r"array.jsonl:2: expected a JSON object, got list"):
         load_region_table(_jsonl(root / "array.jsonl", [good, [good]]), base.images, 0.0, 0.0)
-    with pytest.raises(RegionDataError, match=r"twice.jsonl:2: image .* is already listed at .*twice.jsonl:1"):
+    with pytest.raises(
+        RegionDataError, match=r"twice.jsonl:2: image .* is already listed at .*twice.jsonl:1"
+    ):
         load_region_table(_jsonl(root / "twice.jsonl", [good, good]), base.images, 0.0, 0.0)
 
 

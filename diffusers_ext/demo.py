@@ -322,8 +322,21 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
+    parser.add_argument(
+        "--init-mode",
+        choices=("zero_out", "gate"),
+        default=DEMO_CONFIG["adapter_init_mode"],
+        help="adapter init: zero_out (output layers 0, gate tanh(1)) or gate (GLIGEN: gate 0)",
+    )
+    parser.add_argument("--adapter-steps", type=int, default=DEMO_CONFIG["adapter_steps"])
+    parser.add_argument("--seed", type=int, default=DEMO_CONFIG["seed"])
     args = parser.parse_args(argv)
-    run(args.out)
+    if args.adapter_steps < 1:
+        parser.error(f"--adapter-steps must be >= 1, got {args.adapter_steps}")
+    run(
+        args.out,
+        {"adapter_init_mode": args.init_mode, "adapter_steps": args.adapter_steps, "seed": args.seed},
+    )
 
 
 if __name__ == "__main__":

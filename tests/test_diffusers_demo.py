@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 import torch
 
-from diffusers_ext.demo import run
+from diffusers_ext.demo import main, run
 
 torch.set_num_threads(1)
 
@@ -35,3 +36,9 @@ def test_micro_demo_in_gligen_gate_mode_opens_the_gate(tmp_path):
     result = run(tmp_path, {**MICRO, "adapter_init_mode": "gate"})
     assert result["gate_abs_mean_end"] > 0.0  # gradients reached the zero-initialised gates
     assert result["gate_abs_mean_init"] == 0.0 and result["output_layer_norm_init"] > 0.0
+
+
+def test_demo_command_line_refuses_a_step_count_it_cannot_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["--adapter-steps", "0"])
+    assert "--adapter-steps must be >= 1, got 0" in capsys.readouterr().err

@@ -194,22 +194,26 @@ def _grid(images_rows, requests, path: Path, scale: int = 6) -> None:
     canvas.save(path)
 
 
-def _plot(curve: dict, path: Path) -> None:
+def _plot(curve: dict, out_norm_init: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.2))
     a.plot(curve["step"], curve["loss"], label="adapter phase (running mean of 25)")
     a.set_xlabel("step")
     a.set_ylabel("denoising loss")
     a.legend()
     b.plot(curve["step"], curve["gate_mean"], label="mean tanh(alpha)")
-    b.plot(curve["step"], curve["gate_abs_mean"], label="mean |tanh(alpha)|")
+    b.plot(curve["step"], curve["gate_abs_mean"], "--", label="mean |tanh(alpha)|")
     b.set_xlabel("step")
     b.set_ylabel("gate over layers")
     b.legend()
+    # the zero-init quantity of init_mode="zero_out", from its value before the first update
+    c.plot([0] + [s + 1 for s in curve["step"]], [out_norm_init, *curve["out_norm"]])
+    c.set_xlabel("optimizer steps taken")
+    c.set_ylabel("output-layer norm (to_out, ff_out)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -289,7 +293,7 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
     baseline = _sample(unet, None, context, boxes, masks, cfg, noise)
     ours, base = layout_scores(with_adapter, requests), layout_scores(baseline, requests)
     _grid([with_adapter[:12], baseline[:12]], requests[:12], out_dir / "diffusers_layout_grid.png")
-    _plot(curve, out_dir / "diffusers_gate_loss.png")
+    _plot(curve, at_init["out_norm"], out_dir / "diffusers_gate_loss.png")
     result = {
         "gate_mean_start": curve["gate_mean"][0],
         "gate_mean_end": curve["gate_mean"][-1],

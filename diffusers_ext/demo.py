@@ -5,9 +5,8 @@ their object phrases alone, so it knows colours and shapes but not where they go
 and only the SpatialAdapter (grounding tokenizer + gated self-attention) trains on (phrase, box) pairs.
 The adapter starts as an exact identity (with ``init_mode="zero_out"``, the default here, its output
 layers start at 0; with GLIGEN's ``"gate"`` its gates do) and must leave that point for layout control to
-appear. The evaluation
-generates held-out layouts from the same noise with and without the adapter and scores each object's
-location by colour segmentation (``layout_eval.layout_scores``).
+appear. The evaluation generates held-out layouts from the same noise with and without the adapter and
+scores each object's placement by colour segmentation (``layout_eval.layout_scores``).
 
 Phrase features are fixed random vectors per colour / shape / size word (no text encoder is downloaded);
 the UNet's cross-attention context is the sequence of the scene's phrase features. All sizes and step

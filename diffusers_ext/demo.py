@@ -66,7 +66,7 @@ DEMO_CONFIG = {
     # the adapter phase samples only timesteps >= this. Where the objects go is decided in the first,
     # noisiest sampling steps; below them x_t already shows the layout, the boxes add little and those
     # steps dilute the adapter's gradient. At step 400 (zero_out): 120 gave mean IoU 0.29 (centre in box
-    # 67 %), 160 gave 0.23 (62 %), 80 gave 0.12 (23 %); all timesteps stayed near the no-adapter 0.075
+    # 67 %), 160 gave 0.23 (62 %), 80 gave 0.12 (23 %); all timesteps (earlier runs) stayed near the no-adapter 0.075
     "adapter_min_timestep": 120,
     # GLIGEN's "gate" init (gate 0, normal weights) learns the layout far more slowly here: while the gate is
     # small the branch's effect on the output is too (its weights get Adam-sized steps, but multiplied by a

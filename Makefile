@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
-RUN := $(UV) run --frozen --no-sync
+# The same form README uses. It syncs (a no-op on a synced .venv: tests/test_environment.py) and runs.
+RUN := $(UV) run --frozen
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 JOBS ?= 2
 DEMO_OUT ?= demo_out

@@ -12,19 +12,42 @@ timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step,
 from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
 ``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
 the trainable weights (adapter, LoRA), not the frozen base model.
+
+No work lost (``run_folder``): a used ``--output-dir`` is refused unless ``--resume`` or ``--overwrite``
+says what to do with it; checkpoints and the exported adapter are written under a temporary name and
+renamed when complete; ``--resume latest`` takes the newest complete checkpoint. Nothing silently wrong
+(``grounding_data``): boxes outside [0, 1] and unreadable images are refused naming the file before
+training starts (``--skip-bad-images`` leaves such images out and logs each one).
+
+Only the standard library is imported before the arguments are parsed, so ``--help`` and argument
+errors answer without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from diffusers_ext.run_folder import (
+    STATE,
+    clear_previous_run,
+    find_latest_checkpoint,
+    publish_folder,
+    refuse_reused_output_dir,
+    staging_folder,
+    truncate_metrics,
+    write_json_atomic,
+)
 
 __all__ = ["build_parser", "main", "train"]
+
+# Test hook: SIGKILL this process in the middle of writing checkpoint-<value> (after its first file), the
+# way a preempted job dies; tests/test_diffusers_train_crash.py uses it to check that resume survives.
+KILL_HOOK_ENV = "DIFFUSERS_EXT_TEST_KILL_IN_CHECKPOINT"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-side", type=float, default=0.0, help="drop boxes with a side under this fraction"
     )
     data.add_argument("--max-objs", type=int, default=30, help="keep the largest this many boxes per image")
+    data.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out rows whose image cannot be read fully (each is logged and counted); default: refuse",
+    )
     data.add_argument(
         "--resolution",
         type=int,
@@ -108,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpointing-steps", type=int, default=0, help="resumable checkpoint every N steps (0: off)"
     )
     logs.add_argument(
-        "--resume", default=None, help="a checkpoint-<step> folder, or 'latest' in --output-dir"
+        "--resume",
+        default=None,
+        help="a checkpoint-<step> folder, or 'latest': the newest complete one in --output-dir",
+    )
+    logs.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a used --output-dir, deleting the previous run's checkpoints, adapter, metrics",
     )
     logs.add_argument(
         "--log-gate-stats", type=int, default=0, help="print per-layer and overall gates every N steps"
@@ -131,31 +166,16 @@ def _check_args(args) -> None:
         raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
 
 
-class GroundedDenoiser(nn.Module):
-    """UNet + adapter as one module, so DDP sees the adapter's forward (its fusers run inside the UNet)."""
+def _step_generator(seed: int, step: int, rank: int):
+    import torch
 
-    def __init__(self, unet, adapter):
-        super().__init__()
-        self.unet, self.adapter = unet, adapter
-
-    def forward(self, noisy, timesteps, text, boxes, phrase_feats, masks, added_cond_kwargs=None):
-        tokens = self.adapter(boxes, phrase_feats, masks)
-        kwargs = {"grounding_tokens": tokens, "grounding_scale": 1.0}
-        return self.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=text,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs=kwargs,
-        ).sample
-
-
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * rank)
 
 
 def _encode_text(pipe, kind: str, captions: list[str], device, resolution: int):
     """Prompt embeddings (and SDXL/Kolors added conditions) from the pipeline's own ``encode_prompt``."""
+    import torch
+
     with torch.no_grad():
         if kind == "sd":
             text, _ = pipe.encode_prompt(captions, device, 1, False)
@@ -173,6 +193,8 @@ def _encode_text(pipe, kind: str, captions: list[str], device, resolution: int):
 
 def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, args, device):
     """Boxes, phrase features and masks (B, max_objs, ...) with GLIGEN's object and layout dropout."""
+    import torch
+
     from diffusers_ext.grounded_generation import encode_phrases
 
     b = len(batch)
@@ -193,9 +215,32 @@ def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, a
     return boxes.to(device), feats.to(device), masks.to(device)
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
-    return found[-1] if found else None
+def _resume_folder(args, output_dir: Path, say) -> Path:
+    """The checkpoint ``--resume`` names: 'latest' is the newest complete one in ``--output-dir``; an
+    explicit folder must be complete too."""
+    from diffusers_ext.run_folder import checkpoint_problem
+
+    if args.resume != "latest":
+        ckpt = Path(args.resume)
+        if not ckpt.is_dir():
+            raise SystemExit(f"--resume {ckpt}: no such folder; give a checkpoint-<step> folder or 'latest'")
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise SystemExit(
+                f"--resume {ckpt} is not a complete checkpoint: {problem}; "
+                f"--resume latest picks the newest complete one in {output_dir}"
+            )
+        return ckpt
+    ckpt, skipped = find_latest_checkpoint(output_dir)
+    for folder, problem in skipped:
+        say(f"warning: skipping incomplete checkpoint {folder}: {problem}")
+    if ckpt is None:
+        raise SystemExit(
+            f"--resume latest: no complete checkpoint-<step> folder in {output_dir}"
+            + (f" ({len(skipped)} incomplete ones skipped, named above)" if skipped else "")
+            + "; start without --resume (into an empty --output-dir) or pass --overwrite"
+        )
+    return ckpt
 
 
 def train(argv: list[str] | None = None) -> dict:
@@ -203,7 +248,11 @@ def train(argv: list[str] | None = None) -> dict:
     cleaning report and the names of the trained parameters."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    output_dir = Path(args.output_dir)
+    refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
 
+    import torch
+    import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler, DiffusionPipeline
@@ -212,11 +261,11 @@ def train(argv: list[str] | None = None) -> dict:
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from diffusers_ext.grounded_denoiser import GroundedDenoiser
     from diffusers_ext.grounded_generation import phrase_dim, pipeline_kind
-    from diffusers_ext.grounding_data import GroundingRows, read_grounding_rows
+    from diffusers_ext.grounding_data import GroundingRows, read_grounding_rows, verify_images
     from diffusers_ext.spatial_adapter import SpatialAdapter
 
-    output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with="tensorboard" if args.log_tensorboard else None,
@@ -226,10 +275,30 @@ def train(argv: list[str] | None = None) -> dict:
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
+    def say(message: str) -> None:
+        accelerator.print(message, file=sys.stderr, flush=True)
+
+    resume_from = _resume_folder(args, output_dir, say) if args.resume else None
+    if args.overwrite:
+        if accelerator.is_main_process:
+            removed = clear_previous_run(output_dir)
+            if removed:
+                say(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
+        accelerator.wait_for_everyone()
+
     rows, report = read_grounding_rows(
         args.mixed_data, min_area=args.min_area, min_side=args.min_side, max_objs=args.max_objs
     )
-    accelerator.print(f"box cleaning: {report.summary()}")
+    image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
+    rows = verify_images(
+        rows,
+        image_dir,
+        skip_bad=args.skip_bad_images,
+        report=report,
+        log=say,
+        progress=accelerator.is_local_main_process,
+    )
+    accelerator.print(f"data cleaning: {report.summary()}")
     if not rows:
         raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
 
@@ -237,7 +306,6 @@ def train(argv: list[str] | None = None) -> dict:
     kind = pipeline_kind(pipe)
     unet = pipe.unet
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
     dataset = GroundingRows(rows, image_dir, resolution)
     global_batch = args.batch_size * world
     steps_per_epoch = len(dataset) // global_batch
@@ -311,6 +379,10 @@ def train(argv: list[str] | None = None) -> dict:
     def save_hook(models, weights, out_dir):
         if accelerator.is_main_process:
             save_file(trainable_state(), str(Path(out_dir) / "trainable.safetensors"))
+            if os.environ.get(KILL_HOOK_ENV) == Path(out_dir).name.removeprefix(".checkpoint-").removesuffix(
+                ".tmp"
+            ):
+                os.kill(os.getpid(), signal.SIGKILL)
         weights.clear()
 
     def load_hook(models, in_dir):
@@ -331,15 +403,17 @@ def train(argv: list[str] | None = None) -> dict:
         accelerator.register_for_checkpointing(ema)
 
     global_step = 0
-    if args.resume:
-        ckpt = _latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise SystemExit(
-                f"--resume {args.resume}: no checkpoint-<step> folder found (looked in {output_dir})"
-            )
-        accelerator.load_state(str(ckpt))
-        global_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
-        accelerator.print(f"resumed from {ckpt} at step {global_step}")
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step = json.loads((resume_from / STATE).read_text())["global_step"]
+        accelerator.print(f"resumed from {resume_from} at step {global_step}")
+        if accelerator.is_main_process:
+            dropped = truncate_metrics(metrics_path, global_step)
+            if dropped:
+                say(
+                    f"{metrics_path}: removed {dropped} rows after step {global_step}; they are trained again"
+                )
     if args.log_tensorboard:
         accelerator.init_trackers(
             "spatial_adapter",
@@ -351,31 +425,45 @@ def train(argv: list[str] | None = None) -> dict:
         )
 
     def save_checkpoint(step: int) -> None:
-        ckpt = output_dir / f"checkpoint-{step}"
-        accelerator.save_state(str(ckpt))
+        """Every process writes into ``.checkpoint-<step>.tmp``; the main one seals it (marker last) and
+        renames it to ``checkpoint-<step>``."""
+        final = output_dir / f"checkpoint-{step}"
+        staging = final.with_name(f".{final.name}.tmp")
         if accelerator.is_main_process:
-            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            staging_folder(final)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(staging / STATE, {"global_step": step})
+            publish_folder(staging, final, marker={"global_step": step})
+        accelerator.wait_for_everyone()
+
+    def export(final: Path, write) -> None:
+        staging = staging_folder(final)
+        write(staging)
+        publish_folder(staging, final)
 
     def save_adapter(folder: Path) -> None:
         if not accelerator.is_main_process:
             return
-        adapter.save_pretrained(folder / "adapter")
+        folder.mkdir(parents=True, exist_ok=True)
+        export(folder / "adapter", adapter.save_pretrained)
         if ema is not None:
             ema.store(adapter.parameters())
             ema.copy_to(adapter.parameters())
-            adapter.save_pretrained(folder / "adapter_ema")
+            export(folder / "adapter_ema", adapter.save_pretrained)
             ema.restore(adapter.parameters())
         if args.lora_rank:
-            save_file(
-                {
-                    n: p.detach().float().cpu().contiguous()
-                    for n, p in unet.named_parameters()
-                    if "lora_" in n
-                },
-                str(folder / "unet_lora.safetensors"),
-            )
+            lora = {
+                n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n
+            }
+            tmp = folder / ".unet_lora.safetensors.tmp"
+            save_file(lora, str(tmp))
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / "unet_lora.safetensors")
 
-    metrics_path = output_dir / "metrics.jsonl"
     output_dir.mkdir(parents=True, exist_ok=True)
     scaling = pipe.vae.config.scaling_factor
     losses = []

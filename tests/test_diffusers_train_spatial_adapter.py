@@ -1,4 +1,5 @@
-"""The training CLI on toy-world layouts and tiny pipeline folders: box cleaning, what trains, exact resume."""
+"""The training CLI on toy-world layouts and tiny pipeline folders: box cleaning, what trains, exact resume,
+and a used --output-dir."""
 
 from __future__ import annotations
 
@@ -38,14 +39,14 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_cleaning_clamps_drops_small_boxes_and_keeps_the_largest_max_objs():
+def test_cleaning_drops_small_boxes_and_keeps_the_largest_max_objs():
     report = CleaningReport()
-    boxes = [[-0.1, 0.0, 0.5, 0.5], [0.0, 0.0, 0.05, 0.05], [0.5, 0.5, 0.9, 0.6], [0.2, 0.2, 0.9, 0.9]]
+    boxes = [[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.05, 0.05], [0.5, 0.5, 0.9, 0.6], [0.2, 0.2, 0.9, 0.9]]
     kept, phrases = clean_layout(
         boxes, ["a", "tiny", "flat", "big"], min_area=0.01, min_side=0.0, max_objs=2, report=report
     )
     assert kept == [[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.9, 0.9]] and phrases == ["a", "big"]
-    assert (report.boxes_read, report.boxes_clamped) == (4, 1)
+    assert report.boxes_read == 4
     assert (report.boxes_dropped_small, report.boxes_dropped_over_max_objs) == (1, 1)
 
 
@@ -80,7 +81,13 @@ def test_rows_left_without_boxes_are_dropped_and_counted(tmp_path):
             {"image": "a", "caption": "c", "boxes": [[0, 0, math.nan, 1]], "phrases": ["x"]},
             "4 finite numbers",
         ),
-        ({"image": "a", "caption": "c", "boxes": [[0.5, 0, 0.1, 1]], "phrases": ["x"]}, "x1 < x0"),
+        ({"image": "a", "caption": "c", "boxes": [[0.5, 0, 0.1, 1]], "phrases": ["x"]}, "needs x0 < x1"),
+        ({"image": "a", "caption": "c", "boxes": [[0.5, 0, 0.5, 1]], "phrases": ["x"]}, "needs x0 < x1"),
+        (
+            {"image": "a", "caption": "c", "boxes": [[-0.1, 0, 0.5, 1]], "phrases": ["x"]},
+            r"rows.jsonl:2: box 0 = \[-0.1, 0.0, 0.5, 1.0\] lies outside \[0, 1\].*nothing is clamped",
+        ),
+        ({"image": "a", "caption": "c", "boxes": [[0, 0, 64, 48]], "phrases": ["x"]}, "lies outside"),
         ({"image": "a", "caption": "c", "boxes": []}, r"missing keys \['phrases'\]"),
         (["a", "c"], r"rows.jsonl:2: expected a JSON object, got list"),
     ],
@@ -153,10 +160,37 @@ def test_sdxl_and_kolors_folders_train(toy, tmp_path, kind):
         (["--box-dropout", "1.5"], r"--box-dropout must be in \[0, 1\]"),
         (["--batch-size", "9"], "fewer than one global batch"),
         (["--gate-init-value", "0", "--freeze-gate"], "can never learn"),
-        (["--resume", "latest"], "no checkpoint-<step> folder"),
+        (["--resume", "latest"], "no complete checkpoint-<step> folder"),
+        (["--resume", "latest", "--overwrite"], "contradict each other"),
     ],
 )
 def test_bad_configurations_are_refused_before_training(toy, tmp_path, extra, match):
     with pytest.raises((SystemExit, ValueError), match=match):
         train(_args(toy, tmp_path / "bad", *extra))
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_a_second_run_into_a_used_output_dir_is_refused_until_resume_or_overwrite(toy, tmp_path):
+    out = tmp_path / "used"
+    train(_args(toy, out, "--max-train-steps", "1"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(
+        SystemExit, match=r"is not empty \(adapter, metrics.jsonl\).*--resume latest.*--overwrite"
+    ):
+        train(_args(toy, out, "--max-train-steps", "2"))
+    assert (out / "metrics.jsonl").read_text() == before  # refused before any work
+    (out / "notes.txt").write_text("mine")
+    train(_args(toy, out, "--max-train-steps", "2", "--overwrite"))
+    assert [r["step"] for r in _metrics(out)] == [1, 2]  # the earlier run's row is gone, not duplicated
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only what a run wrote
+
+
+def test_resume_latest_in_the_same_folder_rewrites_no_step_twice(toy, tmp_path):
+    out = tmp_path / "same"
+    train(_args(toy, out, "--max-train-steps", "4", "--checkpointing-steps", "3"))
+    first = {r["step"]: r["loss"] for r in _metrics(out)}
+    train(_args(toy, out, "--max-train-steps", "4", "--resume", "latest"))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 4 was dropped at resume and trained again
+    assert rows[3]["loss"] == pytest.approx(first[4], rel=1e-6)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]

@@ -1,7 +1,10 @@
 """Runtime diagnostics (``--diag``): the checks of the training notes' ENABLE_RUNTIME_DIAG, as scalars.
 
 A collapsing run shows up here first: a logit scale pinned at the clamp, logits saturating, a bank that
-never switches on, or image features of zero norm (a dead tower or NaN-guarded normalisation).
+never switches on, or image features of zero norm (a dead tower or NaN-guarded normalisation). The region
+and hard-negative losses (unweighted) and their temperatures say whether the fine-grained terms learn; the
+bank's share of the softmax mass (``bank_mass_image_to_text``: mean over rows of the probability on bank
+columns) says whether the bank's negatives matter at all: near 0 they add nothing, near 1 they dominate.
 """
 
 from __future__ import annotations
@@ -16,9 +19,18 @@ def collect(model: torch.nn.Module, loss, bank=None) -> dict[str, float]:
     stats: dict[str, float] = {}
     if hasattr(model, "logit_scale"):
         stats["logit_scale"] = model.logit_scale.exp().item()
-    region_scale = getattr(getattr(model, "clip_ext_region", None), "logit_scale", None)
-    if region_scale is not None:
-        stats["region_logit_scale"] = region_scale.exp().item()
+    head = getattr(model, "clip_ext_region", None)
+    if head is not None:
+        stats["region_logit_scale"] = head.logit_scale.exp().item()
+        if getattr(head, "hard_negative_logit_scale", None) is not None:
+            stats["hard_negative_logit_scale"] = head.hard_negative_logit_scale.exp().item()
+    for name in ("region_loss", "hard_negative_loss"):
+        value = getattr(loss, f"last_{name}", None)
+        if value is not None:
+            stats[name] = float(value)
+    mass = getattr(loss, "last_bank_mass", None)
+    if mass is not None:
+        stats["bank_mass_image_to_text"], stats["bank_mass_text_to_image"] = float(mass[0]), float(mass[1])
     logits = getattr(loss, "last_logits", None)
     if logits is not None:
         per_image = logits[0].float()

@@ -1,8 +1,10 @@
-"""Logit-scale initialisation that respects pretrained checkpoints.
+"""``--logit-scale-init``: an explicit logit-scale override, and nothing when not given.
 
-CLIP starts from scratch at ln(1/0.07) = 2.6592 and learns up to the clamp ln(100) = 4.6052, where
-pretrained CLIPs end. A fine-tune must keep the checkpoint's value: resetting it to 2.6592 (or forcing
-4.6052 onto a model trained elsewhere) changes the softmax temperature of every logit at step 0.
+open_clip already initialises the scale right for each case: CLIP from scratch at ln(1/0.07) = 2.6592,
+SigLIP at ln 10 with bias -10 (``--siglip``), a model config's own ``init_logit_scale``, and a
+``--pretrained`` checkpoint's learnt value (pretrained CLIPs end at the clamp ln(100) = 4.6052). Forcing one
+value on all of them changes the softmax temperature of every logit at step 0, so the flag only applies when
+given.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ MAX_LOGIT_SCALE = math.log(100)  # 4.6052, open_clip's clamp
 
 
 def init_logit_scale(model: torch.nn.Module, value: float | None, pretrained: str | None) -> float | None:
-    """Set ``model.logit_scale`` (log space); returns the value set, or None when the checkpoint's is kept.
-
-    ``value`` None means "not given on the command line": a model from scratch gets 2.6592, a pretrained
-    model keeps its own. An explicit value is applied in both cases (with a log line when it overrides).
+    """Set ``model.logit_scale`` (log space) to ``value``; returns the value set, or None when ``value`` is
+    None ("not given on the command line"), which leaves open_clip's own init or the checkpoint's value.
+    An explicit value overrides either, with a log line naming what it replaced.
     """
     if value is not None and not (0.0 <= value <= MAX_LOGIT_SCALE):
         raise ValueError(
@@ -31,16 +32,18 @@ def init_logit_scale(model: torch.nn.Module, value: float | None, pretrained: st
     if not hasattr(model, "logit_scale"):
         raise ValueError(f"{type(model).__name__} has no logit_scale to initialise")
     if value is None:
-        if pretrained:
-            logging.info("logit scale: keeping the pretrained value %.4f", model.logit_scale.item())
-            return None
-        value = FROM_SCRATCH
-    elif pretrained:
         logging.info(
-            "logit scale: --logit-scale-init %.4f overrides the pretrained value %.4f",
-            value,
+            "logit scale: keeping the %s value %.4f",
+            "pretrained" if pretrained else "model's initial",
             model.logit_scale.item(),
         )
+        return None
+    logging.info(
+        "logit scale: --logit-scale-init %.4f overrides the %s value %.4f",
+        value,
+        "pretrained" if pretrained else "model's initial",
+        model.logit_scale.item(),
+    )
     with torch.no_grad():
         model.logit_scale.fill_(value)
     return value

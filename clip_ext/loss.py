@@ -12,7 +12,12 @@ With a :class:`~clip_ext.region.RegionHead` and ``region_weight`` > 0, the model
 padded region features (see :func:`clip_ext.region.region_forward`) and the loss adds
 ``region_weight x`` the FG-CLIP region InfoNCE as its own entry ``region_loss`` (open_clip's trainer sums
 every entry and logs each). The region loss is per rank (local regions as negatives), plus the bank's region
-captions when the bank keeps them and is active.
+captions when the bank keeps them and is active. With ``hard_negative_weight`` > 0 and the model's
+``hard_negative_text_features``, FG-CLIP's hard-negative region loss is added as ``hard_negative_loss``.
+
+For ``--diag`` the loss keeps the last unweighted region and hard-negative losses and, with ``diag=True``,
+the share of softmax mass that falls on bank columns (``bank_mass_*``): the number that says whether the
+bank is doing anything. ``calls`` counts forward calls (``--accum-freq k`` calls it k times per step).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss, gather_features
 
 from clip_ext.memory_bank import MemoryBank
-from clip_ext.region import RegionHead, region_contrastive_loss
+from clip_ext.region import RegionHead, hard_negative_loss, region_contrastive_loss
 
 __all__ = ["MemoryBankClipLoss"]
 
@@ -33,14 +38,24 @@ class MemoryBankClipLoss(ClipLoss):
         bank: MemoryBank | None = None,
         region_head: RegionHead | None = None,
         region_weight: float = 0.0,
+        hard_negative_weight: float = 0.0,
+        diag: bool = False,
         **clip_loss_kwargs,
     ):
         super().__init__(**clip_loss_kwargs)
         if region_weight < 0:
             raise ValueError(f"--region-loss-weight must be >= 0, got {region_weight}")
+        if hard_negative_weight < 0:
+            raise ValueError(f"--hard-negative-weight must be >= 0, got {hard_negative_weight}")
         self.bank = bank
         self.region_head = region_head
         self.region_weight = region_weight
+        self.hard_negative_weight = hard_negative_weight
+        self.diag = diag
+        self.calls = 0
+        self.last_region_loss: torch.Tensor | None = None
+        self.last_hard_negative_loss: torch.Tensor | None = None
+        self.last_bank_mass: tuple[float, float] | None = None
         self.pending_regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pending_ids: torch.Tensor | None = None
@@ -95,6 +110,11 @@ class MemoryBankClipLoss(ClipLoss):
             per_image = per_image + logit_bias
             per_text = per_text + logit_bias
         self.last_logits = (per_image.detach(), per_text.detach())
+        if self.diag:
+            self.last_bank_mass = tuple(
+                _bank_mass(logits, all_texts.shape[0]) if used else 0.0
+                for logits, used in ((per_image, use_text), (per_text, use_image))
+            )
         return per_image, per_text
 
     def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -118,7 +138,12 @@ class MemoryBankClipLoss(ClipLoss):
         region_text_features=None,
         region_valid=None,
         region_caption_ids=None,
+        hard_negative_text_features=None,
+        hard_negative_valid=None,
     ):
+        self.calls += 1
+        if self.diag and (self.bank is None or not self.bank.active):
+            self.last_bank_mass = (0.0, 0.0)
         if sample_ids is not None:
             self.sample_ids = sample_ids
         # Remember this call's (local, detached) batch; the trainer enqueues it after the optimizer step,
@@ -127,13 +152,24 @@ class MemoryBankClipLoss(ClipLoss):
         self.pending_ids = self.sample_ids
         losses = super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=True)
         if region_features is not None and self.region_head is not None and self.region_weight > 0:
-            losses["region_loss"] = self.region_weight * self.region_loss(
-                region_features, region_text_features, region_valid, region_caption_ids
-            )
+            region = self.region_loss(region_features, region_text_features, region_valid, region_caption_ids)
+            self.last_region_loss = region.detach()
+            losses["region_loss"] = self.region_weight * region
+        if (
+            hard_negative_text_features is not None
+            and self.region_head is not None
+            and self.hard_negative_weight > 0
+        ):
+            m = hard_negative_valid.shape[0] // region_valid.shape[0]
+            hard = hard_negative_loss(
+                region_features, region_text_features, hard_negative_text_features.reshape(-1, m, region_features.shape[1]),
+                hard_negative_valid.reshape(-1, m) & region_valid[:, None], self.region_head.hard_negative_logit_scale,
+            )  # fmt: skip
+            self.last_hard_negative_loss = hard.detach()
+            losses["hard_negative_loss"] = self.hard_negative_weight * hard
         if output_dict:
             return losses
-        total = losses["contrastive_loss"]
-        return total + losses["region_loss"] if "region_loss" in losses else total
+        return sum(losses.values())
 
     def region_loss(self, region, caption, valid, caption_ids=None) -> torch.Tensor:
         """Unweighted region InfoNCE with the head's temperature and, when active, the bank's region texts."""
@@ -161,3 +197,9 @@ class MemoryBankClipLoss(ClipLoss):
         self.pending_ids = None
         self.pending_regions = None
         self.bank.optimizer_step()
+
+
+@torch.no_grad()
+def _bank_mass(logits: torch.Tensor, batch_columns: int) -> float:
+    """Mean over rows of the softmax probability on the bank's columns (those after the batch's)."""
+    return logits.float().softmax(dim=1)[:, batch_columns:].sum(dim=1).mean().item()

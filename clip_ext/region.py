@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-__all__ = ["filter_boxes", "region_features", "region_contrastive_loss", "RegionHead", "region_forward"]
+__all__ = [
+    "filter_boxes",
+    "region_features",
+    "region_contrastive_loss",
+    "hard_negative_loss",
+    "RegionHead",
+    "region_forward",
+]
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -112,22 +119,67 @@ def region_contrastive_loss(
     return (F.cross_entropy(per_region, labels) + F.cross_entropy(per_caption, labels)) / 2
 
 
-class RegionHead(nn.Module):
-    """The region loss's own learnable temperature (log space), a submodule of the CLIP model.
+def hard_negative_loss(
+    region: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    valid: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """FG-CLIP's hard-negative region loss: each region against its own caption and its hard negatives.
 
-    FG-CLIP gives the region InfoNCE its own scale; it starts from the global one (so a pretrained model's
-    region logits start as sharp as its global logits) and is clamped at ln(100) like the global scale.
+    ``region`` and ``positive`` (N, D) are a region's feature and its caption's; ``negatives`` (N, M, D) its
+    negative captions ("a red circle" -> "a blue circle"), ``valid`` (N, M) which of the M slots hold one.
+    Logits ``scale x [<r, c>, <r, n_1>, ..., <r, n_M>]``, cross-entropy with the true caption at index 0,
+    one direction (region -> captions) and averaged over the regions that have at least one negative, as in
+    FG-CLIP's ``hard_contrastive_loss`` (there always 10 negatives). Its temperature is its own learnable
+    log scale, clamped at ln(100) like the others.
+    """
+    if (
+        region.shape != positive.shape
+        or negatives.shape[:1] != region.shape[:1]
+        or valid.shape != negatives.shape[:2]
+    ):
+        raise ValueError(f"region {tuple(region.shape)}, positive {tuple(positive.shape)}, negatives "
+                         f"{tuple(negatives.shape)} and valid {tuple(valid.shape)} must be (N, D), (N, D), "
+                         "(N, M, D) and (N, M)")  # fmt: skip
+    anchors = valid.any(dim=1)
+    if not bool(anchors.any()):
+        # keep the temperature and features in the graph so DDP sees a gradient on every rank
+        return region.sum() * 0.0 + negatives.sum() * 0.0 + logit_scale * 0.0
+    r = F.normalize(region[anchors], dim=-1)
+    c = F.normalize(positive[anchors], dim=-1)
+    n = F.normalize(negatives[anchors], dim=-1)
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * torch.cat([(r * c).sum(-1, keepdim=True), torch.einsum("nd,nmd->nm", r, n)], dim=1)
+    present = torch.cat([torch.ones_like(valid[anchors][:, :1]), valid[anchors]], dim=1)
+    logits = logits.masked_fill(~present, float("-inf"))
+    return F.cross_entropy(logits, torch.zeros(r.shape[0], dtype=torch.long, device=r.device))
+
+
+class RegionHead(nn.Module):
+    """The region losses' own learnable temperatures (log space), a submodule of the CLIP model.
+
+    FG-CLIP gives the region InfoNCE and the hard-negative loss each its own scale
+    (``logit_scale_finegraind``, ``logit_scale_hardneg``); both start from the global one (so a pretrained
+    model's region logits start as sharp as its global logits) and are clamped at ln(100) like the global
+    scale. ``hard_negative_logit_scale`` exists only when the hard-negative loss is on.
     """
 
-    def __init__(self, init_logit_scale: float):
+    def __init__(self, init_logit_scale: float, hard_negatives: bool = False):
         super().__init__()
         if not 0.0 <= init_logit_scale <= MAX_LOGIT_SCALE + 1e-6:
             raise ValueError(f"region logit scale init must lie in [0, ln(100)], got {init_logit_scale}")
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.hard_negative_logit_scale = (
+            nn.Parameter(torch.tensor(float(init_logit_scale))) if hard_negatives else None
+        )
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if self.hard_negative_logit_scale is not None:
+            self.hard_negative_logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -144,6 +196,8 @@ def region_forward(
     boxes: torch.Tensor,
     valid: torch.Tensor,
     region_text: torch.Tensor,
+    hard_negative_text: torch.Tensor | None = None,
+    hard_negative_valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """open_clip ``CLIP.forward`` outputs plus region features, in one pass of each tower.
 
@@ -152,6 +206,10 @@ def region_forward(
     the tower's own ``proj``, as FG-CLIP does. Region captions go through the text tower together with the
     batch captions. ``boxes`` (B, R, 4) normalized xyxy, ``valid`` (B, R) and ``region_text`` (B, R, L) are
     padded to R regions per image; padding rows of the outputs are zero and ``region_valid`` is False.
+    With ``hard_negative_text`` (B, R, M, L) and ``hard_negative_valid`` (B, R, M), the valid negative
+    captions go through the text tower in the same pass and come back as ``hard_negative_text_features``
+    (B * R * M, D) with ``hard_negative_valid`` (B * R * M,), flat so that ``--accum-freq`` can concatenate
+    them like every other entry.
     """
     visual = model.visual
     out = visual.forward_intermediates(image, indices=1, normalize_intermediates=True, output_fmt="NCHW")
@@ -162,9 +220,13 @@ def region_forward(
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     n_valid = int(flat_valid.sum())
-    texts = model.encode_text(
-        torch.cat([text, region_text.reshape(-1, text.shape[-1])[flat_valid]]), normalize=True
-    )
+    parts = [text, region_text.reshape(-1, text.shape[-1])[flat_valid]]
+    if hard_negative_text is not None:
+        flat_hn_valid = hard_negative_valid.reshape(-1) & flat_valid.repeat_interleave(
+            hard_negative_valid.shape[-1]
+        )
+        parts.append(hard_negative_text.reshape(-1, text.shape[-1])[flat_hn_valid])
+    texts = model.encode_text(torch.cat(parts), normalize=True)
     result = {
         "image_features": F.normalize(out["image_features"], dim=-1),
         "text_features": texts[: text.shape[0]],
@@ -173,6 +235,10 @@ def region_forward(
         "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], flat_valid),
         "region_valid": flat_valid,
     }
+    if hard_negative_text is not None:
+        first = text.shape[0] + n_valid
+        result["hard_negative_text_features"] = _scatter_rows(texts[first:], flat_hn_valid)
+        result["hard_negative_valid"] = flat_hn_valid
     if getattr(model, "logit_bias", None) is not None:
         result["logit_bias"] = model.logit_bias
     return result

@@ -5,6 +5,8 @@
     {"filepath": "/data/images/000001.png", "regions": [{"box": [x0, y0, x1, y1], "caption": "a red square"}]}
 
 boxes in normalized xyxy (``vlext.toyworld.write_clip_csv`` writes ``<split>_regions.jsonl`` in this form).
+A region may carry ``"hard_negatives": ["a blue square", ...]``, captions that differ from its own in one
+attribute, for FG-CLIP's hard-negative loss (``--hard-negative-weight``).
 Lines are matched to the ``--train-data`` CSV rows by image path; every CSV image needs a line (an empty
 ``regions`` list is fine). Boxes are clamped and filtered with :func:`clip_ext.region.filter_boxes`
 (``--min-box-area``, ``--min-box-side``) once, when the dataset is built; the counts are kept and logged.
@@ -28,16 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from clip_ext.image_check import load_image
 from clip_ext.region import filter_boxes, kept_box_mask
 from vlext.jsonl import read_jsonl_objects
 
 __all__ = ["RegionTable", "load_region_table", "ClipExtCsvDataset", "BatchSideChannel", "SideChannelLoader"]
 
 FORMAT_HINT = (
-    '{"filepath": "<image path as in the CSV>", "regions": [{"box": [x0, y0, x1, y1], "caption": "..."}]}'
+    '{"filepath": "<image path as in the CSV>", "regions": [{"box": [x0, y0, x1, y1], "caption": "...", '
+    '"hard_negatives": ["...", ...] (optional)}]}'
 )
 
 
@@ -54,10 +57,22 @@ class RegionTable:
     captions: list[list[str]]
     caption_ids: list[list[int]]  # index of the caption text among the distinct captions of the file
     counts: dict[str, int] = field(default_factory=dict)
+    hard_negatives: list[list[list[str]]] = field(default_factory=list)  # per row, per kept region
 
     @property
     def max_regions(self) -> int:
         return max((len(c) for c in self.captions), default=0)
+
+    @property
+    def max_hard_negatives(self) -> int:
+        return max((len(n) for row in self.hard_negatives for n in row), default=0)
+
+    def hard_negative_summary(self) -> str:
+        with_negatives = sum(1 for row in self.hard_negatives for n in row if n)
+        return (
+            f"hard negatives {self.path}: {with_negatives} of {self.counts['kept']} kept regions carry hard "
+            f"negative captions, padded to {self.max_hard_negatives} per region"
+        )
 
     def summary(self) -> str:
         c = self.counts
@@ -84,7 +99,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         if not isinstance(row.get("filepath"), str) or not isinstance(row.get("regions"), list):
             raise RegionDataError(f"{where}: expected an object with 'filepath' (string) and 'regions' "
                                   f"(list), i.e. {FORMAT_HINT}")  # fmt: skip
-        boxes, captions = [], []
+        boxes, captions, negatives = [], [], []
         for k, region in enumerate(row["regions"]):
             if not isinstance(region, dict) or "box" not in region or "caption" not in region:
                 raise RegionDataError(f"{where}: region {k} must be an object with 'box' and 'caption'")
@@ -98,8 +113,13 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
                 raise RegionDataError(
                     f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
                 )
+            hard = region.get("hard_negatives", [])
+            if not (isinstance(hard, list) and all(isinstance(h, str) and h.strip() for h in hard)):
+                raise RegionDataError(f"{where}: region {k} hard_negatives must be a list of non-empty caption "
+                                      f"strings, got {hard!r}")  # fmt: skip
             boxes.append(box)
             captions.append(caption)
+            negatives.append(hard)
         key = _norm(row["filepath"])
         if key in by_image:
             raise RegionDataError(f"{where}: image {row['filepath']} is already listed at {by_image[key][3]}")
@@ -109,10 +129,11 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         except ValueError as e:
             raise RegionDataError(str(e)) from None
         keep = kept_box_mask(tensor, min_area, min_side).tolist()
-        by_image[key] = (kept, [cap for cap, k in zip(captions, keep) if k], c, where)
+        by_image[key] = (kept, [cap for cap, k in zip(captions, keep) if k], c, where,
+                         [neg for neg, k in zip(negatives, keep) if k])  # fmt: skip
 
     counts = {"kept": 0, "dropped_min_side": 0, "dropped_min_area": 0, "images_without_regions": 0}
-    table_boxes, table_captions = [], []
+    table_boxes, table_captions, table_negatives = [], [], []
     for i, image in enumerate(image_paths):
         entry = by_image.get(_norm(image))
         if entry is None:
@@ -122,12 +143,13 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
                 f"{matched} of {len(image_paths)} CSV images have a line. Every CSV image needs one, matched "
                 f"by its path as written in the CSV (an empty 'regions' list is fine)"
             )
-        kept, captions, c, _ = entry
+        kept, captions, c, _, negatives = entry
         for key in ("kept", "dropped_min_side", "dropped_min_area"):
             counts[key] += c[key]
         counts["images_without_regions"] += int(kept.shape[0] == 0)
         table_boxes.append(kept)
         table_captions.append(captions)
+        table_negatives.append(negatives)
     unused = len(by_image) - len({_norm(p) for p in image_paths})
     if unused > 0:
         logging.info(
@@ -135,7 +157,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         )
     vocab = {cap: j for j, cap in enumerate(sorted({c for caps in table_captions for c in caps}))}
     table = RegionTable(str(path), table_boxes, table_captions,
-                        [[vocab[c] for c in caps] for caps in table_captions], counts)  # fmt: skip
+                        [[vocab[c] for c in caps] for caps in table_captions], counts, table_negatives)  # fmt: skip
     if table.max_regions == 0:
         raise RegionDataError(f"{table.summary()}: no box survived filtering; lower --min-box-area / "
                               "--min-box-side or check that boxes are normalized xyxy")  # fmt: skip
@@ -155,24 +177,30 @@ class ClipExtCsvDataset(Dataset):
     ``extras`` holds ``sample_ids`` (see :func:`sample_ids_for`) and, with a :class:`RegionTable`,
     ``region_boxes`` (R, 4), ``region_valid`` (R,), ``region_text`` (R, L) tokens and
     ``region_caption_ids`` (R,), padded to the table's ``max_regions`` R (padding: zero box, no tokens,
-    id -1, valid False).
+    id -1, valid False). With ``hard_negatives``, also ``region_hard_negative_text`` (R, M, L) and
+    ``region_hard_negative_valid`` (R, M), padded to the table's ``max_hard_negatives`` M.
+    ``rows`` selects CSV rows (``--skip-bad-images`` leaves unreadable images out); all rows by default.
     """
 
-    def __init__(self, base, transform=None, regions: RegionTable | None = None):
+    def __init__(self, base, transform=None, regions: RegionTable | None = None, hard_negatives: bool = False,
+                 rows: list[int] | None = None):  # fmt: skip
         self.base = base
         self.transform = transform if transform is not None else base.transforms
         self.regions = regions
+        self.hard_negatives = hard_negatives and regions is not None and regions.max_hard_negatives > 0
         self.sample_ids = sample_ids_for(base.images)
+        self.rows = list(range(len(base.images))) if rows is None else list(rows)
         if regions is not None and len(regions.boxes) != len(base.images):
             raise RegionDataError(
                 f"{regions.path}: {len(regions.boxes)} rows for {len(base.images)} CSV rows"
             )
 
     def __len__(self) -> int:
-        return len(self.base.images)
+        return len(self.rows)
 
-    def __getitem__(self, idx):
-        image = self.transform(Image.open(str(self.base.images[idx])))
+    def __getitem__(self, index):
+        idx = self.rows[index]
+        image = self.transform(load_image(str(self.base.images[idx])))
         text = self.base.tokenize([str(self.base.captions[idx])])[0]
         extras = {"sample_ids": self.sample_ids[idx]}
         if self.regions is not None:
@@ -188,6 +216,15 @@ class ClipExtCsvDataset(Dataset):
             ids[:n] = torch.tensor(self.regions.caption_ids[idx], dtype=torch.long)
             extras.update(region_boxes=padded, region_valid=torch.arange(r) < n, region_text=tokens,
                           region_caption_ids=ids)  # fmt: skip
+            if self.hard_negatives:
+                m = self.regions.max_hard_negatives
+                hn_tokens = torch.zeros(r, m, text.shape[-1], dtype=text.dtype)
+                hn_valid = torch.zeros(r, m, dtype=torch.bool)
+                for k, negatives in enumerate(self.regions.hard_negatives[idx]):
+                    if negatives:
+                        hn_tokens[k, : len(negatives)] = self.base.tokenize(negatives)
+                        hn_valid[k, : len(negatives)] = True
+                extras.update(region_hard_negative_text=hn_tokens, region_hard_negative_valid=hn_valid)
         return image, text, extras
 
 

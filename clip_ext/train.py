@@ -5,7 +5,11 @@ wraps ``open_clip_train.main.main`` and rebinds the names it imported: ``parse_a
 first with ``allow_abbrev=False`` so that none can swallow one of open_clip's by prefix),
 ``create_model_and_transforms`` (attach the bank to the model so it is checkpointed, set the logit scale),
 ``create_loss`` (:class:`~clip_ext.loss.MemoryBankClipLoss`), ``train_one_epoch`` (an optimizer
-step hook that enqueues once per optimizer step and logs diagnostics) and ``get_data``.
+step hook that enqueues once per optimizer step and logs diagnostics), ``get_data``, and for checkpoints
+``torch`` (only its ``save``: atomic, with our state under a key open_clip ignores), ``pt_load`` (merges it
+back on ``--resume``) and ``get_latest_checkpoint`` (``--resume latest`` skips incomplete files); see
+:mod:`clip_ext.checkpoint`. :func:`main` restores every one of these names when it returns or raises.
+Without ``--logit-scale-init`` the model keeps open_clip's own logit scale (and SigLIP bias).
 
 The FG-CLIP-style region loss (``--region-data``) and duplicate-aware bank masking
 (``--memory-bank-dedup``) need per-sample data that open_clip's batches cannot carry (the host unpacks
@@ -21,39 +25,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
-import open_clip_train.main as host
-import torch
-from open_clip.transformer import VisionTransformer
-from open_clip_train.data import CsvDataset, DataInfo
-from open_clip_train.params import parse_args as host_parse_args
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
-
-import clip_ext  # noqa: F401  (registers the tiny model configs)
-from clip_ext import diagnostics
-from clip_ext.logit_scale import init_logit_scale
-from clip_ext.loss import MemoryBankClipLoss
-from clip_ext.memory_bank import FEATURE_CHOICES, MemoryBank
-from clip_ext.region import RegionHead, region_forward
-from clip_ext.region_data import (
-    BatchSideChannel,
-    ClipExtCsvDataset,
-    RegionDataError,
-    RegionTable,
-    SideChannelLoader,
-    load_region_table,
-)
+# Only light imports here: ``--help`` answers without importing torch or open_clip (see main()).
 
 __all__ = ["main", "parse_args", "extra_parser"]
 
 BANK_ATTR = "memory_bank"
 REGION_ATTR = "clip_ext_region"
 DEFAULT_REGION_LOSS_WEIGHT = 0.1  # FG-CLIP's weight of the region term
+DEFAULT_HARD_NEGATIVE_WEIGHT = 0.5  # FG-CLIP's weight of the hard-negative region term
+FEATURE_CHOICES = ("both", "image", "text")  # clip_ext.memory_bank.FEATURE_CHOICES, without importing torch
+# the names of open_clip_train.main that main() rebinds, and restores when it returns or raises
+REBOUND = ("parse_args", "create_model_and_transforms", "create_loss", "train_one_epoch", "get_data", "pt_load",
+           "get_latest_checkpoint", "torch")  # fmt: skip
 
 
 def extra_parser() -> argparse.ArgumentParser:
@@ -97,6 +85,22 @@ def extra_parser() -> argparse.ArgumentParser:
         "is given, 0 = off",
     )
     group.add_argument(
+        "--hard-negative-weight",
+        type=float,
+        nargs="?",
+        const=DEFAULT_HARD_NEGATIVE_WEIGHT,
+        default=None,
+        help=f"FG-CLIP's hard-negative region loss: each region against its caption and the 'hard_negatives' "
+        f"captions of its --region-data line, own learnable temperature; the flag alone means "
+        f"{DEFAULT_HARD_NEGATIVE_WEIGHT}; off when not given",
+    )
+    group.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="read every --train-data image once before training and leave out those that cannot be read "
+        "(each is logged, with the count); without it an unreadable image stops training naming the file",
+    )
+    group.add_argument(
         "--min-box-area",
         type=float,
         default=0.0,
@@ -112,28 +116,36 @@ def extra_parser() -> argparse.ArgumentParser:
         "--logit-scale-init",
         type=float,
         default=None,
-        help="initial log logit scale: 2.6592 = ln(1/0.07) from scratch by default; 4.6052 = "
-        "ln(100) on request; a --pretrained checkpoint keeps its own unless this is given",
+        help="initial log logit scale, applied only when given (e.g. 4.6052 = ln 100); otherwise open_clip's "
+        "own init stands: ln(1/0.07) for CLIP, ln 10 (bias -10) for --siglip, a model config's "
+        "init_logit_scale, a --pretrained checkpoint's value",
     )
     group.add_argument(
         "--diag",
         action="store_true",
-        help="log logit scales, logit range, bank pointer/fill/enabled and the share of "
-        "zero-norm image features every --log-every-n-steps (log + TensorBoard)",
+        help="log logit scales (global, region, hard-negative), logit range, region and hard-negative losses, "
+        "bank pointer/fill/enabled, the bank's share of softmax mass and the share of zero-norm image "
+        "features every --log-every-n-steps (log + TensorBoard diag/*)",
     )
     return parser  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """open_clip_train's arguments plus ours; validated before any work is done."""
+    from open_clip_train.params import parse_args as host_parse_args  # argparse only, no torch
+
     extra = extra_parser()
     if any(a in ("-h", "--help") for a in argv):
         extra.print_help()
-        print("\nopen_clip_train flags (all accepted unchanged):\n")
+        print("\nopen_clip_train flags (all accepted unchanged):\n", flush=True)
     ours, rest = extra.parse_known_args(argv)
     args = host_parse_args(rest)
     for key, value in vars(ours).items():
         setattr(args, key, value)
+    if args.logit_scale_init is not None and not 0.0 <= args.logit_scale_init <= 4.605170185988092:
+        raise SystemExit(
+            f"--logit-scale-init must lie in [0, ln(100) = 4.6052] (log space), got {args.logit_scale_init}"
+        )
     if args.memory_bank_size < 0:
         raise SystemExit(f"--memory-bank-size must be >= 0 (0 = off), got {args.memory_bank_size}")
     if args.memory_bank_warmup_steps < 0:
@@ -159,32 +171,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.region_data and args.region_loss_weight is None:
         args.region_loss_weight = DEFAULT_REGION_LOSS_WEIGHT
     args.region_loss_weight = args.region_loss_weight or 0.0
-    if _region_on(args) and (args.siglip or args.distill_model or "coca" in args.model.lower()):
+    if args.hard_negative_weight is not None and args.hard_negative_weight < 0:
+        raise SystemExit(f"--hard-negative-weight must be >= 0 (0 = off), got {args.hard_negative_weight}")
+    if args.hard_negative_weight and not args.region_data:
+        raise SystemExit("--hard-negative-weight needs --region-data whose regions carry 'hard_negatives' "
+                         "(lists of negative captions)")  # fmt: skip
+    args.hard_negative_weight = args.hard_negative_weight or 0.0
+    if _regions_used(args) and (args.siglip or args.distill_model or "coca" in args.model.lower()):
         raise SystemExit("--region-data works with the CLIP contrastive loss only (not --siglip, "
                          "--distill-model or CoCa models)")  # fmt: skip
+    ours_on = [flag for flag, on in (("--memory-bank-size", args.memory_bank_size), ("--region-data", _regions_used(args)),
+                                     ("--memory-bank-dedup", args.memory_bank_dedup)) if on]  # fmt: skip
+    if ours_on and (args.torchscript or args.trace):
+        raise SystemExit(
+            f"{'--torchscript' if args.torchscript else '--trace'} cannot be combined with {', '.join(ours_on)}: "
+            "open_clip compiles the model with torch.jit, and a compiled model can neither carry the memory bank "
+            "and region heads nor run clip_ext's region forward. Train without it, then export the weights "
+            "(python -m clip_ext.export) and load them with --torchscript for inference"
+        )
     return args
 
 
 def _region_on(args) -> bool:
+    """The region InfoNCE is on."""
     return bool(args.region_data) and args.region_loss_weight > 0
+
+
+def _hard_negative_on(args) -> bool:
+    return bool(args.region_data) and args.hard_negative_weight > 0
+
+
+def _regions_used(args) -> bool:
+    """Batches carry boxes and the model computes region features (for either region loss)."""
+    return _region_on(args) or _hard_negative_on(args)
 
 
 @dataclass
 class _Run:
+    """State of one main() call (the host calls our functions without a context)."""
+
     args: argparse.Namespace | None = None
-    model: torch.nn.Module | None = None
-    loss: MemoryBankClipLoss | None = None
+    model: object = None
+    loss: object = None
     hooked_optimizer: int | None = None
-    steps: int = 0
+    steps: int = 0  # resume-safe optimizer step, as the host counts it
+    taken: int = 0  # optimizer steps taken in this process (AMP's scaler may skip some)
+    lag_logged: bool = False
     tb_writer: object = None
-    channel: BatchSideChannel | None = None
-    region_table: RegionTable | None = None
+    channel: object = None
+    region_table: object = None
+    resume_rng: dict | None = None  # RNG state of the --resume checkpoint, restored before its first epoch
+    host: dict | None = None  # the original open_clip_train.main names
 
 
 _run = _Run()
 
 
-def _embed_dim(model: torch.nn.Module) -> int:
+def _embed_dim(model) -> int:
     dim = getattr(model.visual, "output_dim", None) or getattr(model, "embed_dim", None)
     if dim is None:
         raise ValueError(f"cannot tell the embedding dim of {type(model).__name__} for the memory bank")
@@ -202,7 +245,7 @@ def _ignore_missing_bank_keys(module, incompatible) -> None:
             incompatible.missing_keys.remove(key)
 
 
-def _extras_forward(model: torch.nn.Module, args: argparse.Namespace):
+def _extras_forward(model, args: argparse.Namespace):
     """The model's forward while batches carry extras: open_clip's outputs plus ``sample_ids``
     (``--memory-bank-dedup``) and the padded region features of :func:`clip_ext.region.region_forward`."""
     plain_forward = model.forward
@@ -217,9 +260,12 @@ def _extras_forward(model: torch.nn.Module, args: argparse.Namespace):
                     "(the batch side channel has no entry for this image tensor)"
                 )
             return plain_forward(image, text)  # evaluation batches
-        if _region_on(args):
+        if _regions_used(args):
+            from clip_ext.region import region_forward
+
             out = region_forward(model, image, text, extras["region_boxes"], extras["region_valid"],
-                                 extras["region_text"])  # fmt: skip
+                                 extras["region_text"], extras.get("region_hard_negative_text"),
+                                 extras.get("region_hard_negative_valid"))  # fmt: skip
             out["region_caption_ids"] = extras["region_caption_ids"].reshape(-1)
         else:
             out = plain_forward(image, text)
@@ -230,13 +276,38 @@ def _extras_forward(model: torch.nn.Module, args: argparse.Namespace):
     return forward
 
 
+def _old_format_hint(error: Exception, pretrained: str) -> str | None:
+    text = str(error)
+    if "Unexpected key" in text and any(
+        f'"{prefix}' in text for prefix in ("memory_bank.", "clip_ext_region.")
+    ):
+        return (f"--pretrained {pretrained} was written by an older clip_ext that kept the memory bank inside its "
+                f"state_dict; write its open_clip weights with `python -m clip_ext.export {pretrained} OUT.pt` "
+                "and pass --pretrained OUT.pt (or --resume it to keep the bank)")  # fmt: skip
+    return None
+
+
 def create_model_and_transforms(*pos, **kwargs):
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(*pos, **kwargs)
+    import open_clip
+    import torch
+
+    from clip_ext.logit_scale import init_logit_scale
+
     args = _run.args
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(*pos, **kwargs)
+    except RuntimeError as e:
+        hint = _old_format_hint(e, args.pretrained) if args is not None and args.pretrained else None
+        if hint is None:
+            raise
+        raise SystemExit(hint) from None
     if _run.model is not None or args is None:  # a distillation teacher, or use outside main()
         return model, preprocess_train, preprocess_val
+    # without --logit-scale-init, open_clip's own init (or the checkpoint's value) stands
     init_logit_scale(model, args.logit_scale_init, args.pretrained or None)
     if args.memory_bank_size:
+        from clip_ext.memory_bank import MemoryBank
+
         global_batch = args.batch_size * args.accum_freq * args.world_size
         if args.memory_bank_size < global_batch:
             raise SystemExit(
@@ -253,29 +324,40 @@ def create_model_and_transforms(*pos, **kwargs):
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, bank.buffer_names(BANK_ATTR + ".")
         )
-    if _region_on(args):
+    if _regions_used(args):
+        from open_clip.transformer import VisionTransformer
+
+        from clip_ext.region import RegionHead
+
         if not isinstance(model.visual, VisionTransformer):
             raise SystemExit(f"--region-data needs a patch-token map: open_clip ViT image towers only, but "
                              f"{args.model} has a {type(model.visual).__name__}")  # fmt: skip
-        head = RegionHead(float(model.logit_scale.detach().float()))  # FG-CLIP: start from the global scale
+        # FG-CLIP: the region temperatures start from the global scale
+        head = RegionHead(float(model.logit_scale.detach().float()), hard_negatives=_hard_negative_on(args))
         model.add_module(REGION_ATTR, head.to(next(model.parameters()).device))
-    if args.memory_bank_size or _region_on(args):
+    if args.memory_bank_size or _regions_used(args):
         model.register_load_state_dict_post_hook(_ignore_missing_bank_keys)
-    if _region_on(args) or args.memory_bank_dedup:
+    if _regions_used(args) or args.memory_bank_dedup:
         model.forward = _extras_forward(model, args)
     _run.model = model
     return model, preprocess_train, preprocess_val
 
 
 def create_loss(args):
-    if not (args.memory_bank_size or args.diag or _region_on(args)):
+    import open_clip
+
+    if not (args.memory_bank_size or args.diag or _regions_used(args)):
         return open_clip.create_loss(args)
     if args.siglip or args.distill or "coca" in args.model.lower():
         return open_clip.create_loss(args)
+    from clip_ext.loss import MemoryBankClipLoss
+
     _run.loss = MemoryBankClipLoss(
         getattr(_run.model, BANK_ATTR, None),
         region_head=getattr(_run.model, REGION_ATTR, None),
         region_weight=args.region_loss_weight if _region_on(args) else 0.0,
+        hard_negative_weight=args.hard_negative_weight if _hard_negative_on(args) else 0.0,
+        diag=args.diag,
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,
         cache_labels=True,
@@ -286,9 +368,30 @@ def create_loss(args):
     return _run.loss
 
 
+def _check_warmup_lag() -> None:
+    """Log once when AMP's GradScaler skipped optimizer steps: the bank's warmup counts only steps taken, so
+    it switches on later than --memory-bank-warmup-steps says in trainer steps."""
+    loss, bank = _run.loss, getattr(_run.model, BANK_ATTR, None)
+    if _run.lag_logged or loss is None or bank is None:
+        return
+    trainer_steps = loss.calls // _run.args.accum_freq  # steps the trainer ran in this process
+    skipped = trainer_steps - _run.taken
+    if skipped > 0:
+        _run.lag_logged = True
+        logging.warning(
+            "memory bank: AMP's GradScaler skipped %d of the %d optimizer steps run so far (inf/NaN gradients "
+            "while it calibrates its scale); the bank counts only steps taken, so it is at step %d while the "
+            "trainer is at step %d, and it switches on %d trainer step(s) later than --memory-bank-warmup-steps "
+            "%d says (logged once)", skipped, trainer_steps, int(bank.step), _run.steps + skipped, skipped,
+            bank.warmup_steps,
+        )  # fmt: skip
+
+
 def _after_optimizer_step(optimizer, *_):
     """Runs only when the optimizer really steps: a step that AMP's GradScaler skips (inf gradients) is not
     counted towards the warmup and its batch is not enqueued."""
+    from clip_ext import diagnostics
+
     args, loss = _run.args, _run.loss
     if loss is not None:
         loss.commit()
@@ -296,7 +399,9 @@ def _after_optimizer_step(optimizer, *_):
     if head is not None:
         head.clamp_()  # as the host clamps model.logit_scale after each step
     _run.steps += 1
-    if args.diag and (_run.steps - 1) % args.log_every_n_steps == 0 and host.is_master(args):
+    _run.taken += 1
+    _check_warmup_lag()
+    if args.diag and (_run.steps - 1) % args.log_every_n_steps == 0 and _run.host["is_master"](args):
         stats = diagnostics.collect(_run.model, loss, getattr(_run.model, BANK_ATTR, None))
         logging.info("diag step %d: %s", _run.steps, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
         if _run.tb_writer is not None:
@@ -305,26 +410,34 @@ def _after_optimizer_step(optimizer, *_):
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+    from clip_ext.checkpoint import restore_rng_state
+
     _run.tb_writer = tb_writer
-    if _run.region_table is not None and host.is_master(args):
+    if _run.resume_rng is not None:
+        # the global generators as they were when the checkpoint was written, so that the resumed epoch
+        # shuffles and crops as the uninterrupted run would have
+        restore_rng_state(_run.resume_rng)
+        logging.info("resume: restored the global RNG state saved with the checkpoint")
+        _run.resume_rng = None
+    if _run.region_table is not None and _run.host["is_master"](args):
         logging.info("epoch %d: %s", epoch, _run.region_table.summary())
     if _run.hooked_optimizer != id(optimizer):
         optimizer.register_step_post_hook(_after_optimizer_step)
         _run.hooked_optimizer = id(optimizer)
         # the trainer's resume-safe step (as passed to its scheduler), so --resume continues the count
         _run.steps = data["train"].dataloader.num_batches // args.accum_freq * epoch
-    return _host_train_one_epoch(
+    result = _run.host["train_one_epoch"](
         model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer
     )
+    _check_warmup_lag()
+    return result
 
 
-_host_train_one_epoch = host.train_one_epoch
-_host_get_data = host.get_data
-
-
-def _box_aware_transform(model: torch.nn.Module, preprocess_train):
+def _box_aware_transform(model, preprocess_train):
     """Resize (squash) + normalize with the model's preprocess config: open_clip's train transform does a
     RandomResizedCrop, which would cut boxes or move them off their objects."""
+    import open_clip
+
     cfg = getattr(model.visual, "preprocess_cfg", {})
     transform = open_clip.image_transform(
         model.visual.image_size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
@@ -339,26 +452,70 @@ def _box_aware_transform(model: torch.nn.Module, preprocess_train):
     return transform
 
 
+def _good_rows(base, args) -> list[int] | None:
+    """With --skip-bad-images: read every image once and keep the rows that open; each skipped file logged."""
+    if not args.skip_bad_images:
+        return None
+    from clip_ext.image_check import find_bad_images
+
+    bad = find_bad_images(base.images)
+    for row, path, reason in bad:
+        logging.warning("--skip-bad-images: skipping %s (CSV row %d): %s", path, row + 1, reason)
+    logging.info("--skip-bad-images: %d of %d training images cannot be read and are left out",
+                 len(bad), len(base.images))  # fmt: skip
+    if len(bad) == len(base.images):
+        raise SystemExit(f"--skip-bad-images: none of the {len(bad)} images of {args.train_data} can be read")
+    skipped = {row for row, _, _ in bad}
+    return [i for i in range(len(base.images)) if i not in skipped]
+
+
 def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
-    """open_clip's ``get_data``; with ``--region-data`` or ``--memory-bank-dedup`` the train split is
-    rebuilt around the host's ``CsvDataset`` so that batches carry boxes, region captions and sample ids."""
-    data = _host_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-    if not (_region_on(args) or args.memory_bank_dedup) or "train" not in data:
+    """open_clip's ``get_data``; the train CSV's images are decoded with errors that name the file, and with
+    ``--region-data``, ``--memory-bank-dedup`` or ``--skip-bad-images`` the train split is rebuilt around the
+    host's ``CsvDataset`` so that batches carry boxes, region captions and sample ids."""
+    import open_clip
+    import torch
+    from open_clip_train.data import CsvDataset, DataInfo
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from clip_ext.image_check import NamingTransform
+    from clip_ext.region_data import (
+        BatchSideChannel,
+        ClipExtCsvDataset,
+        RegionDataError,
+        SideChannelLoader,
+        load_region_table,
+    )
+
+    data = _run.host["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    if "train" not in data:
         return data
     base = data["train"].dataloader.dataset
+    if isinstance(base, CsvDataset) and not isinstance(base.transforms, NamingTransform):
+        base.transforms = NamingTransform(base.transforms)
+    if not (_regions_used(args) or args.memory_bank_dedup or args.skip_bad_images):
+        return data
     if not isinstance(base, CsvDataset):
-        raise SystemExit(f"--region-data / --memory-bank-dedup need --dataset-type csv (a CSV --train-data); "
-                         f"got a {type(base).__name__} for {args.train_data}")  # fmt: skip
+        raise SystemExit(f"--region-data / --memory-bank-dedup / --skip-bad-images need --dataset-type csv (a CSV "
+                         f"--train-data); got a {type(base).__name__} for {args.train_data}")  # fmt: skip
+    rows = _good_rows(base, args)
     transform, regions = None, None
-    if _region_on(args):
+    if _regions_used(args):
         try:
             regions = load_region_table(args.region_data, base.images, args.min_box_area, args.min_box_side)
         except RegionDataError as e:
             raise SystemExit(str(e)) from None
         logging.info(regions.summary())
+        if _hard_negative_on(args):
+            if regions.max_hard_negatives == 0:
+                raise SystemExit(f"--hard-negative-weight: no region of {args.region_data} carries 'hard_negatives' "
+                                 "(a list of negative captions per region, e.g. \"a blue circle\" for \"a red "
+                                 "circle\"); add them or drop the flag")  # fmt: skip
+            logging.info(regions.hard_negative_summary())
         transform = _box_aware_transform(_run.model, preprocess_fns[0])
     _run.region_table = regions
-    dataset = ClipExtCsvDataset(base, transform, regions)
+    dataset = ClipExtCsvDataset(base, transform, regions, hard_negatives=_hard_negative_on(args), rows=rows)
     sampler = DistributedSampler(dataset) if args.distributed else None
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, pin_memory=torch.device(args.device).type == "cuda",
@@ -371,22 +528,81 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     return data
 
 
+class _TorchWithAtomicSave:
+    """``torch`` as open_clip_train.main sees it, except ``save``: checkpoints go to a temporary name, fsync,
+    ``os.replace`` (open_clip writes ``epoch_N.pt`` in place), with our state split off under
+    ``checkpoint["clip_ext"]`` so that plain open_clip loads the file (see :mod:`clip_ext.checkpoint`)."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def save(self, obj, f, *rest, **kwargs):
+        from clip_ext.checkpoint import atomic_save, split_extra_state
+
+        if rest or kwargs or not isinstance(f, (str, os.PathLike)):
+            return self._torch.save(obj, f, *rest, **kwargs)
+        atomic_save(split_extra_state(obj, with_rng=_run.args is None or _run.args.world_size == 1), f)
+
+
+def _pt_load(file_path, map_location=None):
+    """The host's checkpoint loader (used for --resume) with our state merged back into ``state_dict``."""
+    from clip_ext.checkpoint import EXTRA_KEY, merge_extra_state
+
+    checkpoint = _run.host["pt_load"](file_path, map_location=map_location)
+    if isinstance(checkpoint, dict) and EXTRA_KEY in checkpoint:
+        _run.resume_rng = checkpoint[EXTRA_KEY].get("rng")
+    return merge_extra_state(checkpoint)
+
+
+def _latest_checkpoint(path, remote):
+    """--resume latest: the newest complete epoch_N.pt (incomplete ones skipped, named in a warning)."""
+    from clip_ext.checkpoint import latest_complete_checkpoint
+
+    if remote:
+        return _run.host["get_latest_checkpoint"](path, remote)
+    return latest_complete_checkpoint(path)
+
+
 def _parse_and_remember(argv):
     _run.args = parse_args(argv)
     return _run.args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
+    """Run open_clip_train's ``main`` with our names bound in its module; the originals are restored when it
+    returns or raises, so a later plain ``open_clip_train.main.main`` in the same process is open_clip's own."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        parse_args(argv)  # prints ours and open_clip's help, then exits, before torch is imported
+    import open_clip_train.main as host
+
+    import clip_ext  # noqa: F401  (registers the tiny model configs)
+
     global _run
     _run = _Run()
-    host.parse_args = _parse_and_remember
-    host.create_model_and_transforms = create_model_and_transforms
-    host.create_loss = create_loss
-    host.train_one_epoch = train_one_epoch
-    host.get_data = get_data
-    host.main(argv)
+    originals = {name: getattr(host, name) for name in REBOUND}
+    _run.host = {**originals, "is_master": host.is_master}
+    replacements = {
+        "parse_args": _parse_and_remember,
+        "create_model_and_transforms": create_model_and_transforms,
+        "create_loss": create_loss,
+        "train_one_epoch": train_one_epoch,
+        "get_data": get_data,
+        "pt_load": _pt_load,
+        "get_latest_checkpoint": _latest_checkpoint,
+        "torch": _TorchWithAtomicSave(originals["torch"]),
+    }
+    try:
+        for name, value in replacements.items():
+            setattr(host, name, value)
+        return host.main(argv)
+    finally:
+        for name, value in originals.items():
+            setattr(host, name, value)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,24 +7,39 @@ directory of the training run, so paths are written absolute (the file is still 
 same ``root`` and seed). Next to it, ``<split>_regions.jsonl`` holds per-object boxes and phrases in
 the form region-level objectives (FG-CLIP's box-caption InfoNCE) consume::
 
-    {"filepath": same string as in the CSV, "regions": [{"box": [x0, y0, x1, y1], "caption": phrase}, ...]}
+    {"filepath": same string as in the CSV, "regions": [{"box": [x0, y0, x1, y1], "caption": phrase,
+                                                         "hard_negatives": [phrase, ...]}, ...]}
+
+``hard_negatives`` are FG-CLIP-style negative captions for the region: its phrase with the colour word swapped
+for each other palette colour, then with the shape word swapped ("a small red circle" -> "a small blue
+circle", "a small red square"), the first :data:`HARD_NEGATIVES` of them, in palette order.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 from vlext.toyworld._output import check_root, save_png, write_jsonl
 from vlext.toyworld._validation import check_choice, check_count, check_image_size, check_lang, check_seed
+from vlext.toyworld.palette import COLORS, SHAPES
 from vlext.toyworld.world import ToyWorld
 
-__all__ = ["write_clip_csv"]
+__all__ = ["write_clip_csv", "hard_negative_phrases"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Splits draw disjoint scene indices: split k uses k * _SPLIT_STRIDE + i.
 _SPLIT_STRIDE = 10**7
 CSV_SEPARATOR = "\t"
+HARD_NEGATIVES = 10  # FG-CLIP's count per region
+
+
+def hard_negative_phrases(obj, lang: str = "en", count: int = HARD_NEGATIVES) -> list[str]:
+    """``obj``'s phrase with one attribute changed: every other colour, then every other shape."""
+    swaps = [replace(obj, color=c) for c in COLORS if c != obj.color]
+    swaps += [replace(obj, shape=s) for s in SHAPES if s != obj.shape]
+    return [o.phrase_en if lang == "en" else o.phrase_zh for o in swaps[:count]]
 
 
 def write_clip_csv(
@@ -55,8 +70,12 @@ def write_clip_csv(
             {
                 "filepath": str(path),
                 "regions": [
-                    {"box": list(box), "caption": phrase}
-                    for box, phrase in zip(scene.boxes, scene.phrases(lang))
+                    {
+                        "box": list(obj.box),
+                        "caption": phrase,
+                        "hard_negatives": hard_negative_phrases(obj, lang),
+                    }
+                    for obj, phrase in zip(scene.objects, scene.phrases(lang))
                 ],
             }
         )

@@ -1,0 +1,46 @@
+"""``python -m clip_ext.export CKPT OUT``: a clip_ext.train checkpoint as a plain open_clip state dict.
+
+Checkpoints that ``clip_ext.train`` writes already load in open_clip (the bank lives under a key open_clip
+ignores, see :mod:`clip_ext.checkpoint`); this writes only the weights, without optimizer, bank or DDP
+prefix, which is what a released model file holds. It also converts checkpoints of older clip_ext versions
+that kept the bank inside ``state_dict`` (open_clip refuses those with "Unexpected key(s)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_ext.export",
+        description="Write the open_clip weights of a clip_ext.train checkpoint as a plain state dict "
+        "(loadable with open_clip.create_model(name, pretrained=OUT) and --pretrained OUT).",
+    )
+    parser.add_argument("checkpoint", help="epoch_N.pt written by clip_ext.train (or open_clip_train)")
+    parser.add_argument("out", help="file to write (a torch state dict)")
+    args = parser.parse_args(argv)
+    source, out = Path(args.checkpoint), Path(args.out)
+    if not source.is_file():
+        parser.error(f"{source}: no such file")
+    from clip_ext.checkpoint import atomic_save, checkpoint_problem, plain_state_dict
+
+    problem = checkpoint_problem(source)
+    if problem is not None:
+        parser.error(f"{source} is not a complete checkpoint ({problem})")
+    import torch
+
+    try:
+        state = plain_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+    except ValueError as e:
+        parser.error(f"{source}: {e}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, out)
+    print(f"wrote {len(state)} open_clip tensors to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

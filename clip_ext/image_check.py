@@ -1,0 +1,83 @@
+"""Unreadable training images are named, never used.
+
+open_clip's ``CsvDataset`` opens each image lazily inside its loader: a truncated or non-image file fails
+deep in a worker with a PIL message that does not say which file ("image file is truncated"). The trainer
+wraps the dataset's transform with :class:`NamingTransform` (the error names the file and the flag that
+skips such files), and with ``--skip-bad-images`` reads every image once before training
+(:func:`find_bad_images`) and leaves the bad ones out, counted and logged.
+
+Truncated files are only caught while PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False
+(LAVIS sets it True at import): :func:`find_bad_images` and :func:`load_image` switch it off while they read.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from PIL import Image, ImageFile
+
+__all__ = ["BadImageError", "load_image", "NamingTransform", "find_bad_images"]
+
+SKIP_HINT = (
+    "fix or remove the file, or pass --skip-bad-images to leave unreadable images out (counted and logged)"
+)
+
+
+class BadImageError(OSError):
+    """A training image that PIL cannot read completely."""
+
+
+@contextmanager
+def _strict_pil():
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _read(path: str) -> Image.Image:
+    with _strict_pil():
+        image = Image.open(path)
+        image.load()
+    return image
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode ``path``; an unreadable file raises :class:`BadImageError` naming it."""
+    try:
+        return _read(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        raise BadImageError(
+            f"training image {path} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
+        ) from e
+
+
+class NamingTransform:
+    """Wraps open_clip's image transform: decodes the image first, so a broken file fails naming itself."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        path = getattr(image, "filename", "<unnamed image>")
+        try:
+            with _strict_pil():
+                image.load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise BadImageError(
+                f"training image {path} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
+            ) from e
+        return self.transform(image)
+
+
+def find_bad_images(paths: list[str]) -> list[tuple[int, str, str]]:
+    """(row, path, reason) of every image in ``paths`` that does not open and decode completely."""
+    bad = []
+    for row, path in enumerate(paths):
+        try:
+            _read(str(path)).close()
+        except (OSError, ValueError, SyntaxError) as e:
+            bad.append((row, str(path), f"{type(e).__name__}: {e}"))
+    return bad

@@ -18,12 +18,32 @@ Grounding tokens arrive through ``cross_attention_kwargs={"grounding_tokens": ..
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedSelfAttnProcessor", "GroundingPassThroughProcessor"]
+__all__ = ["GatedSelfAttnProcessor", "GroundingPassThroughProcessor", "check_gate_scale"]
+
+
+def check_gate_scale(value, where: str = "gate_scale") -> float:
+    """A finite real number as a float, else a ValueError naming the value: a NaN scale would silently turn
+    every image into NaN, and a string or None would fail deep inside the UNet."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{where} must be a finite real number (1.0 = the trained strength, 0.0 = no grounding), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{where} must be a finite real number (1.0 = the trained strength, 0.0 = no grounding), got {value}"
+        )
+    return value
 
 
 def _multihead_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
@@ -37,7 +57,10 @@ class GatedSelfAttnProcessor(nn.Module):
     """Self-attention of ``attn1`` plus GLIGEN's gated self-attention and gated feed-forward.
 
     Without ``grounding_tokens`` (or with ``grounding_scale=0``) it is exactly the plain self-attention, so
-    a UNet carrying the adapter behaves as before wherever no layout is given.
+    a UNet carrying the adapter behaves as before wherever no layout is given. ``num_slots`` (set by
+    ``SpatialAdapter`` to its ``max_objs``) is the number of grounding tokens it accepts: GLIGEN always
+    attends over ``max_objs`` slots, masked nulls included, and a different count changes the output.
+    ``scale`` is a standing multiplier (``set_spatial_adapter_scale``), applied on top of ``grounding_scale``.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, token_dim: int, ff_mult: int = 4):
@@ -56,6 +79,8 @@ class GatedSelfAttnProcessor(nn.Module):
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
         self._residual: torch.Tensor | None = None
+        self.num_slots: int | None = None
+        self.scale = 1.0
 
     def stash_residual(self, hidden_states: torch.Tensor) -> None:
         """Called by the block's forward pre-hook with the un-normalized block input."""
@@ -99,7 +124,11 @@ class GatedSelfAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         residual, self._residual = self._residual, None
         attn_out = self._self_attention(attn, hidden_states, attention_mask)
-        if grounding_tokens is None or grounding_scale == 0:
+        if grounding_tokens is None:
+            return attn_out
+        grounding_scale = check_gate_scale(grounding_scale, "cross_attention_kwargs['grounding_scale']")
+        grounding_scale = grounding_scale * self.scale
+        if grounding_scale == 0:
             return attn_out
         if residual is None:
             raise RuntimeError(
@@ -112,6 +141,15 @@ class GatedSelfAttnProcessor(nn.Module):
                 f"grounding_tokens batch {grounding_tokens.shape[0]} does not match the UNet batch "
                 f"{hidden_states.shape[0]} (for classifier-free guidance pass null tokens for the "
                 "unconditional half)"
+            )
+        if grounding_tokens.ndim != 3 or (
+            self.num_slots is not None and grounding_tokens.shape[1] != self.num_slots
+        ):
+            raise ValueError(
+                f"grounding_tokens must have shape (batch, {self.num_slots}, dim): the adapter always uses its "
+                f"max_objs={self.num_slots} slots, padded with masked null tokens as in GLIGEN; got "
+                f"{tuple(grounding_tokens.shape)}. Build them with adapter(boxes, phrases, masks) or "
+                "adapter.cross_attention_kwargs(...), which pad."
             )
         tokens = grounding_tokens.to(hidden_states.dtype)
         if tokens.shape[0] == 1:

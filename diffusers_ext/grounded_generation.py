@@ -12,22 +12,29 @@ as in GLIGEN, where its masks are zeroed), otherwise guidance would push away fr
 grounding tokens are therefore built for the whole doubled batch here, in the pipeline's order (prompt
 ``i`` repeated ``num_images_per_prompt`` times).
 
+Slots. The grounding tokens always fill the adapter's ``max_objs`` slots (30 for GLIGEN): the layout's
+objects first, masked null tokens after, and ``max_objs`` null tokens for the unconditional half, exactly as
+diffusers' ``StableDiffusionGLIGENPipeline`` and GLIGEN's sampler feed them and as training pads. The null
+tokens take part in the fused attention, so fewer slots would change the image
+(tests/test_diffusers_gligen_pipeline_parity.py compares with diffusers' GLIGEN pipeline to 1e-4).
+
 Scheduled sampling (``scheduled_sampling.grounding_schedule``) is applied per denoising step by a forward
 pre-hook on the UNet that rescales ``grounding_scale`` on each call, so it works the same in every
-pipeline and leaves ``callback_on_step_end`` to the user.
+pipeline and leaves ``callback_on_step_end`` to the user. The default is GLIGEN's: grounding for the first
+30 % of the steps (``beta=0.3``).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Sequence
 
 import torch
 from diffusers import KolorsPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from diffusers_ext.scheduled_sampling import grounding_schedule
+from diffusers_ext.gated_self_attention import check_gate_scale
+from diffusers_ext.scheduled_sampling import GLIGEN_BETA, grounding_schedule
 
 __all__ = ["encode_phrases", "generate", "grounding_cross_attention_kwargs", "phrase_dim", "pipeline_kind"]
 
@@ -124,13 +131,6 @@ def _layouts(phrases, boxes, n_prompts: int) -> list[tuple[list[str], list]]:
     return layouts
 
 
-def _check_scale(gate_scale) -> float:
-    value = float(gate_scale)
-    if not math.isfinite(value):
-        raise ValueError(f"gate_scale must be a finite number (GLIGEN uses 1.0), got {gate_scale}")
-    return value
-
-
 def _check_adapter_on(pipe, adapter) -> None:
     fusers = {id(f) for f in adapter.fusers}
     if not any(id(p) in fusers for p in pipe.unet.attn_processors.values()):
@@ -160,13 +160,14 @@ def grounding_cross_attention_kwargs(
     """``cross_attention_kwargs`` carrying grounding tokens for the pipeline's UNet batch.
 
     ``phrases``/``boxes``: one layout (list of str, list of xyxy boxes in [0, 1]) shared by all prompts, or a
-    list of layouts, one per prompt. Layouts with fewer objects are padded with null tokens (mask 0).
-    With ``classifier_free_guidance`` the first half of the batch gets only null tokens.
+    list of layouts, one per prompt; boxes may be lists or tensors. Every layout fills the adapter's
+    ``max_objs`` slots (masked null tokens after its objects, as in GLIGEN); with
+    ``classifier_free_guidance`` the first half of the batch gets ``max_objs`` null tokens.
     """
     _check_adapter_on(pipe, adapter)
-    scale = _check_scale(gate_scale)
+    scale = check_gate_scale(gate_scale)
     layouts = _layouts(phrases, boxes, n_prompts)
-    n_objs = max(1, max(len(ps) for ps, _ in layouts))
+    n_objs = max(len(ps) for ps, _ in layouts)
     max_objs = adapter.config.max_objs
     if n_objs > max_objs:
         raise ValueError(
@@ -175,9 +176,9 @@ def grounding_cross_attention_kwargs(
         )
     device, dtype = pipe.unet.device, pipe.unet.dtype
     width = adapter.config.phrase_dim
-    box_t = torch.zeros(n_prompts, n_objs, 4)
-    feat_t = torch.zeros(n_prompts, n_objs, width)
-    mask_t = torch.zeros(n_prompts, n_objs)
+    box_t = torch.zeros(n_prompts, max_objs, 4)
+    feat_t = torch.zeros(n_prompts, max_objs, width)
+    mask_t = torch.zeros(n_prompts, max_objs)
     for i, (ps, bs) in enumerate(layouts):
         if ps:
             box_t[i, : len(bs)] = torch.tensor(bs)
@@ -188,7 +189,7 @@ def grounding_cross_attention_kwargs(
         tokens = adapter(box_t.to(device, adapter_dtype), feat_t.to(device, adapter_dtype), mask_t.to(device))
         tokens = tokens.repeat_interleave(num_images_per_prompt, dim=0)
         if classifier_free_guidance:
-            null = adapter.position_net.null_tokens(tokens.shape[0], n_objs)
+            null = adapter.position_net.null_tokens(tokens.shape[0], max_objs)
             tokens = torch.cat([null, tokens])
     return {"grounding_tokens": tokens.to(dtype), "grounding_scale": scale}
 
@@ -224,7 +225,7 @@ def generate(
     boxes,
     *,
     gate_scale: float = 1.0,
-    schedule: Sequence[float] | None = None,
+    schedule: Sequence[float] | str | None = "gligen",
     beta: float | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
@@ -234,8 +235,11 @@ def generate(
 ):
     """Run ``pipe`` with the layout: ``phrases[i]`` should appear inside ``boxes[i]`` (normalized xyxy).
 
-    ``gate_scale`` multiplies every gate at run time (1.0 is the trained model; compare 0.5, 1, 2);
-    ``schedule`` is GLIGEN's ``[a, b, c]`` and ``beta`` diffusers' form of scheduled sampling (at most one).
+    ``gate_scale`` multiplies every gate at run time (1.0 is the trained model; compare 0.5, 1, 2).
+    Scheduled sampling: by default (``schedule="gligen"``) GLIGEN's, grounding on for the first
+    ``int(0.3 * steps)`` steps and off after (diffusers' GLIGEN pipeline ``beta=0.3``, equal to GLIGEN's
+    box-text ``[0.3, 0.0, 0.7]``). ``schedule=[a, b, c]`` (GLIGEN's form) or ``beta`` (diffusers' form)
+    choose another; ``schedule=None`` or ``beta=1.0`` keep the grounding on every step.
     Other keyword arguments go to the pipeline unchanged. With ``return_scales`` it returns
     ``(output, scales)``, the grounding scale each denoising step actually ran with.
     ``num_inference_steps`` and ``guidance_scale`` default to the pipeline's own defaults.
@@ -248,6 +252,13 @@ def generate(
         guidance_scale = defaults["guidance_scale"].default
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    if isinstance(schedule, str):
+        if schedule != "gligen":
+            raise ValueError(
+                f"schedule must be 'gligen' (the default: beta={GLIGEN_BETA}), three fractions [a, b, c] or None "
+                f"(grounding on every step), got {schedule!r}"
+            )
+        schedule, beta = None, (GLIGEN_BETA if beta is None else beta)
     steps = grounding_schedule(num_inference_steps, abc=schedule, beta=beta)
     user_kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
     clash = [k for k in GROUNDING_KEYS if k in user_kwargs]

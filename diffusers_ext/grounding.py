@@ -15,7 +15,26 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["GroundingTokenizer", "check_grounding_inputs", "fourier_box_embedding"]
+__all__ = ["BOX_RULE", "GroundingTokenizer", "as_tensor", "check_grounding_inputs", "fourier_box_embedding"]
+
+BOX_RULE = (
+    "boxes are normalized xyxy: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (divide pixel coordinates by the "
+    "image width and height); boxes outside this are refused, never clamped"
+)
+
+
+def as_tensor(value, name: str, device=None, dtype=None) -> torch.Tensor | None:
+    """Tensors pass through; nested Python lists/tuples (and numpy arrays) of numbers become tensors, so
+    ``[[0.1, 0.1, 0.5, 0.5]]`` works wherever a (batch, objects, 4) tensor does. ``None`` stays ``None``."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value if value is None or (device is None and dtype is None) else value.to(device, dtype)
+    try:
+        return torch.as_tensor(value, dtype=torch.float32 if dtype is None else dtype, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{name} must be a tensor or a nested list of numbers of one rectangular shape, got "
+            f"{type(value).__name__}: {err}"
+        ) from None
 
 
 def fourier_box_embedding(boxes: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -39,7 +58,9 @@ def check_grounding_inputs(
     max_objs: int,
     where: str = "GroundingTokenizer",
 ) -> None:
-    """Raise a ValueError naming the offending input before any compute; never truncate silently."""
+    """Raise a ValueError naming the offending input before any compute; never truncate silently.
+
+    The box rule (``BOX_RULE``) applies to live objects (mask > 0); padding slots may hold anything."""
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(
             f"{where}: boxes must have shape (batch, objects, 4) in xyxy, got {tuple(boxes.shape)}"
@@ -67,21 +88,19 @@ def check_grounding_inputs(
     if not torch.isfinite(phrase_embeds).all():
         raise ValueError(f"{where}: phrase features contain NaN or inf")
     live = torch.ones(batch, n_objs, dtype=torch.bool, device=boxes.device) if masks is None else masks > 0
-    b = boxes[live]
-    if b.numel():
-        if (b < 0).any() or (b > 1).any():
-            bad = torch.nonzero(((boxes < 0) | (boxes > 1)).any(-1) & live)[0].tolist()
-            raise ValueError(
-                f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} lies outside [0, 1]; boxes are "
-                "normalized xyxy (divide pixel coordinates by the image width/height)"
-            )
-        if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
-            flipped = (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
-            bad = torch.nonzero(flipped & live)[0].tolist()
-            raise ValueError(
-                f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} has x1 < x0 or y1 < y0; expected "
-                "xyxy with x0 <= x1 and y0 <= y1"
-            )
+    outside = ((boxes < 0) | (boxes > 1)).any(-1) & live
+    if outside.any():
+        bad = torch.nonzero(outside)[0].tolist()
+        raise ValueError(
+            f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} lies outside [0, 1]; {BOX_RULE}"
+        )
+    flipped = ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])) & live
+    if flipped.any():
+        bad = torch.nonzero(flipped)[0].tolist()
+        raise ValueError(
+            f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} has x1 <= x0 or y1 <= y0 (empty or "
+            f"flipped); {BOX_RULE}"
+        )
 
 
 class GroundingTokenizer(ModelMixin, ConfigMixin):
@@ -121,6 +140,8 @@ class GroundingTokenizer(ModelMixin, ConfigMixin):
         """boxes (B, N, 4) normalized xyxy, phrase_embeds (B, N, phrase_dim), masks (B, N) with 1 for a real
         object and 0 for padding or a dropped object -> tokens (B, N, token_dim)."""
         cfg = self.config
+        boxes, phrase_embeds = as_tensor(boxes, "boxes"), as_tensor(phrase_embeds, "phrase_embeds")
+        masks = as_tensor(masks, "masks")
         check_grounding_inputs(boxes, phrase_embeds, masks, phrase_dim=cfg.phrase_dim, max_objs=cfg.max_objs)
         dtype = self.linears[0].weight.dtype
         boxes, phrase_embeds = boxes.to(dtype), phrase_embeds.to(dtype)

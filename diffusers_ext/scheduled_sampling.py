@@ -11,6 +11,11 @@ quality close to the base model's. Two published forms are supported:
   the first ``int(beta*T)`` steps and 0 after, which is ``[beta, 0, 1 - beta]``.
 
 The runtime ``gate_scale`` multiplies the schedule, so ``gate_scale=2, beta=0.3`` means 2 then 0.
+
+Default. ``GLIGEN_BETA = 0.3`` is the default of diffusers' GLIGEN pipeline
+(``gligen_scheduled_sampling_beta``), and GLIGEN's box-text example ``[0.3, 0.0, 0.7]`` is the same
+schedule: grounding on for the first 30 % of the steps, off after. ``grounded_generation.generate`` uses it
+unless told otherwise; ``schedule=None`` (or ``beta=1.0``) keeps the grounding on for every step.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["grounding_schedule"]
+__all__ = ["GLIGEN_BETA", "grounding_schedule"]
+
+GLIGEN_BETA = 0.3
 
 
 def _check_fraction(name: str, value: float) -> float:

@@ -16,6 +16,7 @@ Both configurations are refused at construction.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -23,12 +24,26 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor, GroundingPassThroughProcessor
-from diffusers_ext.grounding import GroundingTokenizer
+from diffusers_ext.gated_self_attention import (
+    GatedSelfAttnProcessor,
+    GroundingPassThroughProcessor,
+    check_gate_scale,
+)
+from diffusers_ext.grounding import GroundingTokenizer, as_tensor, check_grounding_inputs
 
-__all__ = ["SpatialAdapter", "install", "transformer_blocks"]
+__all__ = ["SpatialAdapter", "install", "installed_adapter", "transformer_blocks"]
 
 INIT_MODES = ("gate", "zero_out")
+
+# UNet -> the SpatialAdapter installed on it. Weak keys: a dropped UNet takes its entry with it. Kept
+# outside the UNet so the adapter is not registered as a second submodule (its weights already appear
+# under the processors).
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def installed_adapter(target) -> SpatialAdapter | None:
+    """The SpatialAdapter installed on ``target`` (a UNet or a pipeline), or None."""
+    return _INSTALLED.get(_unet_of(target))
 
 
 def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
@@ -102,6 +117,7 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         )
         with torch.no_grad():
             for fuser in self.fusers:
+                fuser.num_slots = max_objs
                 fuser.alpha_attn.fill_(gate)
                 fuser.alpha_dense.fill_(gate)
                 fuser.alpha_attn.requires_grad_(not freeze_gate)
@@ -151,6 +167,18 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         if self._installed is not None:
             raise RuntimeError("this SpatialAdapter is already installed; call remove() first")
         unet = _unet_of(target)
+        other = _INSTALLED.get(unet)
+        carried = [
+            n
+            for n, p in unet.attn_processors.items()
+            if isinstance(p, (GatedSelfAttnProcessor, GroundingPassThroughProcessor))
+        ]
+        if other is not None or carried:
+            raise RuntimeError(
+                "this UNet already carries a SpatialAdapter "
+                f"({len(carried)} of its processors, first {carried[0] if carried else '?'}); one UNet takes one "
+                "adapter. Remove it first (adapter.remove() or unload_spatial_adapter(pipe))."
+            )
         blocks = transformer_blocks(unet)
         missing = [n for n in self.layer_names if n not in blocks]
         if missing:
@@ -176,6 +204,7 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         self.to(device)
         unet.set_attn_processor(new)
         self._installed = {"unet": unet, "previous": previous, "hooks": hooks}
+        _INSTALLED[unet] = self
 
     @staticmethod
     def _stash_hook(name: str, fuser: GatedSelfAttnProcessor):
@@ -217,10 +246,28 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         """Restore the processors that were installed before and drop the hooks."""
         if self._installed is None:
             raise RuntimeError("the SpatialAdapter is not installed")
+        unet = self._installed["unet"]
         for hook in self._installed["hooks"]:
             hook.remove()
-        self._installed["unet"].set_attn_processor(self._installed["previous"])
+        current = unet.attn_processors
+        restore = {}
+        for name, proc in current.items():
+            if isinstance(proc, GroundingPassThroughProcessor):
+                restore[name] = proc.inner  # whatever runs attn2 now (it may have changed since install)
+            elif isinstance(proc, GatedSelfAttnProcessor):
+                restore[name] = self._installed["previous"][name]
+            else:
+                restore[name] = proc
+        unet.set_attn_processor(restore)
+        _INSTALLED.pop(unet, None)
         self._installed = None
+
+    def set_scale(self, scale: float) -> None:
+        """A standing multiplier of every gate (GLIGEN's runtime strength, like ``set_ip_adapter_scale``):
+        0 switches the grounding off, 1 is the trained model. It multiplies ``grounding_scale``."""
+        scale = check_gate_scale(scale, "spatial adapter scale")
+        for fuser in self.fusers:
+            fuser.scale = scale
 
     def gate_stats(self) -> dict:
         """Effective gates tanh(alpha) over all layers (attention and dense): mean/std/min/max, plus each
@@ -237,11 +284,42 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         }
 
     def forward(self, boxes, phrase_embeds, masks=None) -> torch.Tensor:
-        """Grounding tokens for ``cross_attention_kwargs={"grounding_tokens": ...}``."""
+        """Grounding tokens (batch, max_objs, token_dim) for ``cross_attention_kwargs={"grounding_tokens": ...}``.
+
+        ``boxes`` (batch, n, 4) normalized xyxy, ``phrase_embeds`` (batch, n, phrase_dim), ``masks`` (batch, n)
+        (1 = object, 0 = padding/dropped); tensors or nested lists. Fewer than ``max_objs`` objects are padded
+        with masked null tokens: GLIGEN and diffusers' GLIGEN pipeline always attend over ``max_objs`` slots,
+        and training pads the same way, so the slot count never differs between training and sampling.
+        """
+        p = self.position_net.null_positive_feature
+        boxes = as_tensor(boxes, "boxes", device=p.device)
+        phrase_embeds = as_tensor(phrase_embeds, "phrase_embeds", device=p.device)
+        masks = as_tensor(masks, "masks", device=p.device)
+        cfg = self.config
+        check_grounding_inputs(
+            boxes,
+            phrase_embeds,
+            masks,
+            phrase_dim=cfg.phrase_dim,
+            max_objs=cfg.max_objs,
+            where="SpatialAdapter",
+        )
+        b, n = boxes.shape[:2]
+        masks = torch.ones(b, n, device=boxes.device) if masks is None else masks
+        pad = cfg.max_objs - n
+        if pad:
+            boxes = torch.cat([boxes, boxes.new_zeros(b, pad, 4)], 1)
+            phrase_embeds = torch.cat([phrase_embeds, phrase_embeds.new_zeros(b, pad, cfg.phrase_dim)], 1)
+            masks = torch.cat([masks.to(boxes.dtype), boxes.new_zeros(b, pad)], 1)
         return self.position_net(boxes, phrase_embeds, masks)
 
     def cross_attention_kwargs(self, boxes, phrase_embeds, masks=None, gate_scale: float = 1.0) -> dict:
-        return {"grounding_tokens": self(boxes, phrase_embeds, masks), "grounding_scale": gate_scale}
+        """``{"grounding_tokens": (batch, max_objs, token_dim), "grounding_scale": gate_scale}`` for the UNet.
+
+        The batch must match the UNet's: with classifier-free guidance give the unconditional rows masks 0
+        (or use ``grounded_generation.generate``, which does)."""
+        scale = check_gate_scale(gate_scale)
+        return {"grounding_tokens": self(boxes, phrase_embeds, masks), "grounding_scale": scale}
 
 
 def install(unet) -> None:

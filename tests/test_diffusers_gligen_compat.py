@@ -33,12 +33,16 @@ def unets():
 
 
 def _inputs():
+    """Two layouts in GLIGEN's 30 slots (the adapter pads to max_objs = 30 itself; diffusers' gated UNet takes
+    whatever it is given, and its GLIGEN pipeline gives 30)."""
     g = torch.Generator().manual_seed(1)
     x, ehs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
-    boxes = torch.zeros(2, 3, 4)
+    boxes = torch.zeros(2, 30, 4)
     boxes[:, :2] = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.2, 0.9, 0.8]])
-    masks = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    return x, torch.tensor([10, 500]), ehs, boxes, torch.randn(2, 3, 32, generator=g), masks
+    masks = torch.zeros(2, 30)
+    masks[0, :2] = 1
+    masks[1, :1] = 1
+    return x, torch.tensor([10, 500]), ehs, boxes, torch.randn(2, 30, 32, generator=g), masks
 
 
 def test_converted_processor_unet_matches_native_gated_unet_to_1e5(unets):

@@ -33,6 +33,7 @@ def pipes(tmp_path_factory):
 
 
 def _run_kwargs(kind: str) -> dict:
+    """Grounding on every step (``schedule=None``): GLIGEN's default beta=0.3 of 3 steps grounds none."""
     extra = {"max_sequence_length": 16} if kind == "kolors" else {}
     return {"num_inference_steps": STEPS, "output_type": "latent", **extra}
 
@@ -111,12 +112,13 @@ def test_cfg_batch_unconditional_half_holds_only_null_tokens(pipes):
         )
         tokens = kw["grounding_tokens"]
         assert kw["grounding_scale"] == 0.5
-        assert tokens.shape == (8, 2, adapter.config.token_dim)
-        null = adapter.position_net.null_tokens(4, 2)
+        assert tokens.shape == (8, 30, adapter.config.token_dim)  # always max_objs slots, as in GLIGEN
+        null = adapter.position_net.null_tokens(4)
         assert torch.allclose(tokens[:4], null, atol=1e-6)
         assert torch.equal(tokens[4], tokens[5]) and torch.equal(tokens[6], tokens[7])  # per-prompt repeats
         assert not torch.allclose(tokens[4, 1], tokens[6, 1])  # prompt 2's second slot is padding
-        assert torch.allclose(tokens[6, 1], null[0, 1], atol=1e-6)
+        assert torch.allclose(tokens[6, 1:], null[0, 1:], atol=1e-6)
+        assert torch.allclose(tokens[4, 2:], null[0, 2:], atol=1e-6)
     finally:
         adapter.remove()
 
@@ -126,6 +128,7 @@ def test_pipeline_unet_sees_null_then_layout_tokens_and_gate_scale_changes_outpu
     pipe = pipes[kind]
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain = _latents(pipe("two shapes", generator=gen(), **_run_kwargs(kind)))
+    run = {**_run_kwargs(kind), "schedule": None}
     adapter = _adapter(pipe)
     adapter.install(pipe)
     seen = []
@@ -142,12 +145,10 @@ def test_pipeline_unet_sees_null_then_layout_tokens_and_gate_scale_changes_outpu
                 BOXES,
                 gate_scale=0.0,
                 generator=gen(),
-                **_run_kwargs(kind),
+                **run,
             )
         )
-        on = _latents(
-            generate(pipe, adapter, "two shapes", PHRASES, BOXES, generator=gen(), **_run_kwargs(kind))
-        )
+        on = _latents(generate(pipe, adapter, "two shapes", PHRASES, BOXES, generator=gen(), **run))
         double = _latents(
             generate(
                 pipe,
@@ -157,7 +158,7 @@ def test_pipeline_unet_sees_null_then_layout_tokens_and_gate_scale_changes_outpu
                 BOXES,
                 gate_scale=2.0,
                 generator=gen(),
-                **_run_kwargs(kind),
+                **run,
             )
         )
     finally:
@@ -167,7 +168,8 @@ def test_pipeline_unet_sees_null_then_layout_tokens_and_gate_scale_changes_outpu
     assert (on - plain).abs().max() > 1e-4
     assert (double - on).abs().max() > 1e-4
     assert len(seen) == 3 * STEPS and seen[0].shape[0] == 2
-    null = adapter.position_net.null_tokens(1, 2).to(seen[0].dtype)
+    assert seen[0].shape[1] == adapter.config.max_objs
+    null = adapter.position_net.null_tokens(1).to(seen[0].dtype)
     assert torch.allclose(seen[0][:1], null, atol=1e-6)
     assert not torch.allclose(seen[0][1:], null, atol=1e-3)
 
@@ -229,7 +231,8 @@ def test_no_guidance_batch_has_no_null_half(pipes):
         (PHRASES, BOXES[:1], "2 phrases but 1 boxes"),
         (PHRASES, [[0.1, 0.1, 0.5], BOXES[1]], "4 numbers"),
         (PHRASES, [[0.1, 0.1, 1.5, 0.5], BOXES[1]], r"outside \[0, 1\]"),
-        (PHRASES, [[0.5, 0.1, 0.1, 0.5], BOXES[1]], "x1 < x0"),
+        (PHRASES, [[0.5, 0.1, 0.1, 0.5], BOXES[1]], "x1 <= x0"),
+        (PHRASES, [[0.1, 0.1, 0.1, 0.5], BOXES[1]], "empty or flipped"),
         (PHRASES, [[float("nan"), 0.1, 0.5, 0.5], BOXES[1]], "NaN"),
         (["a"] * 31, [[0.0, 0.0, 0.1, 0.1]] * 31, "max_objs=30"),
         (["", "b"], BOXES, "non-empty strings"),

@@ -333,6 +333,19 @@ def _cpu_distributed() -> None:
     lavis_logger.SmoothedValue.synchronize_between_processes = _synchronize_between_processes
 
 
+@_shim(
+    "LAVIS sets PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True when imported (coco_caption_datasets.py), for the "
+    "whole process: half-written images then decode with grey padding and train without a word, in lavis_ext "
+    "and in diffusers_ext/clip_ext in the same process. Restored to PIL's default (False), so a truncated file "
+    "raises and our datasets name it"
+)
+def _strict_image_loading() -> None:
+    import lavis.datasets.datasets.coco_caption_datasets  # noqa: F401  (the import that sets it)
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 def apply() -> None:
     """Install every shim once; safe to call any number of times, before or after ``import lavis``."""
     global _APPLIED

@@ -3,26 +3,35 @@
 LAVIS's ``train.py`` is not part of the ``salesforce-lavis`` wheel; this is the same flow (config, distributed
 init, seeds, logger, task, datasets, model, runner) written against the wheel's public pieces, after
 ``import lavis_ext`` has applied the compatibility shims and registered the model, builders and task. Every
-LAVIS run option therefore works: training, ``run.evaluate: True``, ``run.resume_ckpt_path``, best-checkpoint
-selection by ``agg_metrics``, and launch under ``torchrun`` (gloo on CPU).
+LAVIS run option works: training, ``run.evaluate: True``, ``run.resume_ckpt_path``, best-checkpoint selection
+by ``agg_metrics``, and launch under ``torchrun`` (gloo on CPU). Before anything is built the config is
+checked (:mod:`lavis_ext.config_check`: unknown keys refused, relative paths made absolute against the
+working directory, evaluation of random weights refused), and ``runner_base`` is replaced by
+:class:`lavis_ext.runner.SafeRunner` (unique run folders, atomic checkpoints, complete resume).
+
+Nothing heavy is imported before the arguments are parsed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-
-import numpy as np
-import torch
-
-import lavis_ext  # noqa: F401  (shims + registrations, before anything of LAVIS runs)
 
 __all__ = ["main", "parse_args"]
+
+_EPILOG = """\
+Relative paths in the YAML and --options (run.output_dir, run.resume_ckpt_path, model.finetuned,
+model.pretrained, datasets.*.build_info.root) are relative to the current working directory.
+run.resume_ckpt_path=latest resumes from the newest readable checkpoint under run.output_dir.
+run.evaluate=True evaluates run.resume_ckpt_path or model.finetuned; it refuses random weights.
+"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train or evaluate a LAVIS model (with lavis_ext registered)"
+        prog="python -m lavis_ext.train",
+        description="Train or evaluate a LAVIS model (with lavis_ext registered)",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cfg-path", required=True, help="path to the project YAML")
     parser.add_argument(
@@ -34,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _setup_seeds(config) -> None:
+    import random
+
+    import numpy as np
+    import torch
     from lavis.common.dist_utils import get_rank
 
     seed = config.run_cfg.seed + get_rank()
@@ -48,6 +61,8 @@ def _single_process_group() -> None:
     import os
     import tempfile
 
+    import torch
+
     if torch.distributed.is_initialized():
         return
     store = os.path.join(tempfile.mkdtemp(prefix="lavis_ext_pg_"), "store")
@@ -55,7 +70,19 @@ def _single_process_group() -> None:
 
 
 def main(argv=None):
+    import logging
     from pathlib import Path
+
+    args = parse_args(argv)
+    if not Path(args.cfg_path).is_file():
+        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} is not a file")
+
+    import lavis_ext  # noqa: F401  (shims + registrations, before anything of LAVIS runs)
+    from lavis_ext import config_check
+    from lavis_ext.runner import SafeRunner, claim_run_folder, new_job_id
+
+    user_cfg = config_check.load_user_config(args.cfg_path, args.options)
+    config_check.check_keys(user_cfg)
 
     import lavis.common.optims  # noqa: F401  (registers the lr schedulers, as LAVIS's train.py does)
     import lavis.tasks as tasks
@@ -63,17 +90,20 @@ def main(argv=None):
     from lavis.common.dist_utils import init_distributed_mode
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
-    from lavis.common.utils import now
 
-    args = parse_args(argv)
-    if not Path(args.cfg_path).is_file():
-        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} is not a file")
     cfg = Config(args)
+    resolved = config_check.resolve_paths(cfg.config, user_cfg, Path.cwd())
+    evaluation = config_check.check_evaluation(cfg.config, user_cfg)
+
     init_distributed_mode(cfg.run_cfg)
     if not cfg.run_cfg.distributed:
         _single_process_group()
     _setup_seeds(cfg)
     setup_logger()
+    for key, value in resolved.items():
+        logging.info(f"{key} -> {value} (relative paths are relative to the working directory)")
+    if evaluation:
+        logging.info(f"run.evaluate=True: {evaluation}")
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
@@ -83,10 +113,11 @@ def main(argv=None):
     # previous run's so that main() can run more than once in one process (the demo trains twice).
     for name in ("output_dir", "result_dir"):
         registry.mapping["paths"].pop(name, None)
-    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
-    runner = runner_cls(
-        cfg=cfg, job_id=cfg.run_cfg.get("job_id", now()), task=task, model=model, datasets=datasets
-    )
+    runner_name = cfg.run_cfg.get("runner", "runner_base")
+    # runner_safe is runner_base's loop with unique folders, atomic checkpoints and complete resume.
+    runner_cls = SafeRunner if runner_name == "runner_base" else registry.get_runner_class(runner_name)
+    job_id = claim_run_folder(cfg.run_cfg.output_dir, str(cfg.run_cfg.get("job_id", new_job_id())))
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     runner.train()
     return runner
 

@@ -5,8 +5,8 @@
 Importing this package imports diffusers and torch only (no LAVIS, no open_clip).
 """
 
-from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor, GroundingPassThroughProcessor
+from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor
 from diffusers_ext.grounding import GroundingTokenizer
 from diffusers_ext.spatial_adapter import SpatialAdapter
 
-__all__ = ["GatedSelfAttnProcessor", "GroundingPassThroughProcessor", "GroundingTokenizer", "SpatialAdapter"]
+__all__ = ["GatedSelfAttnProcessor", "GroundingTokenizer", "SpatialAdapter"]

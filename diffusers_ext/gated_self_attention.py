@@ -12,12 +12,14 @@ native ``attention_type="gated"`` UNet in tests/test_diffusers_gligen_compat.py)
 
 Gates are ``gate_scale * tanh(alpha)``: GLIGEN's scheduled sampling multiplies the same factor.
 Grounding tokens arrive through ``cross_attention_kwargs={"grounding_tokens": ..., "grounding_scale": ...}``
-(``gligen`` is popped by the block and ``scale`` is deprecated there, so neither is used).
+(``gligen`` is popped by the block and ``scale`` is deprecated there, so neither is used). The same block
+pre-hook takes both keys out of the block's ``cross_attention_kwargs`` and hands them to this processor, so
+``attn2`` never sees them: its processor (default SDPA, IP-Adapter's, ...) stays exactly what diffusers
+installed, and ``set_ip_adapter_scale`` still finds IP-Adapter's processors.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 
@@ -25,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedSelfAttnProcessor", "GroundingPassThroughProcessor", "check_gate_scale"]
+__all__ = ["GROUNDING_KEYS", "GatedSelfAttnProcessor", "check_gate_scale"]
+
+GROUNDING_KEYS = ("grounding_tokens", "grounding_scale")
 
 
 def check_gate_scale(value, where: str = "gate_scale") -> float:
@@ -63,7 +67,21 @@ class GatedSelfAttnProcessor(nn.Module):
     ``scale`` is a standing multiplier (``set_spatial_adapter_scale``), applied on top of ``grounding_scale``.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, token_dim: int, ff_mult: int = 4):
+    def __init__(
+        self,
+        dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        token_dim: int = 768,
+        ff_mult: int = 4,
+    ):
+        if dim is None:
+            raise TypeError(
+                "GatedSelfAttnProcessor holds trained weights and cannot be rebuilt without them. diffusers' "
+                "load_ip_adapter/unload_ip_adapter rebuild every processor by calling its class: install the "
+                "spatial adapter on the pipeline (load_spatial_adapter(pipe, ...) or adapter.install(pipe)), "
+                "which takes itself out around those calls, or remove it first."
+            )
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -79,12 +97,15 @@ class GatedSelfAttnProcessor(nn.Module):
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
         self._residual: torch.Tensor | None = None
+        self._grounding: tuple | None = None
         self.num_slots: int | None = None
         self.scale = 1.0
 
-    def stash_residual(self, hidden_states: torch.Tensor) -> None:
-        """Called by the block's forward pre-hook with the un-normalized block input."""
+    def stash_residual(self, hidden_states: torch.Tensor, grounding: tuple | None = None) -> None:
+        """Called by the block's forward pre-hook with the un-normalized block input and the
+        ``(grounding_tokens, grounding_scale)`` it took out of ``cross_attention_kwargs`` (None if absent)."""
         self._residual = hidden_states
+        self._grounding = grounding
 
     def gates(self) -> torch.Tensor:
         return torch.stack([self.alpha_attn.tanh(), self.alpha_dense.tanh()])
@@ -123,6 +144,9 @@ class GatedSelfAttnProcessor(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         residual, self._residual = self._residual, None
+        stashed, self._grounding = self._grounding, None
+        if grounding_tokens is None and stashed is not None:
+            grounding_tokens, grounding_scale = stashed
         attn_out = self._self_attention(attn, hidden_states, attention_mask)
         if grounding_tokens is None:
             return attn_out
@@ -162,38 +186,3 @@ class GatedSelfAttnProcessor(nn.Module):
         value, gate = self.ff_in(self.norm2(x + delta_attn)).chunk(2, dim=-1)
         delta_dense = grounding_scale * self.alpha_dense.tanh() * self.ff_out(value * F.gelu(gate))
         return attn_out + delta_attn + delta_dense
-
-
-class GroundingPassThroughProcessor(nn.Module):
-    """Wraps the previous ``attn2`` processor and drops the grounding keys before calling it.
-
-    diffusers passes the same ``cross_attention_kwargs`` to attn1 and attn2 and warns on every call
-    about keys a processor does not name; this names them, and keeps whatever ran before (default SDPA,
-    IP-Adapter, ...) doing the cross-attention. An ``nn.Module`` inner processor (IP-Adapter) stays a
-    submodule, so its weights keep moving with ``.to()``; while installed its state-dict keys gain an
-    ``inner.`` prefix, and ``SpatialAdapter.remove()`` puts it back unchanged.
-    """
-
-    _forwarded = ("temb", "ip_adapter_masks", "ip_hidden_states")
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        params = inspect.signature(inner.__call__).parameters
-        self._accepts = {k for k in self._forwarded if k in params}
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        ip_adapter_masks=None,
-        ip_hidden_states=None,
-        grounding_tokens: torch.Tensor | None = None,
-        grounding_scale: float = 1.0,
-    ) -> torch.Tensor:
-        given = {"temb": temb, "ip_adapter_masks": ip_adapter_masks, "ip_hidden_states": ip_hidden_states}
-        extra = {k: v for k, v in given.items() if k in self._accepts and v is not None}
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)

@@ -24,11 +24,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffusers_ext.gated_self_attention import (
-    GatedSelfAttnProcessor,
-    GroundingPassThroughProcessor,
-    check_gate_scale,
-)
+from diffusers_ext.gated_self_attention import GROUNDING_KEYS, GatedSelfAttnProcessor, check_gate_scale
 from diffusers_ext.grounding import GroundingTokenizer, as_tensor, check_grounding_inputs
 
 __all__ = ["SpatialAdapter", "install", "installed_adapter", "transformer_blocks"]
@@ -39,6 +35,10 @@ INIT_MODES = ("gate", "zero_out")
 # outside the UNet so the adapter is not registered as a second submodule (its weights already appear
 # under the processors).
 _INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Transformer2DModel calls its blocks positionally under gradient checkpointing:
+# (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+#  cross_attention_kwargs, class_labels).
+_CKA_POSITION = 5
 
 
 def installed_adapter(target) -> SpatialAdapter | None:
@@ -163,20 +163,23 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         return [spec[0] for spec in self.config.layers]
 
     def install(self, target) -> None:
-        """Put the fusers into ``target``'s UNet (``set_attn_processor`` underneath) and hook the blocks."""
+        """Put the fusers into ``target``'s UNet as ``attn1`` processors and hook every transformer block.
+
+        The block pre-hooks hand each fuser its block input and take ``grounding_tokens``/``grounding_scale``
+        out of the block's ``cross_attention_kwargs``, so ``attn2`` keeps whatever processor diffusers put
+        there (IP-Adapter included). Given a pipeline, its ``load_ip_adapter``/``unload_ip_adapter`` are
+        wrapped to take the adapter out and put it back around diffusers' processor rebuild, so IP-Adapter
+        can be loaded or unloaded in either order. A UNet takes one adapter; a second one is refused.
+        """
         if self._installed is not None:
             raise RuntimeError("this SpatialAdapter is already installed; call remove() first")
         unet = _unet_of(target)
         other = _INSTALLED.get(unet)
-        carried = [
-            n
-            for n, p in unet.attn_processors.items()
-            if isinstance(p, (GatedSelfAttnProcessor, GroundingPassThroughProcessor))
-        ]
+        carried = [n for n, p in unet.attn_processors.items() if isinstance(p, GatedSelfAttnProcessor)]
         if other is not None or carried:
             raise RuntimeError(
                 "this UNet already carries a SpatialAdapter "
-                f"({len(carried)} of its processors, first {carried[0] if carried else '?'}); one UNet takes one "
+                f"({len(carried)} gated processors, first {carried[0] if carried else '?'}); one UNet takes one "
                 "adapter. Remove it first (adapter.remove() or unload_spatial_adapter(pipe))."
             )
         blocks = transformer_blocks(unet)
@@ -185,42 +188,79 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"the UNet lacks the adapter's blocks {missing[:3]}...; was it built for another UNet?"
             )
+        fusers = dict(zip(self.layer_names, self.fusers, strict=True))
+        for name, fuser in fusers.items():
+            width = blocks[name].attn1.to_q.in_features
+            if width != fuser.norm1.normalized_shape[0]:
+                raise ValueError(
+                    f"block {name} has width {width}, the fuser was built for {fuser.norm1.normalized_shape[0]}"
+                )
         previous = dict(unet.attn_processors)
         new = dict(previous)
-        hooks = []
-        for name, fuser in zip(self.layer_names, self.fusers, strict=True):
-            block = blocks[name]
-            if block.attn1.to_q.in_features != fuser.norm1.normalized_shape[0]:
-                raise ValueError(
-                    f"block {name} has width {block.attn1.to_q.in_features}, the fuser was built for "
-                    f"{fuser.norm1.normalized_shape[0]}"
-                )
+        for name, fuser in fusers.items():
             new[f"{name}.attn1.processor"] = fuser
-            if block.attn2 is not None:
-                key = f"{name}.attn2.processor"
-                new[key] = GroundingPassThroughProcessor(previous[key])
-            hooks.append(block.register_forward_pre_hook(self._stash_hook(name, fuser), with_kwargs=True))
+        hooks = [
+            block.register_forward_pre_hook(self._block_hook(name, fusers.get(name)), with_kwargs=True)
+            for name, block in blocks.items()
+        ]
         device = next(unet.parameters()).device
         self.to(device)
         unet.set_attn_processor(new)
-        self._installed = {"unet": unet, "previous": previous, "hooks": hooks}
+        pipe = target if target is not unet else None
+        self._installed = {"unet": unet, "previous": previous, "hooks": hooks, "pipe": pipe}
         _INSTALLED[unet] = self
+        if pipe is not None:
+            self._wrap_ip_adapter_methods(pipe)
+
+    def _wrap_ip_adapter_methods(self, pipe) -> None:
+        """diffusers' ``load_ip_adapter``/``unload_ip_adapter`` rebuild every processor by calling its class
+        with no arguments, which a processor holding weights cannot survive. Around those calls on this
+        pipeline, the adapter steps out (its processors go back to what was there before) and back in."""
+        wrapped = []
+        for method in ("load_ip_adapter", "unload_ip_adapter"):
+            original = getattr(type(pipe), method, None)
+            if original is None:
+                continue
+
+            def around(*args, _original=original, **kwargs):
+                self.remove()
+                try:
+                    return _original(pipe, *args, **kwargs)
+                finally:
+                    self.install(pipe)
+
+            around.__doc__ = original.__doc__
+            pipe.__dict__[method] = around
+            wrapped.append(method)
+        self._installed["wrapped"] = wrapped
 
     @staticmethod
-    def _stash_hook(name: str, fuser: GatedSelfAttnProcessor):
+    def _block_hook(name: str, fuser: GatedSelfAttnProcessor | None):
         def hook(block, args, kwargs):
-            if block.attn1.processor is not fuser:
-                warnings.warn(
-                    f"the spatial adapter's processor on {name}.attn1 was replaced by "
-                    f"{type(block.attn1.processor).__name__} (enable_xformers_memory_efficient_attention, "
-                    "attention slicing, fuse_qkv_projections, set_default_attn_processor or load_ip_adapter "
-                    "do this); the adapter is inactive there. Call adapter.remove() and adapter.install() "
-                    "after changing processors.",
-                    stacklevel=2,
-                )
-                return None
-            fuser.stash_residual(args[0] if args else kwargs["hidden_states"])
-            return None
+            positional = "cross_attention_kwargs" not in kwargs and len(args) > _CKA_POSITION
+            cka = args[_CKA_POSITION] if positional else kwargs.get("cross_attention_kwargs")
+            grounding = None
+            if cka and any(k in cka for k in GROUNDING_KEYS):
+                if "grounding_tokens" in cka:
+                    grounding = (cka["grounding_tokens"], cka.get("grounding_scale", 1.0))
+                cka = {k: v for k, v in cka.items() if k not in GROUNDING_KEYS}
+                if positional:
+                    args = (*args[:_CKA_POSITION], cka, *args[_CKA_POSITION + 1 :])
+                else:
+                    kwargs = {**kwargs, "cross_attention_kwargs": cka}
+            if fuser is not None:
+                if block.attn1.processor is not fuser:
+                    warnings.warn(
+                        f"the spatial adapter's processor on {name}.attn1 was replaced by "
+                        f"{type(block.attn1.processor).__name__} (enable_xformers_memory_efficient_attention, "
+                        "attention slicing, fuse_qkv_projections or set_default_attn_processor do this); the "
+                        "adapter is inactive there. Call adapter.remove() and adapter.install() after changing "
+                        "processors.",
+                        stacklevel=2,
+                    )
+                else:
+                    fuser.stash_residual(args[0] if args else kwargs["hidden_states"], grounding)
+            return args, kwargs
 
         return hook
 
@@ -238,27 +278,25 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
             raise RuntimeError(
                 f"{len(swapped)} spatial-adapter processors were replaced after install (first: {swapped[0]}.attn1, "
                 f"now {type(procs[f'{swapped[0]}.attn1.processor']).__name__}); xformers, attention slicing, "
-                "fuse_qkv_projections, set_default_attn_processor and load_ip_adapter replace processors. "
+                "fuse_qkv_projections and set_default_attn_processor replace processors. "
                 "Call adapter.remove() and adapter.install() afterwards."
             )
 
     def remove(self) -> None:
-        """Restore the processors that were installed before and drop the hooks."""
+        """Put back the ``attn1`` processors that were there before, drop the hooks and the pipeline wrappers.
+        Every other processor (``attn2``: IP-Adapter, LoRA, ...) is left exactly as it is now."""
         if self._installed is None:
             raise RuntimeError("the SpatialAdapter is not installed")
-        unet = self._installed["unet"]
+        unet, pipe = self._installed["unet"], self._installed["pipe"]
         for hook in self._installed["hooks"]:
             hook.remove()
-        current = unet.attn_processors
-        restore = {}
-        for name, proc in current.items():
-            if isinstance(proc, GroundingPassThroughProcessor):
-                restore[name] = proc.inner  # whatever runs attn2 now (it may have changed since install)
-            elif isinstance(proc, GatedSelfAttnProcessor):
-                restore[name] = self._installed["previous"][name]
-            else:
-                restore[name] = proc
-        unet.set_attn_processor(restore)
+        fusers = set(map(id, self.fusers))
+        previous = self._installed["previous"]
+        unet.set_attn_processor(
+            {n: previous[n] if id(p) in fusers else p for n, p in unet.attn_processors.items()}
+        )
+        for method in self._installed.get("wrapped", ()):
+            pipe.__dict__.pop(method, None)
         _INSTALLED.pop(unet, None)
         self._installed = None
 

@@ -12,7 +12,14 @@ from open_clip_train.data import CsvDataset
 import clip_ext  # noqa: F401  (registers clip-ext-tiny)
 from clip_ext.loss import MemoryBankClipLoss
 from clip_ext.memory_bank import MemoryBank
-from clip_ext.region import RegionHead, filter_boxes, region_contrastive_loss, region_features, region_forward
+from clip_ext.region import (
+    RegionHead,
+    filter_boxes,
+    hard_negative_loss,
+    region_contrastive_loss,
+    region_features,
+    region_forward,
+)
 from clip_ext.region_data import (
     BatchSideChannel,
     ClipExtCsvDataset,
@@ -21,6 +28,8 @@ from clip_ext.region_data import (
     load_region_table,
 )
 from vlext.toyworld import write_clip_csv
+from vlext.toyworld.clip_csv import hard_negative_phrases
+from vlext.toyworld.scene import ToyObject
 
 
 def test_filter_boxes_clamps_and_counts_what_it_drops():
@@ -286,3 +295,86 @@ def test_bank_region_texts_are_negatives_once_active_and_enqueued_after_the_step
         loss(image, text, torch.tensor(10.0), output_dict=True, **kwargs)
         loss.commit()
     assert int(bank.region_filled) == 4 and int(bank.region_ptr) == 0
+
+
+# --- FG-CLIP's hard-negative region loss ---
+
+
+def test_hard_negative_loss_on_known_logits():
+    region = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    positive = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # cosine 1 with region 0 (features are normalized)
+    negatives = torch.tensor([[[0.0, 1.0], [-1.0, 0.0], [5.0, 5.0]],  # cosines 0, -1, padding
+                              [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # fmt: skip
+    valid = torch.tensor([[True, True, False], [False, False, False]])  # region 1 has no negatives: no anchor
+    loss = hard_negative_loss(region, positive, negatives, valid, torch.tensor(math.log(10.0)))
+    # logits [10, 0, -10]: CE with the true caption first, one direction, as FG-CLIP's hard_contrastive_loss
+    expected = math.log(1 + math.exp(-10) + math.exp(-20))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    clamped = hard_negative_loss(region, positive, negatives, valid, torch.tensor(7.0))  # scale capped at 100
+    assert clamped.item() == pytest.approx(math.log(1 + math.exp(-100) + math.exp(-200)), abs=1e-12)
+    scale = torch.tensor(math.log(2.0), requires_grad=True)
+    hard_negative_loss(region, positive, negatives, valid, scale).backward()
+    assert scale.grad < 0  # a sharper temperature lowers the loss when the true caption already wins
+
+
+def test_hard_negatives_reach_the_loss_through_the_region_forward(tiny_model):
+    image, text, boxes, valid, region_text = _region_batch()
+    g = torch.Generator().manual_seed(4)
+    hn_text = torch.randint(1, 400, (3, 2, 4, 32), generator=g)
+    hn_valid = torch.ones(3, 2, 4, dtype=torch.bool)
+    hn_valid[0, 0, 2:] = False  # region 0 has two negatives
+    head = RegionHead(tiny_model.logit_scale.item(), hard_negatives=True)
+    loss = MemoryBankClipLoss(None, region_head=head, region_weight=0.1, hard_negative_weight=0.5)
+    out = region_forward(tiny_model, image, text, boxes, valid, region_text, hn_text, hn_valid)
+    assert out["hard_negative_text_features"].shape == (24, 64)
+    # padding regions' negatives are not encoded (region 1, slot 1 is padding)
+    assert out["hard_negative_valid"].reshape(3, 2, 4)[1, 1].tolist() == [False] * 4
+    assert (out["hard_negative_text_features"].reshape(3, 2, 4, 64)[1, 1] == 0).all()
+    torch.testing.assert_close(
+        out["hard_negative_text_features"][1], tiny_model.encode_text(hn_text[0, 0, 1:2], normalize=True)[0],
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    values = loss(**out, output_dict=True)
+    assert set(values) == {"contrastive_loss", "region_loss", "hard_negative_loss"}
+    flat_valid = out["hard_negative_valid"].reshape(6, 4)
+    expected = hard_negative_loss(out["region_features"], out["region_text_features"],
+                                  out["hard_negative_text_features"].reshape(6, 4, 64), flat_valid,
+                                  head.hard_negative_logit_scale)  # fmt: skip
+    assert values["hard_negative_loss"].item() == pytest.approx(0.5 * expected.item())
+    values["hard_negative_loss"].backward()
+    assert head.hard_negative_logit_scale.grad is not None and head.hard_negative_logit_scale.grad != 0
+    assert head.logit_scale.grad is None  # each loss has its own temperature
+
+
+def test_toy_world_hard_negatives_swap_one_colour_or_shape_word():
+    obj = ToyObject(shape="circle", color="red", size="small", box=(0.1, 0.1, 0.3, 0.3))
+    negatives = hard_negative_phrases(obj)
+    assert len(negatives) == 10 and len(set(negatives)) == 10 and obj.phrase_en not in negatives
+    assert negatives[0] == "a small orange circle" and "a small blue circle" in negatives
+    assert "a small red square" in negatives
+    for phrase in negatives:  # exactly one word differs
+        assert sum(a != b for a, b in zip(phrase.split(), obj.phrase_en.split())) == 1
+
+
+def test_region_table_keeps_each_kept_boxs_hard_negatives_and_pads_them(toy):
+    root, base = toy
+    table = load_region_table(root / "train_regions.jsonl", base.images, min_area=0.05, min_side=0.0)
+    lines = [json.loads(x) for x in (root / "train_regions.jsonl").read_text().splitlines()]
+    kept = [
+        r for r in lines[0]["regions"] if (r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1]) >= 0.05
+    ]
+    assert table.hard_negatives[0] == [r["hard_negatives"] for r in kept] and table.max_hard_negatives == 10
+    dataset = ClipExtCsvDataset(
+        base, open_clip.image_transform(32, is_train=False), table, hard_negatives=True
+    )
+    _, _, extras = dataset[0]
+    n = len(kept)
+    assert extras["region_hard_negative_text"].shape == (table.max_regions, 10, 32)
+    assert (
+        extras["region_hard_negative_valid"][:n].all() and not extras["region_hard_negative_valid"][n:].any()
+    )
+    assert torch.equal(extras["region_hard_negative_text"][0], base.tokenize(kept[0]["hard_negatives"]))
+    bad = {"filepath": base.images[0], "regions": [{"box": [0.1, 0.1, 0.5, 0.5], "caption": "a red square",
+                                                    "hard_negatives": "a blue square"}]}  # fmt: skip
+    with pytest.raises(RegionDataError, match=r"hn.jsonl:1: region 0 hard_negatives must be a list"):
+        load_region_table(_jsonl(root / "hn.jsonl", [bad]), base.images, 0.0, 0.0)

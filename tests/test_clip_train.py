@@ -4,6 +4,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from vlext.toyworld import write_clip_csv
 
 OUR_FLAGS = ["--memory-bank-size", "--memory-bank-warmup-steps", "--memory-bank-features", "--logit-scale-init",
              "--diag", "--memory-bank-dedup", "--region-data", "--region-loss-weight", "--min-box-area",
-             "--min-box-side"]  # fmt: skip
+             "--min-box-side", "--hard-negative-weight", "--skip-bad-images"]  # fmt: skip
 
 
 def run_trainer(tmp_path, name, *extra, n=32, batch_size=8):
@@ -35,12 +36,22 @@ def log_steps(log_path):
     return sum(1 for line in log_path.read_text().splitlines() if "Train Epoch:" in line)
 
 
-def test_help_shows_our_flags_and_open_clips():
+def test_help_shows_our_flags_and_open_clips_without_importing_torch(tmp_path):
+    code = ("import sys, runpy; sys.argv = ['clip_ext.train', '--help']\n"
+            "try:\n    runpy.run_module('clip_ext.train', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', [m for m in ('torch', 'open_clip') if m in sys.modules])")  # fmt: skip
+    start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "clip_ext.train", "--help"], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=300, cwd=tmp_path)  # fmt: skip
+    seconds = time.perf_counter() - start
     assert result.returncode == 0
     for flag in [*OUR_FLAGS, "--warmup", "--accum-freq", "--train-data"]:
         assert flag in result.stdout, flag
+    assert seconds < 10, f"--help took {seconds:.1f} s"  # 0.4 s measured; a torch import alone takes longer
+    heavy = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert "HEAVY []" in heavy.stdout, heavy.stdout[-500:] + heavy.stderr[-2000:]
 
 
 def test_our_flags_cannot_swallow_open_clip_flags_by_prefix():
@@ -60,11 +71,11 @@ def test_bank_off_by_default_and_bad_values_refused():
         parse_args(["--memory-bank-size", "64", "--siglip"])
 
 
-def test_logit_scale_init_from_scratch_and_pretrained():
+def test_logit_scale_init_applies_only_when_given():
     model = torch.nn.Module()
-    model.logit_scale = torch.nn.Parameter(torch.tensor(4.0))
-    assert init_logit_scale(model, None, pretrained=None) == pytest.approx(FROM_SCRATCH)
-    assert model.logit_scale.item() == pytest.approx(2.6592, abs=1e-4)
+    model.logit_scale = torch.nn.Parameter(torch.tensor(2.302585))  # e.g. SigLIP's ln 10
+    assert init_logit_scale(model, None, pretrained=None) is None  # open_clip's own init stays
+    assert model.logit_scale.item() == pytest.approx(2.302585)
     model.logit_scale.data.fill_(4.2)
     assert init_logit_scale(model, None, pretrained="openai") is None  # the checkpoint's value stays
     assert model.logit_scale.item() == pytest.approx(4.2)
@@ -72,6 +83,8 @@ def test_logit_scale_init_from_scratch_and_pretrained():
     assert model.logit_scale.item() == pytest.approx(4.6052, abs=1e-4)
     with pytest.raises(ValueError, match="--logit-scale-init must lie in"):
         init_logit_scale(model, 5.0, pretrained=None)
+    with pytest.raises(SystemExit, match=r"--logit-scale-init must lie in \[0, ln\(100\) = 4.6052\]"):
+        parse_args(["--logit-scale-init", "5"])
 
 
 def test_bank_smaller_than_global_batch_is_refused(tmp_path):
@@ -85,7 +98,7 @@ def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
                         "2", "--diag", "--log-every-n-steps", "1")  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "logs/run/checkpoints/epoch_1.pt", map_location="cpu")
-    state = checkpoint["state_dict"]
+    state = checkpoint["clip_ext"]["state_dict"]  # our state, under a key open_clip does not read
     steps = int(state["memory_bank.step"])  # one count per optimizer step of the epoch
     assert steps == log_steps(tmp_path / "logs/run/out.log") >= 3
     assert (
@@ -100,7 +113,9 @@ def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
     resumed = run_trainer(tmp_path, "resumed", "--epochs", "2", "--memory-bank-size", "24",
                           "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state2 = torch.load(tmp_path / "logs/resumed/checkpoints/epoch_2.pt", map_location="cpu")["state_dict"]
+    state2 = torch.load(tmp_path / "logs/resumed/checkpoints/epoch_2.pt", map_location="cpu")["clip_ext"][
+        "state_dict"
+    ]
     assert int(state2["memory_bank.step"]) == 2 * steps  # continued, not restarted
 
     wrong = run_trainer(tmp_path, "wrong", "--epochs", "2", "--memory-bank-size", "16",
@@ -181,7 +196,9 @@ def test_region_loss_trains_with_the_bank_dedup_and_gradient_accumulation(tmp_pa
     table = load_region_table(regions, [row.split("\t")[0] for row in rows], min_area=0.05, min_side=0.01)
     assert table.counts["dropped_min_area"] > 0
     assert log.count(table.summary()) == 2 and log.count("epoch 0: " + table.summary()) == 1
-    state = torch.load(tmp_path / "logs/region/checkpoints/epoch_1.pt", map_location="cpu")["state_dict"]
+    state = torch.load(tmp_path / "logs/region/checkpoints/epoch_1.pt", map_location="cpu")["clip_ext"][
+        "state_dict"
+    ]
     # the region temperature is learnt (it started from the global scale, ln(1/0.07)) and clamped
     assert state["clip_ext_region.logit_scale"] != pytest.approx(FROM_SCRATCH, abs=1e-6)
     assert 0 <= float(state["clip_ext_region.logit_scale"]) <= math.log(100)

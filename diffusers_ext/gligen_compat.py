@@ -11,18 +11,25 @@ the weights into processor form is how GLIGEN keeps running on current diffusers
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
 
 from diffusers_ext.spatial_adapter import SpatialAdapter, transformer_blocks
 
 __all__ = [
+    "adapter_from_gated_state_dict",
     "adapter_from_gated_unet",
     "adapter_from_gligen_checkpoint",
     "adapter_to_gated_state_dict",
     "adapter_to_gligen_checkpoint",
     "diffusers_to_ldm_block_name",
+    "gated_state_dict_from_gligen_checkpoint",
+    "gligen_checkpoint",
+    "save_gligen_checkpoint",
+    "unet_key_to_ldm",
 ]
 
 # processor parameter suffix -> GLIGEN fuser parameter suffix (same in diffusers and the official repo)
@@ -110,8 +117,10 @@ def adapter_to_gated_state_dict(adapter: SpatialAdapter) -> dict[str, torch.Tens
     ``gated_unet.load_state_dict(..., strict=False)``."""
     if adapter.config.phrase_norm:
         raise ValueError(
-            "this adapter has phrase_norm=True, which GLIGEN's position net lacks; only adapters built with "
-            "phrase_norm=False convert to GLIGEN weights exactly"
+            "this adapter has phrase_norm=True: a LayerNorm on the phrase features that GLIGEN's position net "
+            "does not have (we add it for ChatGLM's large-scale features), so GLIGEN and diffusers' gated UNet "
+            "could not run it and the weights would mean something else there. Only adapters built with "
+            "phrase_norm=False (GLIGEN's own, and every converted GLIGEN checkpoint) export to GLIGEN format."
         )
     out = {f"position_net.{k}": v for k, v in adapter.position_net.state_dict().items()}
     for name, fuser in zip(adapter.layer_names, adapter.fusers, strict=True):
@@ -186,3 +195,145 @@ def adapter_to_gligen_checkpoint(adapter: SpatialAdapter, unet) -> dict[str, tor
         block, sep, param = key.partition(".fuser.")
         out[f"{diffusers_to_ldm_block_name(block, lpb)}.fuser.{param}" if sep else key] = value
     return out
+
+
+# --- whole checkpoints: base UNet + fusers + position net -------------------------------------------------
+
+_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_DIRECT_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _resnet_to_ldm(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_RESNET_TO_LDM[head]}.{tail}"
+
+
+def _check_sd_layout(unet) -> None:
+    cfg = unet.config
+    extra = [k for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type") if cfg.get(k)]
+    if extra or cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(
+            f"GLIGEN checkpoints hold SD1.x-layout UNets; this UNet has {extra or cfg.get('mid_block_type')} "
+            "(SDXL/Kolors-style conditioning or another mid block), which LDM's GLIGEN UNet cannot express"
+        )
+    _layers_per_block(unet)
+
+
+def unet_key_to_ldm(key: str, unet) -> str:
+    """A diffusers ``UNet2DConditionModel`` (gated or plain) state-dict key -> its name in LDM's UNet, the
+    naming of GLIGEN's checkpoints; the inverse of diffusers' ``convert_ldm_unet_checkpoint``."""
+    lpb, step = unet.config.layers_per_block, unet.config.layers_per_block + 1
+    head, _, param = key.rpartition(".")
+    if head in _DIRECT_TO_LDM:
+        return f"{_DIRECT_TO_LDM[head]}.{param}"
+    if key.startswith("position_net."):
+        return key
+    m = re.fullmatch(
+        r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key
+    )
+    if m:
+        kind, level, part, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if part == "downsamplers":
+            return f"input_blocks.{(level + 1) * step}.0.op.{rest.removeprefix('conv.')}"
+        if part == "upsamplers":
+            has_attn = unet.config.up_block_types[level].startswith("CrossAttn")
+            return f"output_blocks.{level * step + lpb}.{2 if has_attn else 1}.{rest}"
+        idx = 1 + level * step + j if kind == "down" else level * step + j
+        prefix = "input_blocks" if kind == "down" else "output_blocks"
+        return f"{prefix}.{idx}.0.{_resnet_to_ldm(rest)}" if part == "resnets" else f"{prefix}.{idx}.1.{rest}"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        part, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        return (
+            f"middle_block.{2 * j}.{_resnet_to_ldm(rest)}" if part == "resnets" else f"middle_block.1.{rest}"
+        )
+    raise KeyError(f"{key!r} has no place in LDM's SD1.x UNet layout")
+
+
+def gligen_checkpoint(adapter: SpatialAdapter, unet) -> dict:
+    """A complete official-format GLIGEN checkpoint ``{"model": state_dict}``: ``unet``'s base weights and the
+    adapter's fusers and position net, all in LDM naming (what gligen/GLIGEN saves, and what diffusers'
+    ``scripts/convert_gligen_to_diffusers.py`` reads back into a gated UNet). Refuses ``phrase_norm=True``."""
+    _check_sd_layout(unet)
+    state = {k: v for k, v in unet.state_dict().items() if ".processor." not in k}
+    state.update(adapter_to_gated_state_dict(adapter))
+    return {"model": {unet_key_to_ldm(k, unet): v.detach().cpu().clone() for k, v in state.items()}}
+
+
+def save_gligen_checkpoint(adapter: SpatialAdapter, unet, path: str | os.PathLike) -> Path:
+    """Write :func:`gligen_checkpoint` with ``torch.save`` atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    checkpoint = gligen_checkpoint(adapter, unet)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def gated_state_dict_from_gligen_checkpoint(checkpoint: dict, unet) -> dict[str, torch.Tensor]:
+    """An official GLIGEN checkpoint (``{"model": ...}`` or its ``model`` dict, keys with or without
+    ``model.diffusion_model.``) -> the state dict of diffusers' gated UNet with ``unet``'s config. The base
+    UNet goes through diffusers' own ``convert_ldm_unet_checkpoint``; fusers ride along inside the attention
+    blocks and the position net keeps its names, as in diffusers' GLIGEN conversion script."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    _check_sd_layout(unet)
+    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict) or not model:
+        raise ValueError("a GLIGEN checkpoint is a dict whose 'model' entry holds the UNet state dict")
+    clean = {}
+    for key, value in model.items():
+        for prefix in _OFFICIAL_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        clean[key] = value
+    if not any(".fuser." in k for k in clean):
+        raise KeyError("no '.fuser.' keys found: this is not a GLIGEN checkpoint")
+    converted = convert_ldm_unet_checkpoint(
+        {f"model.diffusion_model.{k}": v for k, v in clean.items()}, dict(unet.config)
+    )
+    converted.update({k: v for k, v in clean.items() if k.startswith("position_net.")})
+    return converted
+
+
+def adapter_from_gated_state_dict(state_dict: dict, unet) -> tuple[SpatialAdapter, dict]:
+    """Split a gated-UNet state dict into ``(adapter, base_state_dict)``: the fusers and position net as a
+    SpatialAdapter for ``unet``, and the remaining keys (the base UNet's weights)."""
+    fuser_sd: dict[str, dict] = {}
+    base = {}
+    blocks = transformer_blocks(unet)
+    for key, value in state_dict.items():
+        block, sep, param = key.partition(".fuser.")
+        if sep:
+            if block not in blocks:
+                raise KeyError(f"fuser {block!r} has no matching transformer block in this UNet")
+            fuser_sd.setdefault(block, {})[param] = value
+        elif not key.startswith("position_net."):
+            base[key] = value
+    if not fuser_sd:
+        raise KeyError("no '.fuser.' keys found: these are not GLIGEN (gated UNet) weights")
+    position_sd = {
+        k[len("position_net.") :]: v for k, v in state_dict.items() if k.startswith("position_net.")
+    }
+    return _build(unet, fuser_sd, position_sd), base

@@ -77,7 +77,15 @@ def main(argv=None):
     if not Path(args.cfg_path).is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} is not a file")
 
-    import lavis_ext  # noqa: F401  (shims + registrations, before anything of LAVIS runs)
+    # Shims, then our registrations, before anything of LAVIS runs (``import lavis_ext`` does the same; done
+    # here explicitly so that this module never depends on the package having been imported eagerly).
+    from lavis_ext import compat
+
+    compat.apply()
+    import lavis_ext.datasets  # noqa: F401
+    import lavis_ext.models  # noqa: F401
+    import lavis_ext.processors  # noqa: F401
+    import lavis_ext.tasks  # noqa: F401
     from lavis_ext import config_check
     from lavis_ext.runner import SafeRunner, claim_run_folder, new_job_id
 

@@ -9,10 +9,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
 
 
-def launch(command, timeout):
-    """Run ``command`` from the repository root offline with one thread; assert it succeeds; return its log."""
+def launch(command, timeout, cwd=ROOT):
+    """Run ``command`` (from the repository root unless ``cwd``) offline with one thread; assert it succeeds;
+    return its log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout + result.stderr
 

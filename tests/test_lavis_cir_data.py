@@ -1,6 +1,7 @@
 """CIR recall on hand-made similarity matrices, SPRC's target pad, the cirr/fashioniq builders and the task."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -191,3 +192,105 @@ def test_task_rejects_non_positive_chunks(key):
 
     with pytest.raises(ValueError, match=f"run.{key} must be a positive int, got 0"):
         registry.get_task_class("composed_image_retrieval")(**{key: 0})
+
+
+def test_lavis_import_leaves_truncated_images_refused():
+    """LAVIS turns PIL's LOAD_TRUNCATED_IMAGES on at import; lavis_ext.compat turns it back off."""
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def copy_of(toy_cirr, tmp_path):
+    import shutil
+
+    root = tmp_path / "cirr_dataset"
+    shutil.copytree(toy_cirr, root)
+    return root
+
+
+def test_truncated_image_is_named_not_padded(toy_cirr, tmp_path):
+    root = copy_of(toy_cirr, tmp_path)
+    rows = json.loads((root / "cirr/captions/cap.rc2.train.json").read_text())
+    relpath = json.loads((root / "cirr/image_splits/split.rc2.train.json").read_text())[rows[0]["reference"]]
+    data = (root / relpath).read_bytes()
+    (root / relpath).write_bytes(data[: len(data) * 2 // 3])
+    dataset = build("cirr", root, ["train"])["train"]
+    with pytest.raises(ValueError, match="not a readable image: .*" + relpath.split("/")[-1] + ".*truncated"):
+        dataset[0]
+
+
+def edit_rows(root, split, edit):
+    path = root / f"cirr/captions/cap.rc2.{split}.json"
+    rows = json.loads(path.read_text())
+    edit(rows)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda rows: rows[3].pop("target_hard"), "row 3: 'target_hard' is missing or null"),
+        (lambda rows: rows[2].pop("caption"), "row 2: 'caption' is missing or null"),
+        (lambda rows: rows[1].update(caption=None), "row 1: 'caption' is missing or null"),
+        (lambda rows: rows[4].update(caption="  "), "row 4: 'caption' must be a non-empty str"),
+        (
+            lambda rows: rows[0].update(reference="nope"),
+            "row 0: 'reference' image 'nope' is not in the split",
+        ),
+        (lambda rows: rows[5]["img_set"].pop("members"), "row 5: 'members' is missing"),
+    ],
+    ids=["no_target_hard", "no_caption", "null_caption", "blank_caption", "unknown_reference", "no_members"],
+)
+def test_malformed_cirr_row_is_named_by_file_and_row(toy_cirr, tmp_path, edit, message):
+    from lavis_ext.datasets.cir_datasets import AnnotationError
+
+    root = copy_of(toy_cirr, tmp_path)
+    path = edit_rows(root, "train", edit)
+    with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*" + re.escape(message)):
+        build("cirr", root, ["train"])
+
+
+def test_malformed_captions_json_is_named(toy_cirr, tmp_path):
+    from lavis_ext.datasets.cir_datasets import AnnotationError
+
+    root = copy_of(toy_cirr, tmp_path)
+    path = root / "cirr/captions/cap.rc2.val.json"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(AnnotationError, match=re.escape(f"{path} is not valid JSON")):
+        build("cirr", root, ["val"])
+
+
+def test_cirr_test1_rows_need_no_target(toy_cirr):
+    datasets = build("cirr", toy_cirr, ["test"])
+    assert len(datasets["test"]) == 6 and not datasets["test"].has_targets
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda rows: rows[1].pop("target"), "row 1: 'target' is missing or null"),
+        (
+            lambda rows: rows[0].update(captions=["only one"]),
+            "row 0: 'captions' must hold two non-empty strings",
+        ),
+        (
+            lambda rows: rows[2].update(captions=[None, "x"]),
+            "row 2: 'captions' must hold two non-empty strings",
+        ),
+        (lambda rows: rows[0].pop("candidate"), "row 0: 'candidate' is missing or null"),
+    ],
+    ids=["no_target", "one_caption", "null_caption", "no_candidate"],
+)
+def test_malformed_fashioniq_row_is_named_by_file_and_row(tmp_path, edit, message):
+    from lavis_ext.datasets.cir_datasets import AnnotationError
+    from vlext.toyworld import write_fashioniq
+
+    root = write_fashioniq(tmp_path / "fashionIQ_dataset", n_per_category=3, seed=0, image_size=32)
+    path = root / "captions/cap.shirt.train.json"
+    rows = json.loads(path.read_text())
+    edit(rows)
+    path.write_text(json.dumps(rows))
+    with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*" + re.escape(message)):
+        build("fashioniq", root, ["train"])

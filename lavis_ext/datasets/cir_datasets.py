@@ -6,6 +6,8 @@ encodes each gallery image once instead of once per query.
 
 Every image path is checked when the dataset is built, and an unreadable image raises an error naming the
 file: SPRC silently drops a missing image and then fails much later, in validation, with an index error.
+Every annotation row is checked when the dataset is built (:class:`AnnotationError` names the file and the
+row index); none is dropped silently.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["CirEvalDataset", "CirGallery", "CirTrainDataset", "read_cirr", "read_fashioniq"]
+__all__ = [
+    "AnnotationError",
+    "CirEvalDataset",
+    "CirGallery",
+    "CirTrainDataset",
+    "read_cirr",
+    "read_fashioniq",
+]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def load_image(path: Path) -> Image.Image:
+    """Decode the whole file; a missing, non-image or truncated file raises an error naming it.
+
+    Truncated files are caught because :mod:`lavis_ext.compat` restores PIL's ``LOAD_TRUNCATED_IMAGES =
+    False`` after LAVIS turned it on process-wide (it would pad a half-written PNG with grey and train on it).
+    """
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -31,10 +45,45 @@ def load_image(path: Path) -> Image.Image:
         raise ValueError(f"image file is not a readable image: {path} ({error})") from error
 
 
+class AnnotationError(ValueError):
+    """A malformed annotation file or row; the message names the file and the row index."""
+
+
 def _read_json(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{path} is not valid JSON: {error}") from error
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = _read_json(path)
+    if not isinstance(rows, list):
+        raise AnnotationError(f"{path} must hold a JSON list of rows, got a {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise AnnotationError(f"{path} row {index}: expected an object, got {row!r}")
+    return rows
+
+
+def _field(row: dict, key: str, path: Path, index: int, kinds=(str,), where: set | None = None):
+    """``row[key]``, which must exist, have one of ``kinds`` (a string must not be blank) and, when
+    ``where`` is given, name an image of the split; else an error naming file, row and key."""
+    if key not in row or row[key] is None:
+        raise AnnotationError(f"{path} row {index}: '{key}' is missing or null (row keys: {sorted(row)})")
+    value = row[key]
+    if (
+        not isinstance(value, kinds)
+        or isinstance(value, bool)
+        or (isinstance(value, str) and not value.strip())
+    ):
+        accepted = " or ".join(kind.__name__ for kind in kinds)
+        raise AnnotationError(f"{path} row {index}: '{key}' must be a non-empty {accepted}, got {value!r}")
+    if where is not None and value not in where:
+        raise AnnotationError(f"{path} row {index}: '{key}' image {value!r} is not in the split's image list")
+    return value
 
 
 def _check_files(paths: dict[str, Path], where: Path) -> None:
@@ -44,28 +93,46 @@ def _check_files(paths: dict[str, Path], where: Path) -> None:
 
 
 def read_cirr(root: str | Path, split: str) -> tuple[list[dict], dict[str, Path]]:
-    """CIRR triplets and {image name: path}; ``root`` is SPRC's ``base_path / "cirr_dataset"``."""
+    """CIRR triplets and {image name: path}; ``root`` is SPRC's ``base_path / "cirr_dataset"``.
+
+    Every row must have reference, caption, img_set.members and pairid, and (except on test1, whose
+    targets are hidden) target_hard: a row without one is an error naming the file and row, never dropped.
+    """
     if split not in ("train", "val", "test1"):
         raise ValueError(f"CIRR split must be train, val or test1, got {split!r}")
     root = Path(root)
     split_file = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
     paths = {name: root / rel for name, rel in _read_json(split_file).items()}
     _check_files(paths, split_file)
-    triplets = [
-        {
-            "reference": row["reference"],
-            "target": row.get("target_hard"),
-            "caption": row["caption"],
-            "members": list(row["img_set"]["members"]),
-            "pairid": row["pairid"],
-        }
-        for row in _read_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json")
-    ]
+    captions = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
+    triplets = []
+    for index, row in enumerate(_read_rows(captions)):
+        img_set = _field(row, "img_set", captions, index, kinds=(dict,))
+        members = _field(img_set, "members", captions, index, kinds=(list,))
+        for member in members:
+            if member not in paths:
+                raise AnnotationError(
+                    f"{captions} row {index}: img_set member {member!r} is not in the split's image list"
+                )
+        has_target = split != "test1"
+        triplets.append(
+            {
+                "reference": _field(row, "reference", captions, index, where=paths),
+                "target": _field(row, "target_hard", captions, index, where=paths) if has_target else None,
+                "caption": _field(row, "caption", captions, index),
+                "members": list(members),
+                "pairid": _field(row, "pairid", captions, index, kinds=(int, str)),
+            }
+        )
     return triplets, paths
 
 
 def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES):
-    """FashionIQ triplets (both captions joined as SPRC does) and {image name: path}."""
+    """FashionIQ triplets (both captions joined as SPRC does) and {image name: path}.
+
+    Every row must have candidate, a list of two caption strings and (except on test) target; a malformed
+    row is an error naming the file and row.
+    """
     root = Path(root)
     triplets, paths = [], {}
     for category in categories:
@@ -76,12 +143,20 @@ def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES
         category_paths = {name: root / "images" / f"{name}.png" for name in names}
         _check_files(category_paths, split_file)
         paths.update(category_paths)
-        for row in _read_json(root / "captions" / f"cap.{category}.{split}.json"):
-            first, second = (c.strip(".?, ") for c in row["captions"][:2])
+        captions = root / "captions" / f"cap.{category}.{split}.json"
+        for index, row in enumerate(_read_rows(captions)):
+            texts = _field(row, "captions", captions, index, kinds=(list,))
+            if len(texts) < 2 or not all(isinstance(t, str) and t.strip(".?, ") for t in texts[:2]):
+                raise AnnotationError(
+                    f"{captions} row {index}: 'captions' must hold two non-empty strings, got {texts!r}"
+                )
+            first, second = (c.strip(".?, ") for c in texts[:2])
             triplets.append(
                 {
-                    "reference": row["candidate"],
-                    "target": row.get("target"),
+                    "reference": _field(row, "candidate", captions, index, where=category_paths),
+                    "target": _field(row, "target", captions, index, where=category_paths)
+                    if split != "test"
+                    else row.get("target"),
                     "caption": f"{first} and {second}",
                     "category": category,
                 }
@@ -97,9 +172,9 @@ class _CirDataset(Dataset):
 
 class CirTrainDataset(_CirDataset):
     def __init__(self, triplets, paths, vis_processor, text_processor):
-        self.triplets = [t for t in triplets if t["target"] is not None]
-        if not self.triplets:
-            raise ValueError("training split has no triplets with a target")
+        self.triplets = list(triplets)
+        if not self.triplets or any(t["target"] is None for t in self.triplets):
+            raise ValueError("a training split needs triplets, each with a target")
         self.paths, self.vis_processor, self.text_processor = paths, vis_processor, text_processor
 
     def __len__(self):

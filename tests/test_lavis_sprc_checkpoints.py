@@ -78,3 +78,61 @@ def test_truncated_file_is_named_and_refused(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
         read_state_dict(tmp_path / "nope.pth")
+
+
+# ---------------------------------------------------------------- through the model's config keys (tiny)
+def tiny_model(**overrides):
+    from omegaconf import OmegaConf
+
+    from lavis_ext.models.blip2_cir_align_prompt import Blip2QformerCirAlignPrompt
+
+    cfg = OmegaConf.load(Blip2QformerCirAlignPrompt.default_config_path("tiny")).model
+    for key, value in overrides.items():
+        cfg[key] = value
+    return Blip2QformerCirAlignPrompt.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_state():
+    torch.manual_seed(123)  # another init than the one the loading model starts from
+    return tiny_model().state_dict()
+
+
+def layouts(state):
+    return {
+        "sprc": {"epoch": 12, "Blip2QformerCirAlignPrompt": state},
+        "lavis": {"model": state, "optimizer": {}, "config": {}, "scaler": None, "epoch": 2},
+        "state_dict": state,
+    }
+
+
+@pytest.mark.parametrize("layout", ["sprc", "lavis", "state_dict"])
+@pytest.mark.parametrize("key", ["finetuned", "pretrained"])
+def test_config_checkpoint_keys_accept_every_layout(tmp_path, trained_state, layout, key):
+    path = save(tmp_path, layouts(trained_state)[layout])
+    torch.manual_seed(0)
+    model = tiny_model(load_finetuned=key == "finetuned", **{key: str(path)})
+    loaded = model.state_dict()
+    assert loaded.keys() == trained_state.keys()
+    assert all(torch.equal(loaded[k], trained_state[k]) for k in trained_state)
+
+
+def test_load_checkpoint_on_the_model_reads_sprc_files(tmp_path, trained_state):
+    path = save(tmp_path, layouts(trained_state)["sprc"])
+    model = tiny_model()
+    assert not torch.equal(model.prompt_tokens.detach(), trained_state["prompt_tokens"])
+    model.load_checkpoint(str(path))
+    assert torch.equal(model.prompt_tokens.detach(), trained_state["prompt_tokens"])
+
+
+def test_finetuned_missing_a_trainable_weight_is_refused(tmp_path, trained_state):
+    state = {k: v for k, v in trained_state.items() if k != "prompt_tokens"}
+    path = save(tmp_path, layouts(state)["sprc"])
+    with pytest.raises(RuntimeError, match="prompt_tokens"):
+        tiny_model(load_finetuned=True, finetuned=str(path))
+
+
+def test_finetuned_with_an_unknown_layout_names_its_keys(tmp_path, trained_state):
+    path = save(tmp_path, {"weights": trained_state, "epoch": 1})
+    with pytest.raises(CheckpointFormatError, match=r"top-level keys \['epoch', 'weights'\]"):
+        tiny_model(load_finetuned=True, finetuned=str(path))

@@ -28,6 +28,8 @@ from lavis.models.base_model import all_gather_with_grad
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from torch import nn
 
+from lavis_ext.models import clip_vit_l
+from lavis_ext.models.checkpoint_io import read_state_dict
 from lavis_ext.models.gated_fusion import GatedFusion
 from lavis_ext.models.qformer_lora import apply_qformer_lora, check_lora_config
 from lavis_ext.models.sprc_qformer import to_sprc_qformer
@@ -39,6 +41,7 @@ _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 # Config keys read by from_config and the types they accept (bad types fail before anything is built).
 _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "vit_model": (str,),
+    "vit_depth": (int,),
     "image_size": (int,),
     "drop_path_rate": (int, float),
     "use_grad_checkpoint": (bool,),
@@ -127,11 +130,12 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         gather_negatives: bool = False,
         bert_base: str | None = None,
         tiny_vit: dict | None = None,
+        vit_depth: int | None = None,
     ):
         super().__init__()
         self.tokenizer = self._init_tokenizer(bert_base)
         self.visual_encoder, self.ln_vision = self._init_vision(
-            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, tiny_vit
+            vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, tiny_vit, vit_depth
         )
         if freeze_vit:
             for param in self.visual_encoder.parameters():
@@ -216,7 +220,23 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         return qformer, query_tokens
 
     @classmethod
-    def _init_vision(cls, vit_model, img_size, drop_path_rate, use_grad_checkpoint, precision, tiny_vit):
+    def _init_vision(
+        cls, vit_model, img_size, drop_path_rate, use_grad_checkpoint, precision, tiny_vit, vit_depth=None
+    ):
+        if vit_depth is not None and vit_model != "clip_L":
+            raise ValueError(
+                f"vit_depth applies to vit_model 'clip_L' only (EVA ViT-g's depth is fixed, tiny_eva's is "
+                f"tiny_vit.depth), got vit_model {vit_model!r} with vit_depth {vit_depth}"
+            )
+        if vit_model == "clip_L":
+            visual_encoder = clip_vit_l.build_clip_vit_l(
+                img_size,
+                clip_vit_l.SPRC_VIT_L_DEPTH if vit_depth is None else vit_depth,
+                use_grad_checkpoint,
+                precision,
+                weights=clip_vit_l.CLIP_VIT_L_WEIGHTS,
+            )
+            return visual_encoder, LayerNorm(visual_encoder.num_features)
         if vit_model != "tiny_eva":
             return cls.init_vision_encoder(
                 vit_model, img_size, drop_path_rate, use_grad_checkpoint, precision
@@ -496,17 +516,86 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
             gather_negatives=values.get("gather_negatives", False),
             bert_base=bert_base,
             tiny_vit=values.get("tiny_vit"),
+            vit_depth=values.get("vit_depth"),
         )
-        model.load_checkpoint_from_config(cfg)
-        if lora is not None:  # after loading, so pretrained checkpoints keep their plain Q-Former key names
-            apply_qformer_lora(model.Qformer, lora)
+        model.load_checkpoint_from_config(cfg, lora=lora)
         return model
 
-    def load_checkpoint_from_config(self, cfg, **kwargs):
-        """LAVIS's rule, except that an empty path (the ``tiny`` type) means "start from the init"."""
-        key = "finetuned" if cfg.get("load_finetuned", True) else "pretrained"
-        if cfg.get(key):
-            super().load_checkpoint_from_config(cfg, **kwargs)
+    def load_checkpoint_from_config(self, cfg, lora: dict | None = None, **kwargs):
+        """LAVIS's rule (``finetuned`` when ``load_finetuned``, else ``pretrained``; an empty path means "start
+        from the init"), in every checkpoint layout :func:`read_state_dict` reads, with LoRA in between.
+
+        The pretrained (BLIP-2) weights load before LoRA wraps the Q-Former, so they keep their plain key
+        names; a fine-tuned checkpoint loads after it, so LoRA weights find their modules. A fine-tuned file
+        that leaves out frozen weights (a runner checkpoint) gets them from ``pretrained`` first.
+        """
+        finetuned = cfg.get("finetuned") if cfg.get("load_finetuned", True) else None
+        pretrained = cfg.get("pretrained")
+        state_dict = meta = None
+        if finetuned:
+            state_dict, meta = read_state_dict(finetuned)
+        if pretrained and (state_dict is None or set(self.state_dict()) - set(state_dict)):
+            self.load_from_pretrained(pretrained)
+        if lora is not None:
+            apply_qformer_lora(self.Qformer, lora)
+        if state_dict is not None:
+            self._load_finetuned(state_dict, meta)
+
+    def load_checkpoint(self, url_or_filename):
+        """Load a fine-tuned checkpoint (SPRC release, LAVIS runner checkpoint or bare state dict), strictly:
+        every trainable parameter must be in it and nothing else may be (frozen ones may be left out)."""
+        return self._load_finetuned(*read_state_dict(url_or_filename))
+
+    def load_from_pretrained(self, url_or_filename):
+        """Load BLIP-2 weights to start from (any layout), as LAVIS does: keys this model has beyond BLIP-2's
+        (``prompt_tokens``, gated fusion) keep their init, keys it lacks are reported, not fatal (BLIP-2 files of
+        other heads carry modules this model does not have). A ViT of another depth is refused."""
+        state_dict, meta = read_state_dict(url_or_filename)
+        self._check_vit_depth(state_dict, meta, exact=False)
+        result = super().load_state_dict(state_dict, strict=False)
+        logging.info(
+            "loaded pretrained %s (%s layout): %d keys not in the file keep their init, %d keys of the file unused",
+            meta["path"],
+            meta["format"],
+            len(result.missing_keys),
+            len(result.unexpected_keys),
+        )
+        if result.unexpected_keys:
+            logging.warning(
+                "pretrained %s: %d key(s) this model does not have, unused: %s",
+                meta["path"],
+                len(result.unexpected_keys),
+                result.unexpected_keys[:10],
+            )
+        return result
+
+    def _load_finetuned(self, state_dict: dict, meta: dict):
+        self._check_vit_depth(state_dict, meta, exact=True)
+        result = self.load_state_dict(state_dict, strict=True)
+        logging.info("loaded checkpoint %s (%s layout)", meta["path"], meta["format"])
+        return result
+
+    def _check_vit_depth(self, state_dict: dict, meta: dict, exact: bool) -> None:
+        """Refuse a checkpoint whose ViT has another number of blocks than the built one.
+
+        A fine-tuned checkpoint must match exactly. A pretrained one may hold fewer blocks (the rest come from
+        the ViT's own weights, as in SPRC, whose 23-block ViT-L starts from LAVIS's 21-block BLIP-2 file), never
+        more: a non-strict load would silently drop them.
+        """
+        found = clip_vit_l.vit_depth_of(state_dict, "visual_encoder.")
+        built = clip_vit_l.vit_depth_of(self.state_dict(), "visual_encoder.")
+        if found is None or built is None or found == built or (found < built and not exact):
+            return
+        is_clip = any(k.startswith("visual_encoder.transformer.resblocks.") for k in state_dict)
+        fix = (
+            f"set the model config key vit_depth: {found} (--options model.vit_depth={found}); SPRC's ViT-L "
+            f"checkpoints hold {clip_vit_l.SPRC_VIT_L_DEPTH}, LAVIS's BLIP-2 pretrain_vitL {clip_vit_l.LAVIS_VIT_L_DEPTH}"
+            if is_clip
+            else "it was trained with another vit_model (EVA ViT-g has 39 blocks)"
+        )
+        raise ValueError(
+            f"checkpoint {meta['path']} holds a ViT with {found} blocks but this model was built with {built}: {fix}"
+        )
 
     @classmethod
     def default_config_path(cls, model_type):

@@ -20,6 +20,7 @@ from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 from torch.utils.data import DataLoader, Subset
 
+from lavis_ext.optim import OneCycleLRScheduler
 from lavis_ext.tasks.recall import cirr_metrics, fashioniq_metrics, subset_ranks, target_ranks
 
 __all__ = ["ComposedImageRetrievalTask"]
@@ -61,12 +62,21 @@ class ComposedImageRetrievalTask(BaseTask):
     @classmethod
     def setup_task(cls, cfg):
         run_cfg = cfg.run_cfg
-        return cls(
+        task = cls(
             rank_chunk=run_cfg.get("rank_chunk", 1024),
             gallery_fp16=run_cfg.get("gallery_fp16", False),
             write_submission=run_cfg.get("write_submission", False),
             rank_gallery_chunk=run_cfg.get("rank_gallery_chunk", 2048),
         )
+        task.run_cfg = run_cfg
+        return task
+
+    def train_epoch(self, epoch, model, data_loader, optimizer, lr_scheduler, *args, **kwargs):
+        """LAVIS's epoch, after telling a one-cycle schedule how long an epoch is (LAVIS schedulers only
+        learn epoch numbers, and a one-cycle curve is laid out over the total number of steps)."""
+        if isinstance(lr_scheduler, OneCycleLRScheduler):
+            lr_scheduler.start_epoch(len(data_loader), getattr(self, "run_cfg", None))
+        return super().train_epoch(epoch, model, data_loader, optimizer, lr_scheduler, *args, **kwargs)
 
     @torch.no_grad()
     def evaluation(self, model, data_loader, cuda_enabled=True):

@@ -215,6 +215,13 @@ def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, a
     return boxes.to(device), feats.to(device), masks.to(device)
 
 
+def _kill_if_testing(folder: Path) -> None:
+    """The test hook (``KILL_HOOK_ENV``): die here, between two files of ``checkpoint-<step>``."""
+    step = os.environ.get(KILL_HOOK_ENV)
+    if step is not None and folder.name == f".checkpoint-{step}.tmp":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _resume_folder(args, output_dir: Path, say) -> Path:
     """The checkpoint ``--resume`` names: 'latest' is the newest complete one in ``--output-dir``; an
     explicit folder must be complete too."""
@@ -245,7 +252,8 @@ def _resume_folder(args, output_dir: Path, say) -> Path:
 
 def train(argv: list[str] | None = None) -> dict:
     """Run training from command-line arguments; returns steps, per-step losses, final gate stats, the
-    cleaning report and the names of the trained parameters."""
+    cleaning report, the names of the trained parameters, the UNet's dtype and whether it recomputes
+    activations (gradient checkpointing)."""
     args = build_parser().parse_args(argv)
     _check_args(args)
     output_dir = Path(args.output_dir)
@@ -379,10 +387,7 @@ def train(argv: list[str] | None = None) -> dict:
     def save_hook(models, weights, out_dir):
         if accelerator.is_main_process:
             save_file(trainable_state(), str(Path(out_dir) / "trainable.safetensors"))
-            if os.environ.get(KILL_HOOK_ENV) == Path(out_dir).name.removeprefix(".checkpoint-").removesuffix(
-                ".tmp"
-            ):
-                os.kill(os.getpid(), signal.SIGKILL)
+            _kill_if_testing(Path(out_dir))
         weights.clear()
 
     def load_hook(models, in_dir):
@@ -563,6 +568,8 @@ def train(argv: list[str] | None = None) -> dict:
         "gate_stats": adapter.gate_stats(),
         "cleaning": report,
         "trainable": trainable_names,
+        "unet_dtype": str(unet.dtype),
+        "gradient_checkpointing": unet.is_gradient_checkpointing,
     }
 
 

@@ -62,8 +62,9 @@ def check_grounding_inputs(
 
     The box rule (``BOX_RULE``) applies to live objects (mask > 0); padding slots may hold anything."""
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
+        hint = " (one layout of shape (objects, 4): wrap it in a batch, [boxes])" if boxes.ndim == 2 else ""
         raise ValueError(
-            f"{where}: boxes must have shape (batch, objects, 4) in xyxy, got {tuple(boxes.shape)}"
+            f"{where}: boxes must have shape (batch, objects, 4) in xyxy, got {tuple(boxes.shape)}{hint}"
         )
     batch, n_objs = boxes.shape[:2]
     if n_objs > max_objs:

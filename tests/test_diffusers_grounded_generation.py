@@ -274,6 +274,34 @@ def test_non_finite_gate_scale_is_refused(pipes):
     try:
         with pytest.raises(ValueError, match="finite"):
             grounding_cross_attention_kwargs(pipe, adapter, PHRASES, BOXES, gate_scale=float("inf"))
+        for bad in (float("nan"), "2", None):
+            with pytest.raises(ValueError, match=f"finite real number.*{bad}"):
+                generate(pipe, adapter, "x", PHRASES, BOXES, gate_scale=bad, num_inference_steps=1)
+    finally:
+        adapter.remove()
+
+
+def test_boxes_as_tensors_lists_or_tuples_give_the_same_tokens(pipes):
+    pipe = pipes["sd"]
+    adapter = _adapter(pipe)
+    adapter.install(pipe)
+    try:
+        as_lists = grounding_cross_attention_kwargs(pipe, adapter, PHRASES, BOXES)["grounding_tokens"]
+        as_tuples = grounding_cross_attention_kwargs(pipe, adapter, tuple(PHRASES), tuple(map(tuple, BOXES)))
+        as_tensor = grounding_cross_attention_kwargs(pipe, adapter, PHRASES, torch.tensor(BOXES))
+    finally:
+        adapter.remove()
+    assert torch.equal(as_lists, as_tuples["grounding_tokens"])
+    assert torch.equal(as_lists, as_tensor["grounding_tokens"])
+
+
+def test_unknown_schedule_name_is_refused(pipes):
+    pipe = pipes["sd"]
+    adapter = _adapter(pipe)
+    adapter.install(pipe)
+    try:
+        with pytest.raises(ValueError, match="schedule must be 'gligen'"):
+            generate(pipe, adapter, "x", PHRASES, BOXES, schedule="glide", num_inference_steps=1)
     finally:
         adapter.remove()
 

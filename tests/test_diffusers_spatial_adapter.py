@@ -276,3 +276,94 @@ def test_no_unused_kwarg_warning_with_pass_through(caplog):
         with torch.no_grad():
             unet(x, t, text, cross_attention_kwargs=adapter.cross_attention_kwargs(boxes, phrases))
     assert "are not expected" not in caplog.text
+
+
+def test_a_second_adapter_on_an_adapted_unet_is_refused_and_removal_leaves_no_orphans():
+    unet, first = make()
+    _, second = make()
+    x, t, text, *_ = inputs()
+    with torch.no_grad():
+        plain = unet(x, t, text).sample
+    first.install(unet)
+    with pytest.raises(RuntimeError, match="already carries a SpatialAdapter"):
+        second.install(unet)
+    first.remove()
+    assert not any(isinstance(p, GatedSelfAttnProcessor) for p in unet.attn_processors.values())
+    second.install(unet)  # the UNet is free again
+    second.remove()
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, text).sample, plain)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "1.0", None, True])
+def test_non_finite_or_non_numeric_gate_scale_is_refused_everywhere(bad):
+    unet, adapter = make()
+    adapter.install(unet)
+    x, t, text, boxes, phrases = inputs()
+    with pytest.raises(ValueError, match="finite real number"):
+        adapter.cross_attention_kwargs(boxes, phrases, gate_scale=bad)
+    with pytest.raises(ValueError, match="finite real number"):
+        adapter.set_scale(bad)
+    raw = {"grounding_tokens": adapter(boxes, phrases), "grounding_scale": bad}
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs\['grounding_scale'\] must be a finite"):
+        unet(x, t, text, cross_attention_kwargs=raw)
+
+
+def test_boxes_as_nested_lists_give_the_same_tokens_as_tensors():
+    _, adapter = make()
+    *_, boxes, phrases = inputs()
+    as_lists = adapter(boxes.tolist(), phrases, [[1, 1, 0], [1, 0, 1]])
+    as_tensors = adapter(boxes, phrases, torch.tensor([[1.0, 1, 0], [1, 0, 1]]))
+    assert torch.equal(as_lists, as_tensors)
+    kw = adapter.cross_attention_kwargs((tuple(map(tuple, boxes[0].tolist())),), phrases[:1].tolist(), None)
+    assert torch.allclose(kw["grounding_tokens"], adapter(boxes[:1], phrases[:1]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"one layout of shape \(objects, 4\): wrap it"):
+        adapter(boxes[0].tolist(), phrases[0])
+    with pytest.raises(ValueError, match="nested list of numbers"):
+        adapter([[0.1, 0.1, 0.5], [0.1, 0.1, 0.5, 0.5]], phrases[:1, :2])
+
+
+def test_layouts_always_fill_max_objs_slots_and_other_counts_are_refused():
+    unet, adapter = make()
+    adapter.install(unet)
+    x, t, text, boxes, phrases = inputs()
+    tokens = adapter(boxes, phrases)
+    assert tokens.shape == (2, 30, adapter.config.token_dim)
+    null = adapter.position_net.null_tokens(2)
+    assert torch.allclose(tokens[:, 3:], null[:, 3:], atol=1e-6)  # padding slots are the masked null tokens
+    with pytest.raises(ValueError, match="max_objs=30 slots"):
+        unet(x, t, text, cross_attention_kwargs={"grounding_tokens": tokens[:, :3], "grounding_scale": 1.0})
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        ([[0.1, 0.1, 0.1, 0.5]], "x1 <= x0 or y1 <= y0"),
+        ([[0.1, 0.5, 0.4, 0.5]], "x1 <= x0 or y1 <= y0"),
+        ([[-0.01, 0.1, 0.4, 0.5]], r"outside \[0, 1\]"),
+        ([[0.1, 0.1, 0.4, 1.01]], "never clamped"),
+    ],
+)
+def test_the_box_rule_refuses_instead_of_clamping(boxes, message):
+    _, adapter = make()
+    with pytest.raises(ValueError, match=message):
+        adapter([boxes], torch.zeros(1, 1, PHRASE_DIM))
+
+
+def test_gradient_checkpointing_passes_grounding_through_positional_kwargs():
+    unet, adapter = make()
+    with torch.no_grad():
+        for fuser in adapter.fusers:
+            fuser.alpha_attn.fill_(0.5)
+    adapter.install(unet)
+    x, t, text, boxes, phrases = inputs()
+    kw = adapter.cross_attention_kwargs(boxes, phrases)
+    unet.train()
+    reference = unet(x, t, text, cross_attention_kwargs=kw).sample
+    unet.enable_gradient_checkpointing()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpointed = unet(x, t, text, cross_attention_kwargs=kw).sample
+    checkpointed.mean().backward()
+    assert (checkpointed - reference).abs().max().item() <= 1e-6
+    assert adapter.fusers[0].alpha_attn.grad is not None and adapter.fusers[0].alpha_attn.grad != 0

@@ -334,3 +334,17 @@ def test_cli_writes_the_requested_dataset_and_prints_it(tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and Image.open(tmp_path / rows[0]["image"]).size == (48, 48)
+
+
+def test_cli_help_answers_without_importing_torch(tmp_path):
+    """`python -m vlext.toyworld --help` stays fast (< 3 s): the toy world needs only numpy and PIL."""
+    import subprocess
+    import sys
+
+    probe = "import sys, runpy; sys.argv = ['toyworld', '--help']\ntry:\n    runpy.run_module('vlext.toyworld', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\nprint('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "python -m vlext.toyworld" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False"

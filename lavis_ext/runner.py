@@ -36,7 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_process, main_process
+from lavis.common.dist_utils import (
+    get_world_size,
+    is_dist_avail_and_initialized,
+    is_main_process,
+    main_process,
+)
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 
@@ -230,7 +235,10 @@ class SafeRunner(RunnerBase):
         elif self.resume_ckpt_path:
             self._load_checkpoint(self.resume_ckpt_path)
         if self._rng_to_restore is not None:
-            _set_rng_state(self._rng_to_restore)
+            if get_world_size() == 1:
+                _set_rng_state(self._rng_to_restore)
+            else:  # the checkpoint holds rank 0's generators only; every rank keeps its own seed instead
+                logging.info("RNG states are restored for single-process runs only; ranks keep their seeds.")
 
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):

@@ -413,7 +413,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     from clip_ext.checkpoint import restore_rng_state
 
     _run.tb_writer = tb_writer
-    if _run.resume_rng is not None:
+    if _run.resume_rng is not None and args.world_size == 1:
         # the global generators as they were when the checkpoint was written, so that the resumed epoch
         # shuffles and crops as the uninterrupted run would have
         restore_rng_state(_run.resume_rng)

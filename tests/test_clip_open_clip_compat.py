@@ -5,6 +5,7 @@ and open_clip_train left as it was found. References run from open_clip's own in
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 
@@ -217,4 +218,21 @@ def test_torchscript_with_a_bank_or_region_loss_is_refused_before_training(world
     with pytest.raises(SystemExit, match=r"--torchscript cannot be combined with --region-data"):
         clip_train.parse_args(["--torchscript", "--region-data", str(world / "data/train_regions.jsonl")])
     assert not (world / "logs/jit").exists()  # refused before the run folder was made
+    assert_same_names()
+
+
+def test_amp_warmup_lag_is_logged_once_with_the_bank_and_trainer_steps(tmp_path):
+    write_clip_csv(tmp_path / "data", 16, seed=0, image_size=32, split="train")
+    argv = tiny_argv(tmp_path / "data", tmp_path / "logs", "amp", "--memory-bank-size", "8",
+                     "--memory-bank-warmup-steps", "2", "--log-every-n-steps", "1")  # fmt: skip
+    argv[argv.index("fp32")] = "amp"  # fp16 autocast + GradScaler: it skips steps while it calibrates
+    model = run_ours(argv)
+    log = (tmp_path / "logs/amp/out.log").read_text()
+    found = re.findall(r"GradScaler skipped (\d+) of the (\d+) optimizer steps run so far .* it is at step (\d+) "
+                       r"while the trainer is at step (\d+), and it switches on (\d+) trainer step", log)  # fmt: skip
+    assert len(found) == 1, found  # logged once
+    skipped, run, bank_step, trainer_step, later = map(int, found[0])
+    assert skipped >= 1 and bank_step == run - skipped and trainer_step == run and later == skipped
+    trainer_steps = log.count("Train Epoch: 0 [")  # open_clip logs every step (--log-every-n-steps 1): 4
+    assert trainer_steps == 4 and int(model.memory_bank.step) <= trainer_steps - skipped
     assert_same_names()

@@ -2,12 +2,14 @@
 
 import json
 import math
+import re
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip_train.data import CsvDataset
+from test_clip_open_clip_compat import run_ours, tiny_argv
 
 import clip_ext  # noqa: F401  (registers clip-ext-tiny)
 from clip_ext.loss import MemoryBankClipLoss
@@ -301,18 +303,23 @@ def test_bank_region_texts_are_negatives_once_active_and_enqueued_after_the_step
 
 
 def test_hard_negative_loss_on_known_logits():
-    region = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
-    positive = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # cosine 1 with region 0 (features are normalized)
+    f64 = dict(dtype=torch.float64)
+    region = torch.tensor([[1.0, 0.0], [0.3, 0.7]], **f64)
+    positive = torch.tensor(
+        [[2.0, 0.0], [0.0, 1.0]], **f64
+    )  # cosine 1 with region 0 (features are normalized)
     negatives = torch.tensor([[[0.0, 1.0], [-1.0, 0.0], [5.0, 5.0]],  # cosines 0, -1, padding
-                              [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])  # fmt: skip
+                              [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]], **f64)  # fmt: skip
     valid = torch.tensor([[True, True, False], [False, False, False]])  # region 1 has no negatives: no anchor
-    loss = hard_negative_loss(region, positive, negatives, valid, torch.tensor(math.log(10.0)))
+    loss = hard_negative_loss(region, positive, negatives, valid, torch.tensor(math.log(10.0), **f64))
     # logits [10, 0, -10]: CE with the true caption first, one direction, as FG-CLIP's hard_contrastive_loss
     expected = math.log(1 + math.exp(-10) + math.exp(-20))
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    clamped = hard_negative_loss(region, positive, negatives, valid, torch.tensor(7.0))  # scale capped at 100
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    clamped = hard_negative_loss(
+        region, positive, negatives, valid, torch.tensor(7.0, **f64)
+    )  # capped at 100
     assert clamped.item() == pytest.approx(math.log(1 + math.exp(-100) + math.exp(-200)), abs=1e-12)
-    scale = torch.tensor(math.log(2.0), requires_grad=True)
+    scale = torch.tensor(math.log(2.0), requires_grad=True, **f64)
     hard_negative_loss(region, positive, negatives, valid, scale).backward()
     assert scale.grad < 0  # a sharper temperature lowers the loss when the true caption already wins
 
@@ -378,3 +385,52 @@ def test_region_table_keeps_each_kept_boxs_hard_negatives_and_pads_them(toy):
                                                     "hard_negatives": "a blue square"}]}  # fmt: skip
     with pytest.raises(RegionDataError, match=r"hn.jsonl:1: region 0 hard_negatives must be a list"):
         load_region_table(_jsonl(root / "hn.jsonl", [bad]), base.images, 0.0, 0.0)
+
+
+def _logged(log, name):
+    return [float(v) for v in re.findall(rf" {name}: ([-\d.eE+naif]+) \(", log)]
+
+
+def test_hard_negative_loss_trains_in_clip_ext_train_with_its_own_temperature(tmp_path):
+    data = tmp_path / "data"
+    write_clip_csv(data, 16, seed=0, image_size=32)
+    model = run_ours(tiny_argv(data, tmp_path / "logs", "hn", "--region-data", str(data / "train_regions.jsonl"),
+                               "--hard-negative-weight", "--memory-bank-size", "8", "--diag", "--log-every-n-steps",
+                               "1", "--report-to", "tensorboard", epochs=2))  # fmt: skip
+    log = (tmp_path / "logs/hn/out.log").read_text()
+    assert "hard negatives" in log and "kept regions carry hard negative captions, padded to 10" in log
+    hard, region, contrastive, total = (_logged(log, k) for k in ("Hard_negative_loss", "Region_loss",
+                                                                    "Contrastive_loss", "Loss"))  # fmt: skip
+    assert len(hard) == 8 and all(math.isfinite(v) and v > 0 for v in hard)  # 2 epochs x 4 steps
+    assert total[0] == pytest.approx(contrastive[0] + region[0] + hard[0], abs=3e-4)
+    head = model.clip_ext_region
+    init = math.log(1 / 0.07)  # both temperatures start at the global scale of a model from scratch
+    assert head.hard_negative_logit_scale.item() != pytest.approx(init, abs=1e-6)
+    assert head.hard_negative_logit_scale.item() != pytest.approx(head.logit_scale.item(), abs=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs/hn/tensorboard"))
+    events.Reload()
+    for tag in ("diag/hard_negative_loss", "diag/hard_negative_logit_scale", "diag/region_loss",
+                "diag/region_logit_scale", "diag/bank_mass_image_to_text", "diag/bank_mass_text_to_image"):  # fmt: skip
+        assert len(events.Scalars(tag)) == 8, tag
+    mass = [e.value for e in events.Scalars("diag/bank_mass_image_to_text")]
+    assert mass[0] == 0.0 and all(0.0 < m < 1.0 for m in mass[1:])  # bank empty at step 1, then in use
+    hard_tb = [e.value for e in events.Scalars("diag/hard_negative_loss")]
+    assert hard_tb[-1] == pytest.approx(hard[-1] / 0.5, rel=1e-3, abs=2e-4)  # unweighted in diag
+
+
+def test_hard_negative_weight_without_negatives_in_the_data_is_refused(tmp_path):
+    data = tmp_path / "data"
+    write_clip_csv(data, 8, seed=0, image_size=32)
+    rows = [json.loads(x) for x in (data / "train_regions.jsonl").read_text().splitlines()]
+    for row in rows:
+        for r in row["regions"]:
+            del r["hard_negatives"]
+    plain = _jsonl(tmp_path / "plain.jsonl", rows)
+    with pytest.raises(
+        SystemExit, match=r"--hard-negative-weight: no region of .*plain.jsonl carries 'hard_negatives'"
+    ):
+        run_ours(
+            tiny_argv(data, tmp_path / "logs", "nohn", "--region-data", str(plain), "--hard-negative-weight")
+        )

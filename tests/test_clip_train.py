@@ -163,6 +163,14 @@ def test_region_flags_default_weight_and_bad_values(tmp_path):
         parse_args(["--memory-bank-dedup"])
     with pytest.raises(SystemExit, match="--region-data works with the CLIP contrastive loss only"):
         parse_args(["--region-data", str(regions), "--siglip"])
+    assert args.hard_negative_weight == 0.0  # off unless given
+    assert parse_args(["--region-data", str(regions), "--hard-negative-weight"]).hard_negative_weight == 0.5
+    given = parse_args(["--region-data", str(regions), "--hard-negative-weight", "0.3", "--warmup", "2"])
+    assert given.hard_negative_weight == 0.3 and given.warmup == 2
+    with pytest.raises(SystemExit, match="--hard-negative-weight needs --region-data whose regions carry"):
+        parse_args(["--hard-negative-weight"])
+    with pytest.raises(SystemExit, match="--hard-negative-weight must be >= 0"):
+        parse_args(["--region-data", str(regions), "--hard-negative-weight", "-1"])
 
 
 def _logged(log, name):

@@ -31,7 +31,7 @@ from diffusers_ext.spatial_adapter import SpatialAdapter
 from diffusers_ext.tiny import tiny_unet
 from vlext.toyworld import COLORS, SHAPES, SIZES, ToyWorld
 
-__all__ = ["DEMO_CONFIG", "run"]
+__all__ = ["DEMO_CONFIG", "QUICK_CONFIG", "load_base", "run", "save_base", "train_base"]
 
 DEMO_CONFIG = {
     "seed": 0,
@@ -82,7 +82,17 @@ DEMO_CONFIG = {
     "coord_channels": True,
     "sample_steps": 20,
     "log_every": 25,
+    # the frozen base: "shipped" (BASE_FILE, made by BASE_COMMAND, checked against BASE_SHA256), a path to
+    # another file written by save_base, or None to train one here for base_steps steps first
+    "base_unet": None,
 }
+
+# --quick (the command-line test): the same path with a short adapter phase and a small evaluation
+QUICK_CONFIG = {"adapter_steps": 30, "n_eval": 8, "sample_steps": 5, "log_every": 5}
+QUICK_BASE_STEPS = 40  # when --quick trains its base here (base_unet=None)
+
+BASE_FILE = Path(__file__).resolve().parent / "assets" / "demo_base_unet.safetensors"
+BASE_SHA256 = "to be filled"
 
 
 def _phrase_table(dim: int, seed: int) -> dict[str, torch.Tensor]:
@@ -119,7 +129,9 @@ def _with_coords(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     return torch.cat([x, torch.stack([xs, ys]).expand(b, 2, h, w)], dim=1)
 
 
-def _sample(unet, adapter, context, boxes, masks, cfg, noise) -> list[Image.Image]:
+def _sample(unet, adapter, context, boxes, masks, cfg, noise, desc="sample") -> list[Image.Image]:
+    from tqdm.auto import tqdm
+
     sched = DDIMScheduler(
         num_train_timesteps=cfg["train_timesteps"],
         beta_schedule="squaredcos_cap_v2",
@@ -131,14 +143,16 @@ def _sample(unet, adapter, context, boxes, masks, cfg, noise) -> list[Image.Imag
     if adapter is not None:
         kwargs = adapter.cross_attention_kwargs(boxes, context, masks)
     with torch.no_grad():
-        for t in sched.timesteps:
+        for t in tqdm(sched.timesteps, desc=desc, unit="step", mininterval=2.0, leave=False):
             eps = unet(_with_coords(x, cfg), t, context, cross_attention_kwargs=kwargs).sample
             x = sched.step(eps, t, x).prev_sample
     arrays = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arrays]
 
 
-def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
+def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="train"):
+    from tqdm.auto import tqdm
+
     images, context, boxes, masks, _ = data
     noise_sched = DDPMScheduler(
         num_train_timesteps=cfg["train_timesteps"],
@@ -148,7 +162,8 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg["seed"] + (1 if adapter is None else 2))
     losses = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True)
+    for step in bar:
         idx = torch.randint(0, len(images), (cfg["batch_size"],), generator=g)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -165,8 +180,10 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", refresh=False)
         if log is not None and (step % cfg["log_every"] == 0 or step == steps - 1):
             log(step, losses)
+    bar.close()
     return losses
 
 
@@ -178,18 +195,20 @@ def _output_layer_norm(adapter) -> float:
     )
 
 
-def _grid(images_rows, requests, path: Path, scale: int = 6) -> None:
-    """Rows of images (one row per method), the requested boxes drawn on each."""
-    size = images_rows[0][0].size[0] * scale
-    n = len(images_rows[0])
-    canvas = Image.new("RGB", (n * (size + 2), len(images_rows) * (size + 2)), "white")
-    for r, row in enumerate(images_rows):
+def _grid(rows: dict[str, list], requests, path: Path, scale: int = 6) -> None:
+    """One labelled row of images per method, the requested boxes drawn on each."""
+    first = next(iter(rows.values()))
+    size, n, margin = first[0].size[0] * scale, len(first), 80
+    canvas = Image.new("RGB", (margin + n * (size + 2), len(rows) * (size + 2)), "white")
+    draw_canvas = ImageDraw.Draw(canvas)
+    for r, (label, row) in enumerate(rows.items()):
+        draw_canvas.text((4, r * (size + 2) + size // 2 - 6), label, fill="black")
         for c, img in enumerate(row):
             tile = img.resize((size, size), Image.NEAREST)
             draw = ImageDraw.Draw(tile)
             for color, box in requests[c]:
                 draw.rectangle([v * size for v in box], outline=COLORS[color], width=2)
-            canvas.paste(tile, (c * (size + 2), r * (size + 2)))
+            canvas.paste(tile, (margin + c * (size + 2), r * (size + 2)))
     canvas.save(path)
 
 
@@ -218,23 +237,25 @@ def _plot(curve: dict, out_norm_init: float, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out_dir: Path, config: dict | None = None) -> dict:
-    """Train base UNet, then the adapter; evaluate layout IoU against the no-adapter baseline."""
-    cfg = {**DEMO_CONFIG, **(config or {})}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg["seed"])
-    started = time.perf_counter()
-    world = ToyWorld(
+# The config keys that define the base UNet and its phrase vectors; a shipped base must match them.
+BASE_KEYS = (
+    "seed", "render_size", "resolution", "max_objects", "backgrounds", "n_train", "text_dim", "batch_size",
+    "base_steps", "base_lr", "unet", "train_timesteps", "prediction_type", "coord_channels",
+)  # fmt: skip
+BASE_COMMAND = "python -m diffusers_ext.demo --train-base diffusers_ext/assets/demo_base_unet.safetensors"
+
+
+def _world(cfg: dict) -> ToyWorld:
+    return ToyWorld(
         seed=cfg["seed"],
         image_size=cfg["render_size"],
         max_objects=cfg["max_objects"],
         backgrounds=cfg["backgrounds"],
     )
-    table = _phrase_table(cfg["text_dim"], cfg["seed"])
-    train = _dataset(world, 0, cfg["n_train"], cfg, table)
-    held_out = _dataset(world, cfg["n_train"], cfg["n_eval"], cfg, table)
-    unet = tiny_unet(
+
+
+def _new_unet(cfg: dict):
+    return tiny_unet(
         sample_size=cfg["resolution"],
         in_channels=5 if cfg["coord_channels"] else 3,
         out_channels=3,
@@ -242,10 +263,129 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
         **cfg["unet"],
     )
 
-    print(f"data ready ({time.perf_counter() - started:.0f}s)", flush=True)
-    base_losses = _train(unet, unet.parameters(), train, cfg["base_steps"], cfg["base_lr"], cfg)
+
+def _base_config(cfg: dict) -> dict:
+    return json.loads(json.dumps({key: cfg[key] for key in BASE_KEYS}))  # tuples -> lists, as stored
+
+
+def train_base(cfg: dict) -> tuple:
+    """Phase 1: the tiny UNet learns toy scenes from their phrases alone (the stand-in for a pretrained SD).
+
+    Returns ``(unet, phrase_table, losses)``; the phrase table is the stand-in text encoder and belongs to
+    the base: an adapter trained on top of it must use the same vectors.
+    """
+    torch.manual_seed(cfg["seed"])
+    table = _phrase_table(cfg["text_dim"], cfg["seed"])
+    train = _dataset(_world(cfg), 0, cfg["n_train"], cfg, table)
+    unet = _new_unet(cfg)
+    losses = _train(unet, unet.parameters(), train, cfg["base_steps"], cfg["base_lr"], cfg, desc="base UNet")
+    return unet, table, losses
+
+
+def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> None:
+    """Write the base UNet (fp16) and its phrase vectors (fp32) to one safetensors file, atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    words = list(table)
+    tensors = {f"unet.{k}": v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    tensors["phrases"] = torch.stack([table[w] for w in words]).float().contiguous()
+    metadata = {
+        "format": "vlext-demo-base-unet/1",
+        "config": json.dumps(_base_config(cfg), sort_keys=True),
+        "phrase_words": json.dumps(words),
+        "command": BASE_COMMAND,
+        "loss_first_25": f"{np.mean(losses[:25]):.5f}",
+        "loss_last_25": f"{np.mean(losses[-25:]):.5f}",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_base(path: Path, cfg: dict, sha256: str | None = None) -> tuple:
+    """Read a base written by :func:`save_base`: ``(unet, phrase_table, metadata)``.
+
+    Refuses a file whose sha256 differs from ``sha256`` (a damaged or replaced download) and a base whose
+    config differs from ``cfg`` in any of ``BASE_KEYS`` (an adapter must train on the base it will run on).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"base UNet file {path} does not exist; make it with: {BASE_COMMAND}")
+    if sha256 is not None and (actual := _sha256(path)) != sha256:
+        raise ValueError(
+            f"base UNet file {path} has sha256 {actual}, expected {sha256}: the file is damaged or was "
+            f"replaced; restore it from git or remake it with: {BASE_COMMAND} (and update BASE_SHA256)"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != "vlext-demo-base-unet/1":
+            raise ValueError(f"{path} is not a demo base UNet (metadata format {metadata.get('format')!r})")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    stored, wanted = json.loads(metadata["config"]), _base_config(cfg)
+    diff = {k: (stored.get(k), wanted[k]) for k in BASE_KEYS if stored.get(k) != wanted[k]}
+    if diff:
+        raise ValueError(
+            f"base UNet {path} was trained with another config; differing keys (file, requested): {diff}. "
+            "Use base_unet=None to train a base for this config"
+        )
+    unet = _new_unet(cfg)
+    state = {k.removeprefix("unet."): v.float() for k, v in tensors.items() if k.startswith("unet.")}
+    unet.load_state_dict(state, strict=True)
+    table = dict(zip(json.loads(metadata["phrase_words"]), tensors["phrases"], strict=True))
+    return unet, table, metadata
+
+
+def _base(cfg: dict) -> tuple:
+    """The frozen base: the shipped file (checked against its sha256), another file, or trained here."""
+    source = cfg["base_unet"]
+    if source is None:
+        print(
+            f"diffusers_ext: training a base UNet for {cfg['base_steps']} steps (base_unet=None)", flush=True
+        )
+        unet, table, losses = train_base(cfg)
+        return unet, table, {"source": "trained here", "loss_first_25": float(np.mean(losses[:25])),
+                             "loss_last_25": float(np.mean(losses[-25:]))}  # fmt: skip
+    path, sha = (BASE_FILE, BASE_SHA256) if source == "shipped" else (Path(source), None)
+    unet, table, metadata = load_base(path, cfg, sha256=sha)
+    print(f"diffusers_ext: base UNet from {path} (made by: {metadata['command']})", flush=True)
+    return unet, table, {"source": str(path), "command": metadata["command"],
+                         "loss_first_25": float(metadata["loss_first_25"]),
+                         "loss_last_25": float(metadata["loss_last_25"])}  # fmt: skip
+
+
+def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
+    """Load (or train) the base UNet, train the adapter; evaluate layout IoU against the no-adapter baseline.
+
+    ``quick`` applies ``QUICK_CONFIG`` (fewer adapter steps, held-out layouts and sampling steps) before
+    ``config``.
+    """
+    cfg = {**DEMO_CONFIG, **(QUICK_CONFIG if quick else {}), **(config or {})}
+    if quick and cfg["base_unet"] is None and "base_steps" not in (config or {}):
+        cfg["base_steps"] = QUICK_BASE_STEPS
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg["seed"])
+    started = time.perf_counter()
+    unet, table, base_info = _base(cfg)
+    world = _world(cfg)
+    train = _dataset(world, 0, cfg["n_train"], cfg, table)
+    held_out = _dataset(world, cfg["n_train"], cfg["n_eval"], cfg, table)
     print(
-        f"base UNet: loss {np.mean(base_losses[:25]):.4f} -> {np.mean(base_losses[-25:]):.4f} "
+        f"diffusers_ext: base ready, {cfg['n_train']} training scenes, {cfg['n_eval']} held-out layouts "
         f"({time.perf_counter() - started:.0f}s)",
         flush=True,
     )
@@ -269,15 +409,26 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
         curve["gate_mean"].append(stats["mean"])
         curve["gate_abs_mean"].append(stats["abs_mean"])
         curve["out_norm"].append(_output_layer_norm(adapter))
-        print(
-            f"adapter step {step:4d}  loss {curve['loss'][-1]:.4f}  gate mean {stats['mean']:+.4f} "
-            f"|gate| mean {stats['abs_mean']:.4f} std {stats['std']:.4f} "
-            f"output-layer norm {curve['out_norm'][-1]:.4f}",
-            flush=True,
-        )
+        if step % (8 * cfg["log_every"]) == 0 or step == cfg["adapter_steps"] - 1:
+            from tqdm.auto import tqdm
 
+            tqdm.write(
+                f"adapter step {step:4d}  loss {curve['loss'][-1]:.4f}  gate mean {stats['mean']:+.4f} "
+                f"|gate| mean {stats['abs_mean']:.4f} std {stats['std']:.4f} "
+                f"output-layer norm {curve['out_norm'][-1]:.4f}"
+            )
+
+    print(f"diffusers_ext: training the adapter for {cfg['adapter_steps']} steps (UNet frozen)", flush=True)
     losses = _train(
-        unet, adapter.parameters(), train, cfg["adapter_steps"], cfg["adapter_lr"], cfg, adapter, log
+        unet,
+        adapter.parameters(),
+        train,
+        cfg["adapter_steps"],
+        cfg["adapter_lr"],
+        cfg,
+        adapter,
+        log,
+        "adapter",
     )
 
     _, context, boxes, masks, requests = held_out
@@ -288,10 +439,15 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
         cfg["resolution"],
         generator=torch.Generator().manual_seed(cfg["seed"] + 3),
     )
-    with_adapter = _sample(unet, adapter, context, boxes, masks, cfg, noise)
-    baseline = _sample(unet, None, context, boxes, masks, cfg, noise)
+    print(f"diffusers_ext: sampling {len(context)} held-out layouts with and without the adapter", flush=True)
+    with_adapter = _sample(unet, adapter, context, boxes, masks, cfg, noise, "sample (adapter)")
+    baseline = _sample(unet, None, context, boxes, masks, cfg, noise, "sample (no adapter)")
     ours, base = layout_scores(with_adapter, requests), layout_scores(baseline, requests)
-    _grid([with_adapter[:12], baseline[:12]], requests[:12], out_dir / "diffusers_layout_grid.png")
+    _grid(
+        {"adapter": with_adapter[:12], "no adapter": baseline[:12]},
+        requests[:12],
+        out_dir / "diffusers_layout_grid.png",
+    )
     _plot(curve, at_init["out_norm"], out_dir / "diffusers_gate_loss.png")
     result = {
         "gate_mean_start": curve["gate_mean"][0],
@@ -313,12 +469,34 @@ def run(out_dir: Path, config: dict | None = None) -> dict:
         "share_center_in_box_adapter": ours["share_center_in_box"],
         "share_center_in_box_baseline": base["share_center_in_box"],
         "n_objects": ours["n_objects"],
+        "adapter_steps": cfg["adapter_steps"],
+        "base": base_info,
         "seconds": time.perf_counter() - started,
-        "grid": str(out_dir / "diffusers_layout_grid.png"),
-        "plot": str(out_dir / "diffusers_gate_loss.png"),
     }
+    rows = [
+        [f"mean IoU with the requested box ({ours['n_objects']} objects)", ours["mean_iou"], base["mean_iou"]],
+        ["share of objects with IoU > 0.5", ours["share_iou_gt_0.5"], base["share_iou_gt_0.5"]],
+        ["share of objects whose centre lies in the box", ours["share_center_in_box"], base["share_center_in_box"]],
+    ]  # fmt: skip
+    rows = [[label, round(a, 3), round(b, 3)] for label, a, b in rows]
+    result["tables"] = [
+        {
+            "title": f"diffusers_ext: layout control on {cfg['n_eval']} held-out layouts after "
+            f"{cfg['adapter_steps']} adapter steps (same noise, same frozen UNet)",
+            "columns": ["score", "adapter", "no adapter"],
+            "rows": rows,
+        }
+    ]
+    result["figures"] = [
+        {
+            "file": "diffusers_layout_grid.png",
+            "caption": "held-out layouts, requested boxes drawn; top row with the adapter, bottom row without",
+        },
+        {"file": "diffusers_gate_loss.png", "caption": "adapter phase: loss, gates and output-layer norm"},
+    ]
     (out_dir / "diffusers_demo.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    for label, a, b in rows:
+        print(f"{label:>50}: adapter {a:.3f}  no adapter {b:.3f}")
     return result
 
 
@@ -333,7 +511,19 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--adapter-steps", type=int, default=DEMO_CONFIG["adapter_steps"])
     parser.add_argument("--seed", type=int, default=DEMO_CONFIG["seed"])
+    parser.add_argument(
+        "--train-base",
+        type=Path,
+        metavar="FILE",
+        help="only train the base UNet (phase 1) with the default config and write it to FILE (safetensors)",
+    )
     args = parser.parse_args(argv)
+    if args.train_base is not None:
+        cfg = {**DEMO_CONFIG, "seed": args.seed}
+        unet, table, losses = train_base(cfg)
+        save_base(args.train_base, unet, table, cfg, losses)
+        print(f"wrote {args.train_base} (sha256 {_sha256(args.train_base)})")
+        return
     if args.adapter_steps < 1:
         parser.error(f"--adapter-steps must be >= 1, got {args.adapter_steps}")
     run(

@@ -17,6 +17,7 @@ MICRO = {
     "adapter_steps": 3,
     "sample_steps": 2,
     "log_every": 1,
+    "base_unet": None,  # train a 2-step base here instead of loading the shipped one (its config differs)
 }
 
 
@@ -29,6 +30,12 @@ def test_micro_demo_writes_its_evidence_and_leaves_the_zero_init_point(tmp_path)
     assert result["n_objects"] == 2  # one object in each of the 2 held-out scenes
     assert (tmp_path / "diffusers_layout_grid.png").stat().st_size > 0
     assert (tmp_path / "diffusers_gate_loss.png").stat().st_size > 0
+    assert [f["file"] for f in result["figures"]] == ["diffusers_layout_grid.png", "diffusers_gate_loss.png"]
+    (table,) = result["tables"]  # the page's table: adapter and no-adapter scores, as computed
+    assert table["rows"][0][1:] == [
+        round(result["mean_iou_adapter"], 3),
+        round(result["mean_iou_baseline"], 3),
+    ]
     assert json.loads((tmp_path / "diffusers_demo.json").read_text())["n_objects"] == result["n_objects"]
 
 
@@ -42,3 +49,20 @@ def test_demo_command_line_refuses_a_step_count_it_cannot_run(capsys):
     with pytest.raises(SystemExit):
         main(["--adapter-steps", "0"])
     assert "--adapter-steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_saved_base_loads_back_and_a_base_for_another_config_is_refused(tmp_path):
+    from diffusers_ext.demo import DEMO_CONFIG, load_base, save_base, train_base
+
+    cfg = {**DEMO_CONFIG, **MICRO}
+    unet, table, losses = train_base(cfg)
+    save_base(tmp_path / "base.safetensors", unet, table, cfg, losses)
+    loaded, loaded_table, metadata = load_base(tmp_path / "base.safetensors", cfg)
+    for (name, a), b in zip(unet.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3 * a.abs().max().item() + 1e-6), name  # stored as fp16
+    assert all(torch.equal(table[w], loaded_table[w]) for w in table)  # phrase vectors stored exactly
+    assert metadata["command"].startswith("python -m diffusers_ext.demo --train-base")
+    with pytest.raises(ValueError, match="n_train"):
+        load_base(tmp_path / "base.safetensors", {**cfg, "n_train": 32})
+    with pytest.raises(ValueError, match="sha256"):
+        load_base(tmp_path / "base.safetensors", cfg, sha256="0" * 64)

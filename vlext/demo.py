@@ -1,23 +1,34 @@
-"""``make demo``: run each extension's demo on the built-in toy world, in the order registry.yaml gives.
+"""``make demo``: run each extension's demo on the built-in toy world, then write one page to look at.
 
-Each demo is ``run(out_dir: Path) -> dict`` and prints its own report; this driver adds a summary and
-writes every result to ``<out>/summary.json``. A demo whose package has not landed yet is reported as
-missing instead of failing the whole run; a demo that raises fails the run (exit status 1).
+Each demo is ``run(out_dir: Path, quick: bool) -> dict`` (registry.yaml's ``demos:`` lists them) and prints
+its own report. The driver runs every demo in its own process, ``--jobs`` at a time with the cores split
+between them (the demos are small, so two single-threaded demos on two cores finish sooner than two
+two-threaded ones in turn), prefixes their output with the part's name and elapsed time, and writes
+``<out>/summary.json`` and ``<out>/index.html`` (static, relative links). ``--quick`` runs the same functions
+with smaller numbers (minutes; the test of this command). A demo that raises fails the run (exit status 1);
+a demo whose package has not landed is reported as missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 from vlext.manifest import load_demos
 
+RESULT_FILE = "result.json"  # each part writes <out>/<package>/result.json, the driver collects them
+
 
 def _load(run: str):
+    import importlib
+
     module_name, _, function = run.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -26,6 +37,109 @@ def _load(run: str):
             return None  # the extension's demo is not there yet
         raise
     return getattr(module, function)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_part(run: str, out_dir: Path, quick: bool) -> dict:
+    """Run one demo in this process; returns ``{"status", "seconds", "result"}`` and writes it to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    function = _load(run)
+    if function is None:
+        entry = {"status": "missing", "detail": f"{run} does not exist"}
+    else:
+        start = time.perf_counter()
+        try:
+            result = function(out_dir, quick=quick)
+            entry = {"status": "ok", "seconds": round(time.perf_counter() - start, 1), "result": result}
+        except Exception:
+            traceback.print_exc()
+            entry = {"status": "failed", "seconds": round(time.perf_counter() - start, 1)}
+    _write_json(out_dir / RESULT_FILE, entry)
+    return entry
+
+
+class _Relay:
+    """Copies a child's output to ours, each line prefixed with the part and its elapsed seconds.
+
+    tqdm redraws its bar with carriage returns; those updates are passed on at most every
+    ``every`` seconds as whole lines, so two parts running side by side stay readable in a log.
+    """
+
+    def __init__(self, name: str, stream, start: float, every: float = 15.0):
+        self.name, self.stream, self.start, self.every = name, stream, start, every
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _emit(self, text: str) -> None:
+        text = text.rstrip()
+        if text:
+            print(f"[{self.name} {time.perf_counter() - self.start:5.0f}s] {text}", flush=True)
+
+    def _copy(self) -> None:
+        buffer, last_bar = b"", 0.0
+        while chunk := self.stream.read1(4096):
+            buffer += chunk
+            while True:
+                cut = min((i for i in (buffer.find(b"\n"), buffer.find(b"\r")) if i >= 0), default=-1)
+                if cut < 0:
+                    break
+                piece, sep, buffer = buffer[:cut], buffer[cut : cut + 1], buffer[cut + 1 :]
+                text = piece.decode(errors="replace")
+                if sep == b"\r":  # a progress-bar redraw
+                    if time.perf_counter() - last_bar >= self.every:
+                        last_bar = time.perf_counter()
+                        self._emit(text)
+                else:
+                    self._emit(text)
+        self._emit(buffer.decode(errors="replace"))
+
+
+def _launch(demo, out: Path, quick: bool, threads: int) -> tuple[subprocess.Popen, _Relay, float]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
+    }
+    cmd = [sys.executable, "-m", "vlext.demo", "--part", demo.package, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd + (["--quick"] if quick else []), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    start = time.perf_counter()
+    return proc, _Relay(demo.package, proc.stdout, start), start
+
+
+def _run_all(demos, out: Path, quick: bool, jobs: int) -> dict[str, dict]:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, summary = list(demos), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            demo = pending.pop(0)
+            print(f"=== {demo.package}: {demo.what} (started, {threads} thread(s))", flush=True)
+            running[demo.package] = (demo, *_launch(demo, out, quick, threads))
+        time.sleep(0.2)
+        for package, (_, proc, relay, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            relay.thread.join()
+            del running[package]
+            result_file = out / package / RESULT_FILE
+            entry = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "failed"}
+            if proc.returncode != 0 and entry["status"] == "ok":
+                entry["status"] = "failed"
+            entry.setdefault("seconds", round(time.perf_counter() - start, 1))
+            summary[package] = entry
+            print(f"--- {package}: {entry['status']} after {time.perf_counter() - start:.0f} s", flush=True)
+    return {demo.package: summary[demo.package] for demo in demos}  # registry order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,43 +153,47 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run only these packages (e.g. lavis_ext clip_ext); default: all",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="the same demos with smaller numbers (a few minutes)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="demos run at the same time, cores split between them (default 2)"
+    )
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one demo in this process
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     demos = load_demos()
     known = {demo.package for demo in demos}
+    for name in [*(args.only or []), *([args.part] if args.part else [])]:
+        if name not in known:
+            parser.error(f"unknown package {name!r}; registry.yaml lists {sorted(known)}")
+    if args.part:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        (demo,) = [d for d in demos if d.package == args.part]
+        return 0 if run_part(demo.run, args.out / demo.package, args.quick)["status"] != "failed" else 1
     if args.only:
-        unknown = sorted(set(args.only) - known)
-        if unknown:
-            parser.error(f"--only: unknown package(s) {unknown}; registry.yaml lists {sorted(known)}")
         demos = [demo for demo in demos if demo.package in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, dict] = {}
-    failed = False
-    for demo in demos:
-        print(f"\n=== {demo.package}: {demo.what}", flush=True)
-        run = _load(demo.run)
-        if run is None:
-            print(f"--- {demo.package}: not there yet ({demo.run} does not exist); skipped")
-            summary[demo.package] = {"status": "missing"}
-            continue
-        start = time.perf_counter()
-        try:
-            result = run(args.out / demo.package)
-        except Exception:  # report and go on with the other demos, but fail the run
-            traceback.print_exc()
-            summary[demo.package] = {"status": "failed"}
-            failed = True
-            continue
-        seconds = time.perf_counter() - start
-        summary[demo.package] = {"status": "ok", "seconds": round(seconds, 1), "result": result}
-        print(f"--- {demo.package}: done in {seconds:.0f} s")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    started = time.perf_counter()
+    summary = _run_all(demos, args.out, args.quick, min(args.jobs, len(demos)))
+    total = time.perf_counter() - started
+    _write_json(
+        args.out / "summary.json", {"quick": args.quick, "total_seconds": round(total, 1), "parts": summary}
+    )
+
+    from vlext.report import write_index
+
+    page = write_index(args.out)
     print("\n=== summary")
     for package, entry in summary.items():
         print(
             f"{package:>14}: {entry['status']}" + (f" ({entry['seconds']} s)" if "seconds" in entry else "")
         )
-    print(f"results: {args.out / 'summary.json'}")
-    return 1 if failed else 0
+    print(f"total: {total:.0f} s; results: {args.out / 'summary.json'}; page: {page}")
+    return 1 if any(entry["status"] == "failed" for entry in summary.values()) else 0
 
 
 if __name__ == "__main__":

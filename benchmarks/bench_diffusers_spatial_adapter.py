@@ -2,13 +2,15 @@
 
 All three UNets share identical weights: the native gated UNet, the plain UNet with the same base weights
 and our processor adapter converted from the gated UNet's fusers (``adapter_from_gated_unet``), and the
-plain UNet alone (the adapter's overhead). SD1.5-shaped width (320/640 channels, 768-d cross-attention,
-8 heads, 30 grounding objects) at a small latent so it runs on CPU. Goal: processor / native <= 1.0.
+plain UNet alone (the adapter's overhead). ``--unet sd15-2level`` (default): SD1.5 widths (320/640
+channels, 768-d cross-attention, 8 heads) with two levels at a small latent; ``--unet sd15``: the whole
+SD1.5 UNet (published config, 859.5M parameters, random weights; the plain UNets share the gated UNet's
+tensors, so the base weights are in memory once). 30 grounding objects. Goal: processor / native <= 1.0.
 Forward memory: the rise of memory in use at the peak of one forward (``benchmarks/peak_memory.py``: CUDA
 peak allocated, or on CPU the C heap in use sampled after every aten op).
 
-Usage: ``python benchmarks/bench_diffusers_spatial_adapter.py [--latent 16] [--batch 2] [--repeats 5]
-[--device cpu]``.
+Usage: ``python -m benchmarks.bench_diffusers_spatial_adapter [--unet sd15-2level|sd15] [--latent 16]
+[--batch 2] [--repeats 5] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -26,31 +28,55 @@ from diffusers_ext.gligen_compat import adapter_from_gated_unet
 VARIANTS = ("native_gated", "processor", "plain")
 
 
-def _config(latent: int) -> dict:
-    return {
-        "sample_size": latent,
+UNETS = {
+    "sd15-2level": {
         "block_out_channels": (320, 640),
         "layers_per_block": 1,
         "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
+    },
+    # runwayml/stable-diffusion-v1-5 unet/config.json
+    "sd15": {
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+}
+
+
+def _config(args) -> dict:
+    return {"sample_size": args.latent, **UNETS[args.unet]}
+
+
+def _sharing(gated, config: dict) -> UNet2DConditionModel:
+    """A plain UNet whose base weights are the gated UNet's own tensors (built on meta, then assigned)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    base = {
+        k: v
+        for k, v in gated.state_dict().items()
+        if ".fuser." not in k and not k.startswith("position_net.")
     }
+    unet.load_state_dict(base, strict=True, assign=True)
+    return unet.eval()
 
 
 def _build(args):
     """Forward closures of the three variants; the processor and plain UNets copy the gated UNet's weights."""
     torch.manual_seed(0)
-    gated = UNet2DConditionModel(**_config(args.latent), attention_type="gated").eval()
+    config = _config(args)
+    gated = UNet2DConditionModel(**config, attention_type="gated").eval()
     with torch.no_grad():
         for name, p in gated.named_parameters():
             if "alpha_" in name:
                 p.fill_(0.5)
-    plain = UNet2DConditionModel(**_config(args.latent)).eval()
-    with_adapter = UNet2DConditionModel(**_config(args.latent)).eval()
+    plain, with_adapter = _sharing(gated, config), _sharing(gated, config)
     adapter = adapter_from_gated_unet(gated)
-    for unet in (plain, with_adapter):
-        unet.load_state_dict(gated.state_dict(), strict=False)
     adapter.install(with_adapter)
     g = torch.Generator().manual_seed(1)
     b, n = args.batch, 30
@@ -96,6 +122,7 @@ def _median_seconds(fn, repeats: int, device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--unet", choices=sorted(UNETS), default="sd15-2level")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -106,8 +133,10 @@ def main() -> None:
         diff = (fns["processor"]() - fns["native_gated"]()).abs().max().item()
         secs = {v: _median_seconds(fns[v], args.repeats, args.device) for v in VARIANTS}
         peaks = {v: peak_bytes(fns[v], args.device) / 2**20 for v in VARIANTS}
+    widths = "/".join(map(str, UNETS[args.unet]["block_out_channels"]))
     print(
-        f"latent {args.latent}x{args.latent}, batch {args.batch}, 30 objects, widths 320/640, device {args.device}"
+        f"unet {args.unet} (widths {widths}), latent {args.latent}x{args.latent}, batch {args.batch}, "
+        f"30 objects, device {args.device}, {torch.get_num_threads()} threads"
     )
     print(f"max |processor - native| = {diff:.2e}")
     for v in VARIANTS:

@@ -353,6 +353,18 @@ def test_chunked_similarity_is_bit_identical_to_unchunked(query_chunk, gallery_c
     assert torch.allclose(full.double(), reference, atol=1e-4)
 
 
+@pytest.mark.parametrize(("query_chunk", "gallery_chunk"), [(32, 48), (16, 16), (64, 7), (5, 96)])
+def test_chunked_similarity_is_bit_identical_at_real_width(query_chunk, gallery_chunk):
+    """Q = 32, D = 256 as in the real model: aligned blocks are scored without any padding copy."""
+    g = torch.Generator().manual_seed(2)
+    queries = torch.nn.functional.normalize(torch.randn(64, 256, generator=g), dim=-1)
+    targets = torch.nn.functional.normalize(torch.randn(96, 32, 256, generator=g), dim=-1)
+    full = Blip2QformerCirAlignPrompt.similarity(queries, targets)
+    assert torch.equal(
+        Blip2QformerCirAlignPrompt.similarity(queries, targets, query_chunk, gallery_chunk), full
+    )
+
+
 def test_chunked_similarity_casts_an_fp16_gallery_per_block():
     g = torch.Generator().manual_seed(1)
     queries = torch.randn(9, 16, generator=g)

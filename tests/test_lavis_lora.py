@@ -147,7 +147,7 @@ def test_runner_trains_lora_and_saves_only_trainable_weights(tmp_path):
         "model.lora.alpha=8",
         "model.lora.target_modules=[query,value]",
     ]
-    run_train(*options, timeout=400)
+    run_train(*options, timeout=900)
     (job,) = list((tmp_path / "out").iterdir())
     checkpoint = torch.load(job / "checkpoint_best.pth", map_location="cpu", weights_only=False)
     saved = checkpoint["model"]

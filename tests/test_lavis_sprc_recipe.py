@@ -126,6 +126,7 @@ def test_cirr_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedu
         f"datasets.cirr.build_info.root={data}",
         f"run.output_dir={out}",
         cfg=PROJECTS / "cirr_sprc.yaml",
+        timeout=900,
     )
     iters = int(re.search(r"Start training epoch 0, (\d+) iters", log).group(1))
     assert "Start training epoch 1" in log

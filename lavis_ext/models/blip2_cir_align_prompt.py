@@ -89,14 +89,22 @@ def _round_up(n: int) -> int:
 
 def _padded_similarity(query_feats: torch.Tensor, target_feats: torch.Tensor) -> torch.Tensor:
     """One block of :meth:`Blip2QformerCirAlignPrompt.similarity`; zero padding leaves every dot product
-    unchanged but gives the matmul no ragged edges, so a score does not depend on the block it is in."""
+    unchanged but gives the matmul no ragged edges, so a score does not depend on the block it is in.
+
+    One GEMM (queries x D) @ (D x targets*Q), then the max over each target's Q columns. Padding copies a
+    block only when a size is ragged (real widths, 256 and 32, never are), so the cost is the GEMM's.
+    """
     n_queries, n_targets, width = query_feats.size(0), target_feats.size(0), query_feats.size(1)
+    n_tokens = target_feats.size(1)
     target_feats = target_feats.to(query_feats.dtype)
-    query_feats = F.pad(query_feats, (0, _round_up(width) - width, 0, _round_up(n_queries) - n_queries))
-    target_feats = F.pad(
-        target_feats, (0, _round_up(width) - width, 0, 0, 0, _round_up(n_targets) - n_targets)
-    )
-    return torch.einsum("bd,nqd->bnq", query_feats, target_feats).amax(-1)[:n_queries, :n_targets]
+    pad_width, pad_rows, pad_targets = (_round_up(n) - n for n in (width, n_queries, n_targets))
+    if pad_width or pad_rows:
+        query_feats = F.pad(query_feats, (0, pad_width, 0, pad_rows))
+    if pad_width or pad_targets:
+        target_feats = F.pad(target_feats, (0, pad_width, 0, 0, 0, pad_targets))
+    scores = torch.matmul(query_feats, target_feats.reshape(-1, target_feats.size(-1)).T)
+    scores = scores.view(query_feats.size(0), target_feats.size(0), n_tokens).amax(-1)
+    return scores[:n_queries, :n_targets] if pad_rows or pad_targets else scores
 
 
 @registry.register_model("blip2_cir_align_prompt")
@@ -106,6 +114,9 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
     Model types: ``pretrain`` (EVA ViT-g), ``pretrain_vitL`` (CLIP ViT-L), ``coco`` (BLIP-2 COCO fine-tune),
     ``tiny`` (offline, for tests and the demo).
     """
+
+    # Config keys no default YAML sets (LoRA is off unless a config asks for it); read by the unknown-key check.
+    EXTRA_CONFIG_KEYS = ("lora",)
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         model_type: str(_CONFIG_DIR / f"blip2_cir_align_prompt_{model_type}.yaml")
@@ -458,6 +469,16 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
                 f"target_feats must be (N, Q, D) from extract_target_features, got {tuple(target_feats.shape)}"
             )
         return self.similarity(self.extract_composed_features(reference, texts), target_feats)
+
+    @torch.no_grad()
+    def fusion_gate_map(self, reference: torch.Tensor, texts) -> torch.Tensor | None:
+        """Per-token fusion gate (B, T) for reference ViT tokens and captions (None without gated fusion):
+        where in the reference image the caption is let in; the first token is the ViT's [CLS]."""
+        if self.gated_fusion is None:
+            return None
+        text_tokens = self._tokenize(texts)
+        words = self.Qformer.bert.embeddings.word_embeddings(text_tokens.input_ids)
+        return self.gated_fusion.token_gate(reference, words, text_tokens.attention_mask)
 
     def fusion_parameter_count(self) -> int:
         """Parameters added by gated fusion (0 when it is off, i.e. exactly SPRC)."""

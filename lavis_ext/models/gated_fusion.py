@@ -53,15 +53,24 @@ class GatedFusion(nn.Module):
             raise ValueError(
                 f"GatedFusion: {image_embeds.size(0)} reference images but {text_embeds.size(0)} captions"
             )
+        image, text, gate = self._gate(image_embeds, text_embeds, text_mask)
+        fused = image + self.alpha * gate * torch.tanh(self.branch(text)).unsqueeze(1)
+        return fused.to(image_embeds.dtype)
+
+    def _gate(self, image_embeds, text_embeds, text_mask):
         text = self.text_in(self.masked_mean(text_embeds, text_mask).to(self.text_in.weight.dtype))
         image = image_embeds.to(text.dtype)
         # W_g [v_i; t] = W_v v_i + W_t t: the text half and the branch are computed once per caption, not
         # once per image token (257 tokens for EVA ViT-g), which keeps the fusion's training-step cost small.
         weight_image, weight_text = self.gate.weight.split(image.size(-1), dim=1)
         gate_text = F.linear(text, weight_text, self.gate.bias).unsqueeze(1)
-        gate = torch.sigmoid(F.linear(image, weight_image) + gate_text)
-        fused = image + self.alpha * gate * torch.tanh(self.branch(text)).unsqueeze(1)
-        return fused.to(image_embeds.dtype)
+        return image, text, torch.sigmoid(F.linear(image, weight_image) + gate_text)
+
+    @torch.no_grad()
+    def token_gate(self, image_embeds, text_embeds, text_mask) -> torch.Tensor:
+        """Per-token gate (B, N): the channel mean of sigmoid(W_g [v_i; t]), i.e. how much of the caption's
+        branch each image token lets in (scaled by ``alpha`` in :meth:`forward`). Used for the gate heatmap."""
+        return self._gate(image_embeds, text_embeds, text_mask)[2].mean(-1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

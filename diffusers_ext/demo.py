@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from diffusers_ext.layout_eval import layout_scores
 from diffusers_ext.spatial_adapter import SpatialAdapter
@@ -201,8 +201,9 @@ def _grid(rows: dict[str, list], requests, path: Path, scale: int = 6) -> None:
     size, n, margin = first[0].size[0] * scale, len(first), 80
     canvas = Image.new("RGB", (margin + n * (size + 2), len(rows) * (size + 2)), "white")
     draw_canvas = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)  # Pillow's bundled font: no font file needed
     for r, (label, row) in enumerate(rows.items()):
-        draw_canvas.text((4, r * (size + 2) + size // 2 - 6), label, fill="black")
+        draw_canvas.text((4, r * (size + 2) + size // 2 - 7), label, fill="black", font=font)
         for c, img in enumerate(row):
             tile = img.resize((size, size), Image.NEAREST)
             draw = ImageDraw.Draw(tile)

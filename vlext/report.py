@@ -72,7 +72,8 @@ def write_index(out: str | os.PathLike, what: dict[str, str] | None = None) -> P
     ]
     for package, entry in summary["parts"].items():
         status = entry["status"]
-        seconds = f", {entry['seconds']} s" if "seconds" in entry else ""
+        seconds = f", {entry['seconds']} s in the demo" if "seconds" in entry else ""
+        seconds += f", {entry['wall_seconds']} s with start-up" if "wall_seconds" in entry else ""
         parts.append(f"<h2 id='{html.escape(package)}'>{html.escape(package)}</h2>")
         parts.append(
             f"<p>{html.escape(what.get(package, ''))} "

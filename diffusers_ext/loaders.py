@@ -189,8 +189,9 @@ def load_spatial_adapter(
         adapter, base = adapter_from_gated_state_dict(gated, unet)
         if load_base_unet:
             _load_base(unet, base, where)
-    adapter.to(device=unet.device, dtype=unet.dtype)
-    adapter.install(pipe)
+    if next(adapter.parameters()).dtype != unet.dtype:
+        adapter.to(dtype=unet.dtype)
+    adapter.install(pipe)  # moves the adapter to the UNet's device
     return adapter
 
 

@@ -202,6 +202,9 @@ def latest_complete_checkpoint(folder) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
+    for leftover in sorted(folder.glob(".*.pt.*.tmp")):
+        logging.warning("--resume latest: %s was left by an interrupted save; it is not used (safe to delete)",
+                        leftover)  # fmt: skip
     epochs = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name))),
                     reverse=True)  # fmt: skip
     for _, path in epochs:

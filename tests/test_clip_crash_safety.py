@@ -53,10 +53,14 @@ def test_latest_complete_checkpoint_skips_truncated_files_and_ignores_other_name
     (tmp_path / "tmp.pt").write_bytes(whole)  # open_clip's own search would pick this one (sorted by name)
     (tmp_path / "epoch_latest.pt").write_bytes(whole)
     (tmp_path / "epoch_final.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / ".epoch_11.pt.4242.tmp").write_bytes(whole)  # an interrupted atomic_save
     with caplog.at_level(logging.WARNING):
         found = latest_complete_checkpoint(tmp_path)
     assert found == str(tmp_path / "epoch_2.pt")  # numeric order: 10 > 2, but 10 is truncated
     assert f"skipping {tmp_path / 'epoch_10.pt'}, it is not a complete checkpoint" in caplog.text
+    assert (
+        f"{tmp_path / '.epoch_11.pt.4242.tmp'} was left by an interrupted save; it is not used" in caplog.text
+    )
     assert latest_complete_checkpoint(tmp_path / "missing") is None
 
 

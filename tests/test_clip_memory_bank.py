@@ -191,3 +191,18 @@ def test_region_text_queue_wraps_and_keeps_the_last_slots_of_a_large_step():
     assert torch.equal(texts[ids.argsort()], b[2:])
     with pytest.raises(ValueError, match="keeps no region texts"):
         MemoryBank(size=4, dim=8).region_negatives()
+
+
+def test_diag_bank_mass_is_the_softmax_probability_on_bank_columns():
+    bank = MemoryBank(size=2, dim=2, features="text")
+    loss = MemoryBankClipLoss(bank, diag=True)
+    image = text = torch.eye(2)
+    loss(image, text, torch.tensor(1.0))
+    assert loss.last_bank_mass == (0.0, 0.0)  # empty bank: nothing on bank columns
+    loss.commit()  # bank texts now [1, 0], [0, 1]; warmup 0, so it is on
+    bank.text_queue[1] = torch.tensor([1.0, 0.0])  # two stored texts, both [1, 0]
+    loss(image, text, torch.tensor(1.0))
+    # image [1, 0]: logits [1, 0 | 1, 1] -> 2e / (3e + 1); image [0, 1]: [0, 1 | 0, 0] -> 2 / (e + 3)
+    e = math.e
+    assert loss.last_bank_mass[0] == pytest.approx((2 * e / (3 * e + 1) + 2 / (e + 3)) / 2, rel=1e-6)
+    assert loss.last_bank_mass[1] == 0.0  # --memory-bank-features text: text->image has no bank columns

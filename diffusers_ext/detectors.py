@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ class ZeroShotDetector(Detector):
         self.device = device
         self.top_k = top_k
         self.family = "grounding-dino" if "grounding" in model.config.model_type else "owl"
+        self._warned: set[str] = set()
 
     def check_phrases(self, phrases, where):
         cjk = [p for p in phrases if _CJK.search(p)]
@@ -168,8 +170,24 @@ class ZeroShotDetector(Detector):
                 self._detect_grounding_dino(im, ps) for im, ps in zip(images, phrases_per_image, strict=True)
             ]
 
+    def _warn_long(self, phrases) -> None:
+        """OWL's text encoder reads 16 tokens; a longer phrase is cut there (with a warning, never silently)."""
+        tokenizer = self.processor.tokenizer
+        limit = tokenizer.model_max_length
+        for phrase in phrases:
+            if phrase not in self._warned and len(tokenizer(phrase).input_ids) > limit:
+                self._warned.add(phrase)
+                warnings.warn(
+                    f"detector phrase {phrase!r} is longer than {self.name}'s {limit} text tokens; the detector "
+                    "reads its first tokens only (give a shorter English phrase in phrases_en)",
+                    stacklevel=3,
+                )
+
     def _detect_owl(self, images, phrases_per_image):
-        inputs = self.processor(text=[list(p) for p in phrases_per_image], images=images, return_tensors="pt")
+        self._warn_long([p for ps in phrases_per_image for p in ps])
+        inputs = self.processor(
+            text=[list(p) for p in phrases_per_image], images=images, truncation=True, return_tensors="pt"
+        )
         outputs = self.model(**inputs.to(self.device))
         sizes = [(im.height, im.width) for im in images]
         out = []

@@ -309,7 +309,7 @@ def _load_pipeline(folder: str, device: str, dtype):
     from diffusers_ext.grounded_generation import pipeline_kind
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"--pretrained-model {folder}: not a loadable diffusers pipeline folder ({e})"
@@ -351,12 +351,14 @@ def attach_adapter(pipe, source: str):
             "pipeline"
         )
     unet = pipe.unet
-    adapter.to(device=unet.device, dtype=unet.dtype)
+    if adapter.dtype != unet.dtype or adapter.device != unet.device:
+        adapter.to(device=unet.device, dtype=unet.dtype)
     return adapter
 
 
 def _clip_metric(folder: str, device: str):
     """torchmetrics' CLIPScore over a local CLIP folder (its own loader accepts hub names only)."""
+    from torch import nn
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import AutoModel, AutoProcessor
 
@@ -366,7 +368,25 @@ def _clip_metric(folder: str, device: str):
         raise ValueError(f"--clip-model {folder}: not a loadable CLIP folder ({e})") from None
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
         raise ValueError(f"--clip-model {folder}: {type(model).__name__} is not a CLIP-style model")
-    return CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+
+    def pooled(out):
+        return out if hasattr(out, "norm") else out.pooler_output
+
+    class TensorFeatures(nn.Module):
+        """transformers 5's ``get_image_features``/``get_text_features`` return an output object whose
+        ``pooler_output`` holds the projected features; torchmetrics 1.9's CLIPScore expects the tensor."""
+
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, *args, **kwargs):
+            return pooled(self.model.get_image_features(*args, **kwargs))
+
+        def get_text_features(self, *args, **kwargs):
+            return pooled(self.model.get_text_features(*args, **kwargs))
+
+    return CLIPScore(model_name_or_path=lambda: (TensorFeatures(), processor)).to(device)
 
 
 def _fid_feature_module(path: str):

@@ -82,17 +82,16 @@ DEMO_CONFIG = {
     "coord_channels": True,
     "sample_steps": 20,
     "log_every": 25,
-    # the frozen base: "shipped" (BASE_FILE, made by BASE_COMMAND, checked against BASE_SHA256), a path to
-    # another file written by save_base, or None to train one here for base_steps steps first
+    # the frozen base: None trains one here for base_steps steps (phase 1); a path loads a file written by
+    # save_base (`--train-base FILE`), which must have been trained with this config's BASE_KEYS
     "base_unet": None,
+    # when set, a base_unet file whose sha256 differs is refused (a damaged or replaced file)
+    "base_sha256": None,
 }
 
 # --quick (the command-line test): the same path with a short adapter phase and a small evaluation
 QUICK_CONFIG = {"adapter_steps": 30, "n_eval": 8, "sample_steps": 5, "log_every": 5}
 QUICK_BASE_STEPS = 40  # when --quick trains its base here (base_unet=None)
-
-BASE_FILE = Path(__file__).resolve().parent / "assets" / "demo_base_unet.safetensors"
-BASE_SHA256 = "to be filled"
 
 
 def _phrase_table(dim: int, seed: int) -> dict[str, torch.Tensor]:
@@ -238,12 +237,12 @@ def _plot(curve: dict, out_norm_init: float, path: Path) -> None:
     plt.close(fig)
 
 
-# The config keys that define the base UNet and its phrase vectors; a shipped base must match them.
+# The config keys that define the base UNet and its phrase vectors; a base read from a file must match them.
 BASE_KEYS = (
     "seed", "render_size", "resolution", "max_objects", "backgrounds", "n_train", "text_dim", "batch_size",
     "base_steps", "base_lr", "unet", "train_timesteps", "prediction_type", "coord_channels",
 )  # fmt: skip
-BASE_COMMAND = "python -m diffusers_ext.demo --train-base diffusers_ext/assets/demo_base_unet.safetensors"
+BASE_COMMAND = "python -m diffusers_ext.demo --train-base FILE"
 
 
 def _world(cfg: dict) -> ToyWorld:
@@ -351,7 +350,7 @@ def load_base(path: Path, cfg: dict, sha256: str | None = None) -> tuple:
 
 
 def _base(cfg: dict) -> tuple:
-    """The frozen base: the shipped file (checked against its sha256), another file, or trained here."""
+    """The frozen base: trained here (``base_unet=None``) or read from a file written by ``save_base``."""
     source = cfg["base_unet"]
     if source is None:
         print(
@@ -360,8 +359,8 @@ def _base(cfg: dict) -> tuple:
         unet, table, losses = train_base(cfg)
         return unet, table, {"source": "trained here", "loss_first_25": float(np.mean(losses[:25])),
                              "loss_last_25": float(np.mean(losses[-25:]))}  # fmt: skip
-    path, sha = (BASE_FILE, BASE_SHA256) if source == "shipped" else (Path(source), None)
-    unet, table, metadata = load_base(path, cfg, sha256=sha)
+    path = Path(source)
+    unet, table, metadata = load_base(path, cfg, sha256=cfg.get("base_sha256"))
     print(f"diffusers_ext: base UNet from {path} (made by: {metadata['command']})", flush=True)
     return unet, table, {"source": str(path), "command": metadata["command"],
                          "loss_first_25": float(metadata["loss_first_25"]),
@@ -518,7 +517,15 @@ def main(argv=None) -> None:
         metavar="FILE",
         help="only train the base UNet (phase 1) with the default config and write it to FILE (safetensors)",
     )
+    parser.add_argument(
+        "--base-unet",
+        type=Path,
+        metavar="FILE",
+        help="skip phase 1: load the frozen base from FILE (written by --train-base) and train only the adapter",
+    )
     args = parser.parse_args(argv)
+    if args.base_unet is not None and not args.base_unet.is_file():
+        parser.error(f"--base-unet {args.base_unet}: no such file; write one with --train-base FILE")
     if args.train_base is not None:
         cfg = {**DEMO_CONFIG, "seed": args.seed}
         unet, table, losses = train_base(cfg)
@@ -529,7 +536,12 @@ def main(argv=None) -> None:
         parser.error(f"--adapter-steps must be >= 1, got {args.adapter_steps}")
     run(
         args.out,
-        {"adapter_init_mode": args.init_mode, "adapter_steps": args.adapter_steps, "seed": args.seed},
+        {
+            "adapter_init_mode": args.init_mode,
+            "adapter_steps": args.adapter_steps,
+            "seed": args.seed,
+            "base_unet": args.base_unet,
+        },
     )
 
 

@@ -66,3 +66,9 @@ def test_a_saved_base_loads_back_and_a_base_for_another_config_is_refused(tmp_pa
         load_base(tmp_path / "base.safetensors", {**cfg, "n_train": 32})
     with pytest.raises(ValueError, match="sha256"):
         load_base(tmp_path / "base.safetensors", cfg, sha256="0" * 64)
+
+
+def test_demo_command_line_refuses_a_base_file_that_does_not_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--base-unet", str(tmp_path / "missing.safetensors")])
+    assert "missing.safetensors: no such file; write one with --train-base FILE" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,27 @@ def test_runs_with_the_same_job_id_get_distinct_folders(tmp_path):
     names = [claim_run_folder(tmp_path / "out", "20261201120000") for _ in range(3)]
     assert names == ["20261201120000", "20261201120000_1", "20261201120000_2"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+
+
+def test_resuming_from_an_sprc_checkpoint_loads_its_weights_only(tmp_path, monkeypatch, caplog):
+    """SPRC's {"epoch", "Blip2QformerCirAlignPrompt"} files hold no optimizer: weights load, epoch 0 starts."""
+    from lavis.models import load_model
+
+    from lavis_ext.train import main
+    from vlext.toyworld import write_cirr
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    write_cirr(tmp_path / "cirr_dataset", 16, 6, 3, seed=0, image_size=32)
+    model = load_model("blip2_cir_align_prompt", "tiny")
+    with torch.no_grad():
+        model.temp.fill_(0.5)  # the model initialises it to 0.07
+    torch.save({"epoch": 7, "Blip2QformerCirAlignPrompt": model.state_dict()}, tmp_path / "sprc.pt")
+    caplog.set_level(logging.INFO)
+    cfg = Path(__file__).resolve().parent.parent / "lavis_ext" / "projects" / "cirr_tiny.yaml"
+    options = ["datasets.cirr.build_info.root=cirr_dataset", "run.output_dir=out", "run.batch_size_train=8"]
+    options += ["run.resume_ckpt_path=sprc.pt", "run.init_lr=0", "run.min_lr=0", "run.warmup_lr=0"]
+    runner = main(["--cfg-path", str(cfg), "--options", *options])
+    assert "weights only (sprc format has no optimizer state); training starts at epoch 0" in caplog.text
+    assert runner.start_epoch == 0
+    assert runner.unwrap_dist_model(runner.model).temp.item() == 0.5  # lr 0: the loaded weights, unchanged

@@ -49,7 +49,7 @@ _LAUNCH_KEYS = {
     "gpu",
     "rank",
 }
-# Read by lavis_ext.runner.SafeRunner (see its docstring); the scan below finds them too, listed for readers.
+# Read by lavis_ext.runner.SafeRunner (see its docstring) through a local name, which the source scan misses.
 RUNNER_KEYS = {"optimizer_betas", "optimizer_eps"}
 # Keys every LAVIS model config may carry (BaseModel.from_pretrained / load_checkpoint_from_config, Config).
 _GENERIC_MODEL_KEYS = {"arch", "model_type", "load_finetuned", "load_pretrained", "finetuned", "pretrained"}

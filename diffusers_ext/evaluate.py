@@ -412,7 +412,8 @@ def _fid_feature_module(path: str):
         state = torch.load(path, map_location="cpu", weights_only=True)
         from torchvision.models import inception_v3
 
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        # transform_input=True: what torchvision sets for these (TF-ported) weights
+        net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
         net.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is not what the flag takes
         raise ValueError(
@@ -464,6 +465,12 @@ def _fid(feature_module, real_paths, fake_images, size) -> float | None:
 # ------------------------------------------------------------------------------------------ output
 
 
+def _label(draw, xy, text: str, colour) -> None:
+    """Text in the box's colour on a dark patch, readable on any image."""
+    draw.rectangle(draw.textbbox(xy, text), fill=(0, 0, 0))
+    draw.text(xy, text, fill=colour)
+
+
 def _grid(settings, images_by_setting, records_by_setting, path: Path) -> None:
     """Rows = settings, columns = the first images; requested boxes green, detected red, with phrases."""
     from PIL import Image, ImageDraw
@@ -483,15 +490,12 @@ def _grid(settings, images_by_setting, records_by_setting, path: Path) -> None:
             for obj in records_by_setting[setting][c]["objects"]:
                 req = [v * GRID_TILE for v in obj["box"]]
                 draw.rectangle(req, outline=REQUESTED_COLOUR, width=2)
-                draw.text((req[0] + 3, req[1] + 2), obj["detector_phrase"], fill=REQUESTED_COLOUR)
+                _label(draw, (req[0] + 3, req[1] + 2), obj["detector_phrase"], REQUESTED_COLOUR)
                 if obj["detected"] is not None:
                     det = [v * GRID_TILE for v in obj["detected"]]
                     draw.rectangle(det, outline=DETECTED_COLOUR, width=2)
-                    draw.text(
-                        (det[0] + 3, max(det[3] - 12, 0)),
-                        f"{obj['detector_phrase']} {obj['iou']:.2f}",
-                        fill=DETECTED_COLOUR,
-                    )
+                    text = f"{obj['detector_phrase']} {obj['iou']:.2f}"
+                    _label(draw, (det[0] + 3, max(det[3] - 14, 0)), text, DETECTED_COLOUR)
             canvas.paste(tile, (c * (GRID_TILE + 4), y0 + label_h))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")

@@ -11,8 +11,9 @@ global DDP loss (no ``local_loss``) the rows are the global batch, so the ids ar
 With a :class:`~clip_ext.region.RegionHead` and ``region_weight`` > 0, the model's output also carries
 padded region features (see :func:`clip_ext.region.region_forward`) and the loss adds
 ``region_weight x`` the FG-CLIP region InfoNCE as its own entry ``region_loss`` (open_clip's trainer sums
-every entry and logs each). The region loss is per rank (local regions as negatives), plus the bank's region
-captions when the bank keeps them and is active. With ``hard_negative_weight`` > 0 and the model's
+every entry and logs each). Under DDP the region loss gathers the regions, captions, validity and caption
+ids of every rank (all regions of the global batch are negatives; local rows keep their gradient, as in
+``ClipLoss``), plus the bank's region captions when the bank keeps them and is active. With ``hard_negative_weight`` > 0 and the model's
 ``hard_negative_text_features``, FG-CLIP's hard-negative region loss is added as ``hard_negative_loss``.
 
 For ``--diag`` the loss keeps the last unweighted region and hard-negative losses and, with ``diag=True``,
@@ -178,8 +179,27 @@ class MemoryBankClipLoss(ClipLoss):
             bank_captions, bank_ids = self.bank.region_negatives()
         ids_or_none = caption_ids if caption_ids is not None else torch.full_like(valid, -1, dtype=torch.long)
         self.pending_regions = (caption.detach(), valid, ids_or_none)
+        if self.world_size > 1:
+            # every rank's regions and captions are negatives (as ClipLoss gathers the batch); the local
+            # rows keep their gradient, the other ranks' rows are constants here
+            region, caption = self._gather_rows(region), self._gather_rows(caption)
+            valid = self._gather_rows(valid.to(torch.uint8)).bool()  # not every backend gathers bool
+            caption_ids = self._gather_rows(caption_ids) if caption_ids is not None else None
         return region_contrastive_loss(region, caption, valid, self.region_head.logit_scale, caption_ids,
                                        bank_captions, bank_ids)  # fmt: skip
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, ...) of every rank (equal N: regions are padded to the same count), this rank's slice the
+        original tensor so that its gradient flows."""
+        if self.use_horovod:
+            import horovod.torch as hvd
+
+            parts = list(hvd.allgather(rows.detach()).chunk(self.world_size))
+        else:
+            parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+            dist.all_gather(parts, rows.detach().contiguous())
+        parts[self.rank] = rows
+        return torch.cat(parts)
 
     @torch.no_grad()
     def commit(self) -> None:

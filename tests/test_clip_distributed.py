@@ -76,6 +76,7 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
         dedup.commit()
         dedup_reference.bank.enqueue(*dedup_reference.pending, ids=ids)
         dedup_reference.bank.optimizer_step()
+    record.update(_region_records(rank, world))
     bank = loss.bank
     record.update(
         image_queue=bank.image_queue.tolist(),
@@ -89,6 +90,42 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
+
+
+def _region_records(rank: int, world: int) -> dict:
+    """Region loss on 2 ranks vs one process on the global region batch (4 padded rows per rank, one padding
+    row each, caption 3 on both ranks: the same caption is not a negative across ranks either)."""
+    import math
+
+    from clip_ext.loss import MemoryBankClipLoss
+    from clip_ext.region import RegionHead, region_contrastive_loss
+
+    g = torch.Generator().manual_seed(7)
+    region = torch.nn.functional.normalize(torch.randn(2 * 4, DIM, generator=g), dim=-1)
+    caption = torch.nn.functional.normalize(torch.randn(2 * 4, DIM, generator=g), dim=-1)
+    valid = torch.tensor([True, True, True, False, True, False, True, True])
+    ids = torch.tensor([0, 1, 3, -1, 3, -1, 4, 5])
+    rows = slice(rank * 4, (rank + 1) * 4)
+    head = RegionHead(math.log(10.0))
+    loss = MemoryBankClipLoss(None, region_head=head, region_weight=1.0, rank=rank, world_size=world)
+    local_region = region[rows].clone().requires_grad_()
+    value = loss.region_loss(local_region, caption[rows], valid[rows], ids[rows])
+    value.backward()
+    averaged = value.detach().clone()
+    torch.distributed.all_reduce(averaged)
+    full = region.clone().requires_grad_()
+    reference = region_contrastive_loss(full, caption, valid, head.logit_scale.detach(), ids)
+    reference.backward()
+    per_rank = region_contrastive_loss(
+        region[rows], caption[rows], valid[rows], head.logit_scale.detach(), ids[rows]
+    )
+    return {
+        "region_loss": (averaged / world).item(),
+        "region_reference": reference.item(),
+        "region_per_rank_only": per_rank.item(),
+        # each rank's gradient on its own rows is that of the global loss (DDP then averages over ranks)
+        "region_grad_close": torch.allclose(local_region.grad, full.grad[rows], atol=1e-6),
+    }
 
 
 def _torchrun(tmp_path, local_loss):
@@ -134,6 +171,15 @@ def test_duplicate_masking_works_under_ddp(ranks):
     r0 = ranks[0]
     assert r0["dedup"][0] == pytest.approx(r0["loss"][0], rel=1e-6)
     assert all(d < plain - 1e-3 for d, plain in zip(r0["dedup"][1:], r0["loss"][1:]))
+
+
+def test_region_negatives_are_gathered_over_ranks(ranks):
+    _, ranks = ranks
+    for rank in ranks:
+        assert rank["region_loss"] == pytest.approx(rank["region_reference"], rel=1e-5, abs=1e-6)
+        assert rank["region_grad_close"]
+    # gathering changed the loss: it is not the loss over the local regions alone
+    assert ranks[0]["region_per_rank_only"] != pytest.approx(ranks[0]["region_reference"], rel=1e-3)
 
 
 if __name__ == "__main__":

@@ -294,3 +294,48 @@ def test_bad_flags_are_refused_naming_the_flag(data, tmp_path, capsys, flags, ma
     )
     assert rc == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------- FID plumbing
+
+
+class _ChannelStats(torch.nn.Module):
+    """A 6-d FID feature: mean and std of each colour channel of uint8 images."""
+
+    def forward(self, x):
+        x = x.float() / 255.0
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_colour_shift(tmp_path, toy):
+    from diffusers_ext.evaluate import _fid
+
+    _, images, _ = toy
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    same = _fid(_ChannelStats(), paths, images, (64, 64))
+    shifted = [Image.eval(im, lambda v: min(255, v + 40)) for im in images]
+    assert abs(same) < 1e-3
+    assert _fid(_ChannelStats(), paths, shifted, (64, 64)) > 0.01
+    assert _fid(_ChannelStats(), paths[:1], images, (64, 64)) is None  # one real image: no covariance
+
+
+@pytest.mark.slow
+def test_fid_features_read_a_torchvision_inception_state_dict_and_refuse_other_files(tmp_path):
+    from torchvision.models import inception_v3
+
+    from diffusers_ext.evaluate import _fid_feature_module
+
+    torch.manual_seed(0)
+    torch.save(
+        inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "inc.pth"
+    )
+    module = _fid_feature_module(str(tmp_path / "inc.pth"))
+    with torch.no_grad():
+        feats = module(torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8))
+    assert module.num_features == 2048 and feats.shape == (2, 2048)
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="--fid-features .*neither a TorchScript feature module nor"):
+        _fid_feature_module(str(tmp_path / "junk.pth"))

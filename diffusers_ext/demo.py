@@ -10,7 +10,9 @@ scores each object's placement by colour segmentation (``layout_eval.layout_scor
 
 Phrase features are fixed random vectors per colour / shape / size word (no text encoder is downloaded);
 the UNet's cross-attention context is the sequence of the scene's phrase features. All sizes and step
-counts live in ``DEMO_CONFIG``.
+counts live in ``DEMO_CONFIG``; ``QUICK_CONFIG`` shrinks them for ``--quick`` (the command-line test).
+Phase 1 can be run once and saved (``--train-base FILE``: UNet and phrase vectors in one safetensors file
+with the config they were trained with); ``--base-unet FILE`` then trains only the adapter.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import pytest
 import torch
 from diffusers import KolorsPipeline
 
+from diffusers_ext import load_spatial_adapter
 from diffusers_ext.grounded_generation import encode_phrases, generate
-from diffusers_ext.spatial_adapter import SpatialAdapter
 from diffusers_ext.tiny_pipelines import save_tiny_pipeline
 from diffusers_ext.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
@@ -37,12 +37,11 @@ def test_kolors_trains_on_chinese_layouts_and_generates_with_chinese_phrases(tmp
     assert result["steps"] == 2 and all(np.isfinite(result["losses"]))
 
     pipe = KolorsPipeline.from_pretrained(model)
-    adapter = SpatialAdapter.from_pretrained(out / "adapter")
+    adapter = load_spatial_adapter(pipe, out / "adapter")  # installs it, as a user loads it
     assert adapter.config.phrase_dim == pipe.text_encoder.config.hidden_size  # ChatGLM's width
     assert torch.stack([f.gates() for f in adapter.fusers]).abs().max() > 0  # trained: the gates opened
     features = encode_phrases(pipe, row["phrases"])
     assert torch.cdist(features, features).fill_diagonal_(1.0).min() > 0  # each Chinese phrase its own vector
-    adapter.install(pipe)
     run = {"num_inference_steps": 2, "schedule": None, "max_sequence_length": 16, "output_type": "np"}
     images = {
         scale: generate(

@@ -12,7 +12,6 @@ import lavis_ext  # noqa: F401
 from lavis_ext.models.blip2_cir_align_prompt import Blip2QformerCirAlignPrompt
 
 TINY_EVAL = [
-    "model.model_type=tiny",
     "run.device=cpu",
     "run.amp=False",
     "run.distributed=False",
@@ -34,13 +33,18 @@ def test_cirr_eval_yaml_evaluates_an_sprc_release_and_writes_submissions(tmp_pat
     release = tmp_path / "sprc_cirr.pt"
     torch.save({"epoch": 49, "Blip2QformerCirAlignPrompt": state}, release)
 
+    # LAVIS picks the model's default YAML from the project file's model_type (not from --options)
+    project = OmegaConf.load(ROOT / "lavis_ext" / "projects" / "cirr_eval.yaml")
+    project.model.model_type = "tiny"
+    tiny_project = tmp_path / "cirr_eval.yaml"
+    OmegaConf.save(project, tiny_project)
     out = tmp_path / "eval"
     log = run_train(
         *TINY_EVAL,
         f"model.finetuned={release}",
         f"datasets.cirr.build_info.root={data}",
         f"run.output_dir={out}",
-        cfg=ROOT / "lavis_ext" / "projects" / "cirr_eval.yaml",
+        cfg=tiny_project,
         timeout=900,
     )
     assert f"loaded checkpoint {release} (sprc layout)" in log

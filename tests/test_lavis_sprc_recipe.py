@@ -100,7 +100,6 @@ def test_sprc_projects_state_sprcs_published_recipe(
 
 
 TINY = [
-    "model.model_type=tiny",
     "run.device=cpu",
     "run.amp=False",
     "run.distributed=False",
@@ -114,6 +113,16 @@ TINY = [
 ]
 
 
+def with_tiny_model(project, folder):
+    """The project YAML with ``model_type: tiny``: LAVIS picks the model's default YAML from the project file's
+    model_type, not from ``--options model.model_type=...``, so the swap is made in a copy of the file."""
+    cfg = OmegaConf.load(project)
+    cfg.model.model_type = "tiny"
+    path = folder / project.name
+    OmegaConf.save(cfg, path)
+    return path
+
+
 @pytest.mark.slow
 def test_cirr_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedule(tmp_path):
     from lavis_ext.optim import one_cycle_lr, one_cycle_momentum
@@ -125,7 +134,7 @@ def test_cirr_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedu
         *TINY,
         f"datasets.cirr.build_info.root={data}",
         f"run.output_dir={out}",
-        cfg=PROJECTS / "cirr_sprc.yaml",
+        cfg=with_tiny_model(PROJECTS / "cirr_sprc.yaml", tmp_path),
         timeout=900,
     )
     iters = int(re.search(r"Start training epoch 0, (\d+) iters", log).group(1))

@@ -227,3 +227,24 @@ def test_help_runs_from_another_directory_and_the_module_imports_no_torch(tmp_pa
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0 and run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind, lang", [("sdxl", "en"), ("kolors", "zh")])
+def test_sdxl_and_kolors_pipelines_run_end_to_end(tmp_path, kind, lang):
+    from diffusers import DiffusionPipeline
+
+    save_tiny_pipeline(tmp_path / "pipe", kind)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    SpatialAdapter.for_unet(pipe.unet, phrase_dim=phrase_dim(pipe), hidden_dim=32).save_pretrained(
+        tmp_path / "ad"
+    )
+    data = write_grounding_jsonl(tmp_path / "data", 1, lang=lang)  # Kolors: Chinese captions and phrases
+    args = [
+        "--data", str(data), "--pretrained-model", str(tmp_path / "pipe"), "--adapter", str(tmp_path / "ad"),
+        "--out", str(tmp_path / "out"), "--steps", "2", "--detector", "toy-colour", "--gate-scales", "1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
+    assert [(r["setting"], r["n_images"]) for r in rows] == [("baseline", 1), ("gate_1", 1)]
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    assert record["objects"][0]["phrase"] == json.loads(data.read_text().splitlines()[0])["phrases"][0]

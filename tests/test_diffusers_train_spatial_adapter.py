@@ -194,3 +194,14 @@ def test_resume_latest_in_the_same_folder_rewrites_no_step_twice(toy, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 4 was dropped at resume and trained again
     assert rows[3]["loss"] == pytest.approx(first[4], rel=1e-6)
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+
+
+def test_resume_from_a_named_incomplete_checkpoint_is_refused_saying_why(toy, tmp_path):
+    unfinished = tmp_path / "old" / "checkpoint-3"
+    unfinished.mkdir(parents=True)
+    (unfinished / "trainable.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(
+        SystemExit, match=r"checkpoint-3 is not a complete checkpoint: no checkpoint_complete\.json"
+    ):
+        train(_args(toy, tmp_path / "new", "--resume", str(unfinished)))
+    assert not (tmp_path / "new" / "metrics.jsonl").exists()

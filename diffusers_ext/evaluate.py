@@ -32,20 +32,6 @@ __all__ = ["main", "read_layouts"]
 
 ROW_KEYS = ("image", "caption", "boxes", "phrases")
 OPTIONAL_KEYS = ("phrases_en",)
-# results are valid for exactly these run settings; a re-run with another value must not mix into them
-FINGERPRINT_KEYS = (
-    "data",
-    "pretrained_model",
-    "adapter",
-    "detector",
-    "steps",
-    "guidance_scale",
-    "schedule",
-    "beta",
-    "device",
-    "dtype",
-    "clip_model",
-)
 GRID_COLUMNS = 8
 GRID_TILE = 256
 REQUESTED_COLOUR = (0, 200, 0)
@@ -441,13 +427,14 @@ def _fid_feature_module(path: str):
     return _Pool(net)
 
 
-def _fid(feature_module, real_paths, fake_images, size) -> float | None:
+def _fid(feature_module, real_paths, fake_paths, size) -> float | None:
+    """FID between the real and the generated image files, both resized to ``size``; None below 2 each."""
     import numpy as np
     import torch
     from PIL import Image
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if len(real_paths) < 2 or len(fake_images) < 2:
+    if len(real_paths) < 2 or len(fake_paths) < 2:
         return None
 
     def as_uint8(images):
@@ -457,8 +444,8 @@ def _fid(feature_module, real_paths, fake_images, size) -> float | None:
     metric = FrechetInceptionDistance(feature=feature_module, reset_real_features=True)
     for start in range(0, len(real_paths), 16):
         metric.update(as_uint8([Image.open(p) for p in real_paths[start : start + 16]]), real=True)
-    for start in range(0, len(fake_images), 16):
-        metric.update(as_uint8(fake_images[start : start + 16]), real=False)
+    for start in range(0, len(fake_paths), 16):
+        metric.update(as_uint8([Image.open(p) for p in fake_paths[start : start + 16]]), real=False)
     return float(metric.compute())
 
 
@@ -577,6 +564,7 @@ def _run(args) -> int:
 
     from diffusers_ext.detectors import load_detector
     from diffusers_ext.layout_scoring import score_image, summarize
+    from diffusers_ext.spatial_adapter import installed_adapter
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
@@ -606,8 +594,10 @@ def _run(args) -> int:
     steps = args.steps or defaults["num_inference_steps"].default
     guidance = defaults["guidance_scale"].default if args.guidance_scale is None else args.guidance_scale
     sched = _schedule_kwargs(args)
+    # the settings every stored image and record depends on: a re-run into the same --out must match them
     fingerprint = {
         "data": str(Path(args.data).resolve()),
+        "image_dir": str(Path(args.image_dir or Path(args.data).parent).resolve()),
         "pretrained_model": str(Path(args.pretrained_model).resolve()),
         "adapter": str(Path(args.adapter).resolve()) if Path(args.adapter).exists() else args.adapter,
         "detector": str(Path(args.detector).resolve()) if Path(args.detector).is_dir() else args.detector,
@@ -629,7 +619,7 @@ def _run(args) -> int:
         name = _setting_name(gate_scale)
         if gate_scale is None:
             adapter.remove()
-        elif adapter._installed is None:
+        elif installed_adapter(pipe) is None:
             adapter.install(pipe)
         keys = [f"{i:06d}_s{seed}" for i, seed in jobs]
         records = {k: _load_record(out / "records" / name / f"{k}.json") for k in keys}
@@ -679,11 +669,11 @@ def _run(args) -> int:
         bar.close()
         ordered = [records[k] for k in keys]
         row_summary = summarize(ordered)
-        fake = [Image.open(out / "images" / name / f"{k}.png").convert("RGB") for k in keys]
+        fake = [out / "images" / name / f"{k}.png" for k in keys]
         fid = None
         if fid_module is not None:
             real = sorted({rows[i]["image"] for i, _ in jobs})
-            fid = _fid(fid_module, real, fake, fake[0].size)
+            fid = _fid(fid_module, real, fake, Image.open(fake[0]).size)
             if fid is None:
                 notes.append(f"FID skipped for {name}: needs at least 2 real and 2 generated images")
         clip_scores = [r["clip_score"] for r in ordered if "clip_score" in r]
@@ -698,7 +688,8 @@ def _run(args) -> int:
             }
         )
         all_records += ordered
-        grid_images[name], grid_records[name] = fake[:GRID_COLUMNS], ordered[:GRID_COLUMNS]
+        grid_images[name] = [Image.open(p).convert("RGB") for p in fake[:GRID_COLUMNS]]
+        grid_records[name] = ordered[:GRID_COLUMNS]
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)
     _atomic_write(out / "results.jsonl", lines.encode("utf-8"))

@@ -248,3 +248,18 @@ def test_sdxl_and_kolors_pipelines_run_end_to_end(tmp_path, kind, lang):
     assert [(r["setting"], r["n_images"]) for r in rows] == [("baseline", 1), ("gate_1", 1)]
     record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
     assert record["objects"][0]["phrase"] == json.loads(data.read_text().splitlines()[0])["phrases"][0]
+
+
+def test_the_command_runs_as_a_user_runs_it_with_relative_paths(setup):
+    root, _ = setup
+    cmd = [
+        sys.executable, "-m", "diffusers_ext.evaluate", "--data", "data/grounding.en.jsonl", "--pretrained-model",
+        "pipe", "--adapter", "adapter", "--out", "relative_out", "--detector", "toy-colour", "--steps", "1",
+        "--limit", "1", "--gate-scales", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| baseline | 1 |" in run.stdout and "| gate_1 | 1 |" in run.stdout
+    summary = json.loads((root / "relative_out" / "summary.json").read_text())
+    assert summary["run"]["data"] == str((root / "data" / "grounding.en.jsonl").resolve())

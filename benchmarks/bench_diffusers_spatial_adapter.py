@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from benchmarks.peak_memory import peak_bytes
-from diffusers_ext.gligen_compat import adapter_from_gated_unet
+if not __package__:  # run by path: the repository before fairscale's top-level `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.peak_memory import peak_bytes  # noqa: E402
+from diffusers_ext.gligen_compat import adapter_from_gated_unet  # noqa: E402
 
 VARIANTS = ("native_gated", "processor", "plain")
 

@@ -113,16 +113,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_seconds(fn, repeats: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def _median_seconds(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median wall time per variant, the variants interleaved round by round so that a change in machine
+    load (a shared CPU) hits all of them alike instead of whichever ran during it."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {v: [] for v in fns}
+    for _ in range(repeats):
+        for v, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[v].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def main() -> None:
@@ -136,7 +140,7 @@ def main() -> None:
     fns = _build(args)
     with torch.no_grad():
         diff = (fns["processor"]() - fns["native_gated"]()).abs().max().item()
-        secs = {v: _median_seconds(fns[v], args.repeats, args.device) for v in VARIANTS}
+        secs = _median_seconds({v: fns[v] for v in VARIANTS}, args.repeats, args.device)
         peaks = {v: peak_bytes(fns[v], args.device) / 2**20 for v in VARIANTS}
     widths = "/".join(map(str, UNETS[args.unet]["block_out_channels"]))
     print(

@@ -32,37 +32,38 @@ MAX_LOGIT_SCALE = math.log(100)
 def filter_boxes(
     boxes: torch.Tensor, min_area: float, min_side: float, where: str = "boxes"
 ) -> tuple[torch.Tensor, dict[str, int]]:
-    """Clamp normalized xyxy boxes to [0, 1] and keep those with enough area and side; returns (keep, counts).
+    """Check normalized xyxy boxes against the box rule and keep those with enough area and side.
 
-    Boxes outside [0, 1] by more than a rounding error, or with x1 < x0 / y1 < y0, are refused with an error
-    naming ``where`` (a file and line), since they mean the data is not in normalized xyxy at all.
+    The box rule is the distribution's one rule (diffusers_ext applies it too): ``0 <= x0 < x1 <= 1`` and
+    ``0 <= y0 < y1 <= 1``. A box outside [0, 1], empty or flipped is refused with an error naming ``where``
+    (a file and line), never clamped: such a box means the data is not in normalized xyxy. Returns
+    (kept boxes, counts of what was kept and dropped as too small).
     """
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(
             f"{where}: boxes must have shape (N, 4) as [x0, y0, x1, y1], got {tuple(boxes.shape)}"
         )
-    if not torch.isfinite(boxes).all() or (boxes < -0.01).any() or (boxes > 1.01).any():
-        raise ValueError(f"{where}: boxes must be normalized to [0, 1] (xyxy), got values in "
-                         f"[{boxes.min().item():.3g}, {boxes.max().item():.3g}]")  # fmt: skip
-    if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
-        raise ValueError(f"{where}: boxes must satisfy x0 <= x1 and y0 <= y1 (xyxy order)")
-    clamped = boxes.clamp(0.0, 1.0)
-    small_side, small_area = _too_small(clamped, min_area, min_side)
+    if not torch.isfinite(boxes).all() or (boxes < 0).any() or (boxes > 1).any():
+        raise ValueError(f"{where}: boxes must be normalized to [0, 1] (xyxy, divide pixels by the image "
+                         f"size), got values in [{boxes.min().item():.3g}, {boxes.max().item():.3g}]")  # fmt: skip
+    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+        raise ValueError(f"{where}: boxes must satisfy x0 < x1 and y0 < y1 (xyxy order, not empty)")
+    small_side, small_area = _too_small(boxes, min_area, min_side)
     keep = ~(small_side | small_area)
     counts = {"kept": int(keep.sum()), "dropped_min_side": int(small_side.sum()),
               "dropped_min_area": int(small_area.sum())}  # fmt: skip
-    return clamped[keep], counts
+    return boxes[keep], counts
 
 
-def _too_small(clamped: torch.Tensor, min_area: float, min_side: float) -> tuple[torch.Tensor, torch.Tensor]:
-    width, height = clamped[:, 2] - clamped[:, 0], clamped[:, 3] - clamped[:, 1]
+def _too_small(boxes: torch.Tensor, min_area: float, min_side: float) -> tuple[torch.Tensor, torch.Tensor]:
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     small_side = (width < min_side) | (height < min_side)
     return small_side, ~small_side & (width * height < min_area)
 
 
 def kept_box_mask(boxes: torch.Tensor, min_area: float, min_side: float) -> torch.Tensor:
     """Which rows :func:`filter_boxes` keeps (boxes already validated), to select their captions."""
-    small_side, small_area = _too_small(boxes.clamp(0.0, 1.0), min_area, min_side)
+    small_side, small_area = _too_small(boxes, min_area, min_side)
     return ~(small_side | small_area)
 
 

@@ -8,7 +8,7 @@ boxes in normalized xyxy (``vlext.toyworld.write_clip_csv`` writes ``<split>_reg
 A region may carry ``"hard_negatives": ["a blue square", ...]``, captions that differ from its own in one
 attribute, for FG-CLIP's hard-negative loss (``--hard-negative-weight``).
 Lines are matched to the ``--train-data`` CSV rows by image path; every CSV image needs a line (an empty
-``regions`` list is fine). Boxes are clamped and filtered with :func:`clip_ext.region.filter_boxes`
+``regions`` list is fine). Boxes are checked against the box rule and filtered with :func:`clip_ext.region.filter_boxes`
 (``--min-box-area``, ``--min-box-side``) once, when the dataset is built; the counts are kept and logged.
 
 How it reaches open_clip's trainer: ``open_clip_train.train.train_one_epoch`` unpacks every batch as

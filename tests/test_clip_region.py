@@ -34,23 +34,31 @@ from vlext.toyworld.clip_csv import hard_negative_phrases
 from vlext.toyworld.scene import ToyObject
 
 
-def test_filter_boxes_clamps_and_counts_what_it_drops():
+def test_filter_boxes_keeps_valid_boxes_and_counts_what_it_drops():
     boxes = torch.tensor([
         [0.1, 0.1, 0.5, 0.5],  # kept
-        [-0.005, 0.2, 0.4, 1.004],  # rounding error: clamped and kept
+        [0.0, 0.2, 0.4, 1.0],  # on the border: kept as it is
         [0.1, 0.1, 0.12, 0.9],  # side 0.02 < 0.05
         [0.1, 0.1, 0.3, 0.3],  # area 0.04 < 0.05
     ])  # fmt: skip
     kept, counts = filter_boxes(boxes, min_area=0.05, min_side=0.05)
     assert counts == {"kept": 2, "dropped_min_side": 1, "dropped_min_area": 1}
-    assert torch.equal(kept[1], torch.tensor([0.0, 0.2, 0.4, 1.0]))
+    assert torch.equal(kept, boxes[:2])
 
 
-def test_filter_boxes_refuses_pixel_boxes_and_wrong_order_naming_the_source():
-    with pytest.raises(ValueError, match=r"train_regions.jsonl:3: boxes must be normalized"):
-        filter_boxes(torch.tensor([[10.0, 10.0, 50.0, 60.0]]), 0.0, 0.0, where="train_regions.jsonl:3")
-    with pytest.raises(ValueError, match="x0 <= x1"):
-        filter_boxes(torch.tensor([[0.5, 0.1, 0.2, 0.4]]), 0.0, 0.0)
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ([10.0, 10.0, 50.0, 60.0], "boxes must be normalized"),  # pixels
+        ([-0.005, 0.2, 0.4, 0.9], "boxes must be normalized"),  # slightly outside: refused, not clamped
+        ([0.2, 0.2, 0.4, 1.004], "boxes must be normalized"),
+        ([0.5, 0.1, 0.2, 0.4], "boxes must satisfy x0 < x1"),  # flipped
+        ([0.2, 0.1, 0.2, 0.4], "boxes must satisfy x0 < x1"),  # empty
+    ],
+)
+def test_filter_boxes_refuses_boxes_breaking_the_box_rule_naming_the_source(box, message):
+    with pytest.raises(ValueError, match=rf"train_regions.jsonl:3: {message}"):
+        filter_boxes(torch.tensor([box]), 0.0, 0.0, where="train_regions.jsonl:3")
 
 
 def test_region_features_pool_inside_the_box():
@@ -141,7 +149,7 @@ def test_invalid_boxes_and_lines_are_refused_naming_file_and_line(toy):
     with pytest.raises(RegionDataError, match=r"pixels.jsonl:2: boxes must be normalized"):
         load_region_table(_jsonl(root / "pixels.jsonl", [good, pixels]), base.images, 0.0, 0.0)
     swapped = {"filepath": base.images[1], "regions": [{"box": [0.6, 0.1, 0.2, 0.5], "caption": "x"}]}
-    with pytest.raises(RegionDataError, match=r"swapped.jsonl:2: boxes must satisfy x0 <= x1"):
+    with pytest.raises(RegionDataError, match=r"swapped.jsonl:2: boxes must satisfy x0 < x1"):
         load_region_table(_jsonl(root / "swapped.jsonl", [good, swapped]), base.images, 0.0, 0.0)
     three = {"filepath": base.images[1], "regions": [{"box": [0.1, 0.2, 0.3], "caption": "x"}]}
     with pytest.raises(RegionDataError, match=r"three.jsonl:2: region 0 box must be 4 numbers"):

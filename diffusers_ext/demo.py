@@ -35,6 +35,9 @@ from vlext.toyworld import COLORS, SHAPES, SIZES, ToyWorld
 
 __all__ = ["DEMO_CONFIG", "QUICK_CONFIG", "load_base", "run", "save_base", "train_base"]
 
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "demo_base_unet.safetensors"
+SHIPPED_BASE_SHA256 = "70a74c47a9885546d226402dc2aae21525ad7933a30afef35893b866e390e639"
+
 DEMO_CONFIG = {
     "seed": 0,
     "render_size": 32,  # ToyWorld's smallest image; downsampled to the UNet's resolution
@@ -84,11 +87,13 @@ DEMO_CONFIG = {
     "coord_channels": True,
     "sample_steps": 20,
     "log_every": 25,
-    # the frozen base: None trains one here for base_steps steps (phase 1); a path loads a file written by
-    # save_base (`--train-base FILE`), which must have been trained with this config's BASE_KEYS
-    "base_unet": None,
-    # when set, a base_unet file whose sha256 differs is refused (a damaged or replaced file)
-    "base_sha256": None,
+    # the frozen base (phase 1, done once, as a user starts from a pretrained SD): a file written by
+    # save_base, trained with this config's BASE_KEYS; the default ships with the package (made by
+    # `OMP_NUM_THREADS=1 python -m diffusers_ext.demo --train-base diffusers_ext/assets/demo_base_unet.safetensors`,
+    # 1200 steps). None trains one here for base_steps steps first.
+    "base_unet": str(SHIPPED_BASE),
+    # a base_unet file whose sha256 differs is refused (a damaged or replaced file); None skips the check
+    "base_sha256": SHIPPED_BASE_SHA256,
 }
 
 # --quick (the command-line test): the same path with a short adapter phase and a small evaluation
@@ -542,7 +547,12 @@ def main(argv=None) -> None:
             "adapter_init_mode": args.init_mode,
             "adapter_steps": args.adapter_steps,
             "seed": args.seed,
-            "base_unet": args.base_unet,
+            # the shipped base was trained with the default seed's scenes and phrase vectors: another
+            # seed trains its own base first, unless --base-unet names one
+            "base_unet": args.base_unet
+            if args.base_unet is not None
+            else (DEMO_CONFIG["base_unet"] if args.seed == DEMO_CONFIG["seed"] else None),
+            "base_sha256": None if args.base_unet is not None else DEMO_CONFIG["base_sha256"],
         },
     )
 

@@ -18,6 +18,7 @@ MICRO = {
     "sample_steps": 2,
     "log_every": 1,
     "base_unet": None,  # train a 2-step base here instead of loading the shipped one (its config differs)
+    "base_sha256": None,
 }
 
 
@@ -72,3 +73,12 @@ def test_demo_command_line_refuses_a_base_file_that_does_not_exist(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["--base-unet", str(tmp_path / "missing.safetensors")])
     assert "missing.safetensors: no such file; write one with --train-base FILE" in capsys.readouterr().err
+
+
+def test_the_shipped_base_matches_its_checksum_and_the_demo_config():
+    from diffusers_ext.demo import DEMO_CONFIG, SHIPPED_BASE, _phrase_table, load_base
+
+    unet, table, metadata = load_base(SHIPPED_BASE, DEMO_CONFIG, sha256=DEMO_CONFIG["base_sha256"])
+    expected = _phrase_table(DEMO_CONFIG["text_dim"], DEMO_CONFIG["seed"])
+    assert all(torch.equal(table[w], expected[w]) for w in expected)  # the vectors the demo would draw
+    assert float(metadata["loss_last_25"]) < 0.5 * float(metadata["loss_first_25"])  # it was trained

@@ -19,6 +19,7 @@ def tiny_unet():
 
 
 def check_lavis(ext, getter: str):
+    importlib.import_module(ext.package)  # as a LAVIS user does: `import lavis_ext` before LAVIS
     from lavis.common.registry import registry
 
     obj = ext.load()
@@ -49,6 +50,28 @@ def check_open_clip_configs(ext):
     assert not missing, f"open_clip.list_models() lacks {missing} after import {ext.package}"
 
 
+def check_diffusers_loader(ext):
+    """The loader puts a saved adapter onto a tiny pipeline and the unloader takes it off again."""
+    import tempfile
+
+    from diffusers_ext import SpatialAdapter
+    from diffusers_ext.spatial_adapter import installed_adapter
+    from diffusers_ext.tiny_pipelines import tiny_sd_pipeline
+
+    load = ext.load()
+    module = importlib.import_module(ext.import_path.partition(":")[0])
+    names = [ext.registers] if isinstance(ext.registers, str) else list(ext.registers)
+    assert names[0] == load.__name__, f"registers should start with {load.__name__}"
+    pipe = tiny_sd_pipeline()
+    with tempfile.TemporaryDirectory() as folder:
+        SpatialAdapter.for_unet(pipe.unet, phrase_dim=32).save_pretrained(folder)
+        load(pipe, folder)
+    assert installed_adapter(pipe.unet) is not None
+    getattr(module, names[1])(pipe, 0.5)
+    getattr(module, names[2])(pipe)
+    assert installed_adapter(pipe.unet) is None
+
+
 def check_train_flags(ext):
     argv = shlex.split(ext.entry)
     assert argv[:2] == ["python", "-m"], f"entry must be 'python -m <module> ...', got {ext.entry!r}"
@@ -68,8 +91,11 @@ CHECKS = {
     "lavis_model": lambda ext: check_lavis(ext, "get_model_class"),
     "lavis_builder": lambda ext: check_lavis(ext, "get_builder_class"),
     "lavis_task": lambda ext: check_lavis(ext, "get_task_class"),
+    "lavis_runner": lambda ext: check_lavis(ext, "get_runner_class"),
+    "lavis_lr_scheduler": lambda ext: check_lavis(ext, "get_lr_scheduler_class"),
     "diffusers_processor": check_diffusers_processor,
     "diffusers_model": check_diffusers_model,
+    "diffusers_loader": check_diffusers_loader,
     "open_clip_model_config": check_open_clip_configs,
     "open_clip_train_flags": check_train_flags,
 }

@@ -18,8 +18,11 @@ KINDS = {
     "lavis_model": "a model class in LAVIS's registry (registry.get_model_class)",
     "lavis_builder": "a dataset builder in LAVIS's registry (registry.get_builder_class)",
     "lavis_task": "a task in LAVIS's registry (registry.get_task_class)",
+    "lavis_runner": "a runner in LAVIS's registry (registry.get_runner_class), chosen by run.runner",
+    "lavis_lr_scheduler": "an lr schedule in LAVIS's registry (registry.get_lr_scheduler_class), run.lr_sched",
     "diffusers_processor": "an attention processor installed with set_attn_processor",
     "diffusers_model": "a diffusers ModelMixin/ConfigMixin class",
+    "diffusers_loader": "load_x(pipe, path_or_dict) / set_x_scale / unload_x on a pipeline, as load_ip_adapter",
     "open_clip_model_config": "model configs registered with open_clip.add_model_config",
     "open_clip_train_flags": "extra flags of a wrapped open_clip_train entry point",
 }

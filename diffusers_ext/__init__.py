@@ -7,16 +7,29 @@ and diffusers' gated UNets onto a pipeline (``set_spatial_adapter_scale``, ``unl
 Importing this package imports diffusers and torch only (no LAVIS, no open_clip).
 """
 
-from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor
-from diffusers_ext.grounding import GroundingTokenizer
-from diffusers_ext.loaders import load_spatial_adapter, set_spatial_adapter_scale, unload_spatial_adapter
-from diffusers_ext.spatial_adapter import SpatialAdapter
+from importlib import import_module
 
-__all__ = [
-    "GatedSelfAttnProcessor",
-    "GroundingTokenizer",
-    "SpatialAdapter",
-    "load_spatial_adapter",
-    "set_spatial_adapter_scale",
-    "unload_spatial_adapter",
-]
+# Exports load on first use (PEP 562), so that `python -m diffusers_ext.<cli> --help` answers before torch
+# and diffusers are imported; `from diffusers_ext import SpatialAdapter` works as before.
+_EXPORTS = {
+    "GatedSelfAttnProcessor": "diffusers_ext.gated_self_attention",
+    "GroundingTokenizer": "diffusers_ext.grounding",
+    "SpatialAdapter": "diffusers_ext.spatial_adapter",
+    "load_spatial_adapter": "diffusers_ext.loaders",
+    "set_spatial_adapter_scale": "diffusers_ext.loaders",
+    "unload_spatial_adapter": "diffusers_ext.loaders",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffusers_ext' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

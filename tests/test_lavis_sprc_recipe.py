@@ -108,8 +108,6 @@ TINY = [
     "run.batch_size_eval=16",
     "run.max_epoch=2",
     "run.one_cycle_epochs=3",
-    "datasets.cirr.vis_processor.train.image_size=32",
-    "datasets.cirr.vis_processor.eval.image_size=32",
 ]
 
 
@@ -123,18 +121,33 @@ def with_tiny_model(project, folder):
     return path
 
 
-@pytest.mark.slow
-def test_cirr_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedule(tmp_path):
-    from lavis_ext.optim import one_cycle_lr, one_cycle_momentum
-    from vlext.toyworld import write_cirr
+def _toy_data(dataset, folder):
+    from vlext.toyworld import write_cirr, write_fashioniq
 
-    data = write_cirr(tmp_path / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
+    if dataset == "cirr":
+        return write_cirr(folder / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
+    return write_fashioniq(folder / "fashionIQ_dataset", 8, seed=0, image_size=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "project, dataset, peak_lr, pct_start, div_factor",
+    [("cirr_sprc.yaml", "cirr", 1e-5, 0.02, 25.0), ("fashioniq_sprc.yaml", "fashioniq", 2e-5, 0.05, 100.0)],
+)
+def test_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedule(
+    tmp_path, project, dataset, peak_lr, pct_start, div_factor
+):
+    from lavis_ext.optim import one_cycle_lr, one_cycle_momentum
+
+    data = _toy_data(dataset, tmp_path)
     out = tmp_path / "run"
     log = run_train(
         *TINY,
-        f"datasets.cirr.build_info.root={data}",
+        f"datasets.{dataset}.build_info.root={data}",
+        f"datasets.{dataset}.vis_processor.train.image_size=32",
+        f"datasets.{dataset}.vis_processor.eval.image_size=32",
         f"run.output_dir={out}",
-        cfg=with_tiny_model(PROJECTS / "cirr_sprc.yaml", tmp_path),
+        cfg=with_tiny_model(PROJECTS / project, tmp_path),
         timeout=900,
     )
     iters = int(re.search(r"Start training epoch 0, (\d+) iters", log).group(1))
@@ -147,7 +160,8 @@ def test_cirr_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedu
         group = saved["optimizer"]["param_groups"][0]
         last_step = (saved["epoch"] + 1) * iters - 1  # the lr the last batch of that epoch trained with
         total = 3 * iters
-        assert group["lr"] == pytest.approx(one_cycle_lr(last_step, total, 1e-5, 0.02, 25.0, 1e4), rel=1e-9)
-        assert group["betas"][0] == pytest.approx(one_cycle_momentum(last_step, total, 0.02), rel=1e-9)
+        expected_lr = one_cycle_lr(last_step, total, peak_lr, pct_start, div_factor, 1e4)
+        assert group["lr"] == pytest.approx(expected_lr, rel=1e-9)
+        assert group["betas"][0] == pytest.approx(one_cycle_momentum(last_step, total, pct_start), rel=1e-9)
         assert group["betas"][1] == 0.98 and group["eps"] == 1e-7 and group["weight_decay"] == 0.05
     assert math.isfinite(float(re.findall(r"loss: ([0-9.]+)", log)[-1]))

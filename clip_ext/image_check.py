@@ -12,9 +12,9 @@ Truncated files are only caught while PIL's process-wide ``ImageFile.LOAD_TRUNCA
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from PIL import Image
 
-from PIL import Image, ImageFile
+from vlext.images import truncated_images_refused
 
 __all__ = ["BadImageError", "load_image", "NamingTransform", "find_bad_images"]
 
@@ -27,18 +27,8 @@ class BadImageError(OSError):
     """A training image that PIL cannot read completely."""
 
 
-@contextmanager
-def _strict_pil():
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
-
-
 def _read(path: str) -> Image.Image:
-    with _strict_pil():
+    with truncated_images_refused():
         image = Image.open(path)
         image.load()
     return image
@@ -63,7 +53,7 @@ class NamingTransform:
     def __call__(self, image):
         path = getattr(image, "filename", "<unnamed image>")
         try:
-            with _strict_pil():
+            with truncated_images_refused():
                 image.load()
         except (OSError, ValueError, SyntaxError) as e:
             raise BadImageError(

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
+from vlext.images import truncated_images_refused
 from vlext.jsonl import read_jsonl_objects
 
 __all__ = [
@@ -142,21 +142,10 @@ class BadImageError(ValueError):
     """An image file that is not an image, or not all of one (truncated)."""
 
 
-@contextmanager
-def _truncated_images_refused():
-    """PIL reads ``ImageFile.LOAD_TRUNCATED_IMAGES`` at decode time; LAVIS sets it True process-wide."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
-
-
 def load_image_strict(path: str | Path) -> Image.Image:
     """Decode all of ``path`` as RGB, or raise ``BadImageError`` naming the file."""
     try:
-        with _truncated_images_refused(), Image.open(path) as image:
+        with truncated_images_refused(), Image.open(path) as image:
             image.load()
             return image.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors, ... by format

@@ -346,6 +346,30 @@ def _strict_image_loading() -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+@_shim(
+    "LAVIS's Config.build_model_config looks up `model.model_type` as a flat key of the parsed --options, "
+    "which are nested ({'model': {'model_type': ...}}), so `--options model.model_type=X` never chose X's "
+    "default model YAML: the project file's model type was built instead, without a word. The nested key "
+    "is honoured"
+)
+def _options_model_type() -> None:
+    from lavis.common.config import Config
+
+    original = Config.__dict__["build_model_config"].__func__
+    if getattr(original, "_lavis_ext_shim", False):
+        return
+
+    def build_model_config(config, **kwargs):
+        options = kwargs.get("model")
+        model_type = options.get("model_type") if options is not None else None
+        if model_type and not kwargs.get("model.model_type"):
+            kwargs["model.model_type"] = model_type
+        return original(config, **kwargs)
+
+    build_model_config._lavis_ext_shim = True
+    Config.build_model_config = staticmethod(build_model_config)
+
+
 def apply() -> None:
     """Install every shim once; safe to call any number of times, before or after ``import lavis``."""
     global _APPLIED

@@ -272,3 +272,28 @@ def test_lavis_processors_build_from_config():
         assert processor(image).shape == (3, 32, 32), name
     caption = registry.get_processor_class("blip_caption").from_config(OmegaConf.create({"max_words": 4}))
     assert caption("Make the RED circle, blue!") == "make the red circle,"
+
+
+def test_options_model_type_chooses_that_types_default_yaml():
+    """`--options model.model_type=tiny` on a project file that says `pretrain` builds the tiny defaults
+    (LAVIS 1.0.2 looked the option up under a flat key that never exists and silently kept `pretrain`)."""
+    from pathlib import Path
+
+    from lavis.common.config import Config
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parent.parent
+    project = OmegaConf.load(root / "lavis_ext" / "projects" / "cirr_sprc.yaml")
+    assert project.model.model_type == "pretrain"
+    tiny = OmegaConf.load(root / "lavis_ext" / "configs" / "models" / "blip2_cir_align_prompt_tiny.yaml")
+    pretrain = OmegaConf.load(
+        root / "lavis_ext" / "configs" / "models" / "blip2_cir_align_prompt_pretrain.yaml"
+    )
+    options = OmegaConf.from_dotlist(["model.model_type=tiny"])
+    built = Config.build_model_config(project, **options).model
+    differing = [k for k in tiny.model if k in pretrain.model and tiny.model[k] != pretrain.model[k]]
+    assert differing, "the tiny and pretrain defaults should differ somewhere"
+    for key in differing:
+        if key not in project.model:
+            assert built[key] == tiny.model[key], key
+    assert Config.build_model_config(project).model.get("vit_model") == pretrain.model.get("vit_model")

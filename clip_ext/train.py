@@ -595,6 +595,7 @@ def main(argv: list[str] | None = None):
         "get_latest_checkpoint": _latest_checkpoint,
         "torch": _TorchWithAtomicSave(originals["torch"]),
     }
+    levels = _logger_levels()
     try:
         for name, value in replacements.items():
             setattr(host, name, value)
@@ -602,6 +603,23 @@ def main(argv: list[str] | None = None):
     finally:
         for name, value in originals.items():
             setattr(host, name, value)
+        _restore_logger_levels(levels)
+
+
+def _logger_levels() -> dict[str, int]:
+    manager = logging.root.manager
+    levels = {name: lg.level for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    return {**levels, "": logging.root.level}
+
+
+def _restore_logger_levels(levels: dict[str, int]) -> None:
+    """open_clip's ``setup_logging`` sets every logger that exists to INFO (torch._dynamo's too, whose exit
+    hooks then print compilation metrics when the process ends); put each back as main found it, and loggers
+    made during the run back to NOTSET, their level when created."""
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(levels.get(name, logging.NOTSET))
+    logging.root.setLevel(levels[""])
 
 
 if __name__ == "__main__":

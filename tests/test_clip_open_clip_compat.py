@@ -210,6 +210,17 @@ def test_main_restores_open_clip_train_names_after_a_failure(world):
     assert_same_names()
 
 
+def test_main_leaves_logger_levels_as_it_found_them(world):
+    """open_clip's setup_logging raises every logger to INFO; after main, torch._dynamo's is quiet again (its
+    exit hooks printed compilation metrics at the end of every run)."""
+    import logging
+
+    dynamo = logging.getLogger("torch._dynamo")
+    before = dynamo.level, logging.root.level
+    run_ours(tiny_argv(world / "data", world / "logs", "levels", epochs=1))
+    assert (dynamo.level, logging.root.level) == before
+
+
 def test_torchscript_with_a_bank_or_region_loss_is_refused_before_training(world):
     with pytest.raises(
         SystemExit, match=r"--torchscript cannot be combined with --memory-bank-size: open_clip"

@@ -33,7 +33,7 @@ def test_cirr_eval_yaml_evaluates_an_sprc_release_and_writes_submissions(tmp_pat
     release = tmp_path / "sprc_cirr.pt"
     torch.save({"epoch": 49, "Blip2QformerCirAlignPrompt": state}, release)
 
-    # LAVIS picks the model's default YAML from the project file's model_type (not from --options)
+    # a copy of the project with the tiny model type (its model keys would otherwise name the real files)
     project = OmegaConf.load(ROOT / "lavis_ext" / "projects" / "cirr_eval.yaml")
     project.model.model_type = "tiny"
     tiny_project = tmp_path / "cirr_eval.yaml"

@@ -112,8 +112,8 @@ TINY = [
 
 
 def with_tiny_model(project, folder):
-    """The project YAML with ``model_type: tiny``: LAVIS picks the model's default YAML from the project file's
-    model_type, not from ``--options model.model_type=...``, so the swap is made in a copy of the file."""
+    """A copy of the project YAML with ``model_type: tiny`` (the project's model keys, such as its pretrained
+    URL, would otherwise still name the real model's files)."""
     cfg = OmegaConf.load(project)
     cfg.model.model_type = "tiny"
     path = folder / project.name

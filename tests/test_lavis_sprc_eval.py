@@ -33,7 +33,7 @@ def test_cirr_eval_yaml_evaluates_an_sprc_release_and_writes_submissions(tmp_pat
     release = tmp_path / "sprc_cirr.pt"
     torch.save({"epoch": 49, "Blip2QformerCirAlignPrompt": state}, release)
 
-    # a copy of the project with the tiny model type (its model keys would otherwise name the real files)
+    # a copy of the project with the tiny model type, so the file the run reads names the model it builds
     project = OmegaConf.load(ROOT / "lavis_ext" / "projects" / "cirr_eval.yaml")
     project.model.model_type = "tiny"
     tiny_project = tmp_path / "cirr_eval.yaml"

@@ -112,8 +112,8 @@ TINY = [
 
 
 def with_tiny_model(project, folder):
-    """A copy of the project YAML with ``model_type: tiny`` (the project's model keys, such as its pretrained
-    URL, would otherwise still name the real model's files)."""
+    """A copy of the project YAML with ``model_type: tiny``, so the file the run reads names the model it builds
+    (``--options model.model_type=tiny`` does the same since lavis_ext.compat honours it)."""
     cfg = OmegaConf.load(project)
     cfg.model.model_type = "tiny"
     path = folder / project.name

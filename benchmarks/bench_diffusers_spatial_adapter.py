@@ -29,6 +29,7 @@ if not __package__:  # run by path: the repository before fairscale's top-level 
 
 from benchmarks.peak_memory import peak_bytes  # noqa: E402
 from diffusers_ext.gligen_compat import adapter_from_gated_unet  # noqa: E402
+from diffusers_ext.testing.published_unets import SD15  # noqa: E402
 
 VARIANTS = ("native_gated", "processor", "plain")
 
@@ -42,15 +43,8 @@ UNETS = {
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
     },
-    # runwayml/stable-diffusion-v1-5 unet/config.json
-    "sd15": {
-        "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
-        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-    },
+    # runwayml/stable-diffusion-v1-5 unet/config.json (the sample size is the benchmark's --latent)
+    "sd15": {k: v for k, v in SD15.items() if k != "sample_size"},
 }
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from vlext.images import truncated_images_refused
 
-__all__ = ["BadImageError", "load_image", "NamingTransform", "find_bad_images"]
+__all__ = ["BadImageError", "load_image", "NamingTransform", "find_bad_images", "name_unopenable_images"]
 
 SKIP_HINT = (
     "fix or remove the file, or pass --skip-bad-images to leave unreadable images out (counted and logged)"
@@ -60,6 +60,36 @@ class NamingTransform:
                 f"training image {path} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
             ) from e
         return self.transform(image)
+
+
+_NAMING_CLASSES: dict[type, type] = {}
+
+
+def name_unopenable_images(dataset) -> None:
+    """Make ``dataset[i]`` (open_clip's ``CsvDataset``) name the file and the flag when ``Image.open`` fails.
+
+    A file that is no image at all (or is missing) fails in ``CsvDataset.__getitem__``'s own ``Image.open``,
+    before :class:`NamingTransform` sees it. The instance's class becomes a subclass whose ``__getitem__``
+    adds the file and :data:`SKIP_HINT` to that error; everything else (fields, loader, sampler) stays the
+    host's.
+    """
+    cls = type(dataset)
+    if cls in _NAMING_CLASSES.values():
+        return
+    if cls not in _NAMING_CLASSES:
+
+        def __getitem__(self, idx):
+            try:
+                return cls.__getitem__(self, idx)
+            except BadImageError:
+                raise
+            except OSError as e:  # PIL's UnidentifiedImageError, a missing file
+                raise BadImageError(
+                    f"training image {self.images[idx]} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
+                ) from e
+
+        _NAMING_CLASSES[cls] = type(f"Naming{cls.__name__}", (cls,), {"__getitem__": __getitem__})
+    dataset.__class__ = _NAMING_CLASSES[cls]
 
 
 def find_bad_images(paths: list[str]) -> list[tuple[int, str, str]]:

@@ -479,7 +479,7 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from clip_ext.image_check import NamingTransform
+    from clip_ext.image_check import NamingTransform, name_unopenable_images
     from clip_ext.region_data import (
         BatchSideChannel,
         ClipExtCsvDataset,
@@ -494,6 +494,7 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     base = data["train"].dataloader.dataset
     if isinstance(base, CsvDataset) and not isinstance(base.transforms, NamingTransform):
         base.transforms = NamingTransform(base.transforms)
+        name_unopenable_images(base)
     if not (_regions_used(args) or args.memory_bank_dedup or args.skip_bad_images):
         return data
     if not isinstance(base, CsvDataset):

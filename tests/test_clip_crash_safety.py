@@ -129,6 +129,17 @@ def test_a_truncated_image_fails_naming_the_file(tmp_path):
         run_ours(tiny_argv(tmp_path / "data", tmp_path / "logs", "bad"))
 
 
+def test_a_file_that_is_no_image_fails_naming_the_file_and_the_flag(tmp_path):
+    write_clip_csv(tmp_path / "data", 8, seed=0, image_size=32, split="train")
+    bad = tmp_path / "data/images/train/000005.png"
+    bad.write_text("this is not a PNG")  # PIL cannot even identify it: open_clip's Image.open fails
+    with pytest.raises(
+        BadImageError,
+        match=rf"training image {re.escape(str(bad))} cannot be read \(UnidentifiedImageError.*--skip-bad-images",
+    ):
+        run_ours(tiny_argv(tmp_path / "data", tmp_path / "logs", "bad"))
+
+
 def test_skip_bad_images_leaves_them_out_counted_and_logged(tmp_path):
     write_clip_csv(tmp_path / "data", 8, seed=0, image_size=32, split="train")
     truncated, not_image = (

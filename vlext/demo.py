@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 from vlext.manifest import load_demos
 
 RESULT_FILE = "result.json"  # each part writes <out>/<package>/result.json, the driver collects them
+THREADS_DIR_ENV = "VLEXT_DEMO_THREADS_DIR"  # where the driver tells each part how many threads to use
 
 
 def _load(run: str):
@@ -102,9 +104,47 @@ class _Relay:
         self._emit(buffer.decode(errors="replace"))
 
 
-def _launch(demo, out: Path, quick: bool, threads: int) -> tuple[subprocess.Popen, _Relay, float]:
+def follow_thread_budget(folder: Path, package: str) -> None:
+    """In a part's process: use the thread count the driver writes to ``folder/<package>`` from now on.
+
+    When the last parts run alone, the driver gives them the cores the finished ones used: it writes the
+    new count to ``folder/<package>`` and, once ``folder/<package>.ready`` exists, sends SIGUSR1. The
+    handler only calls ``torch.set_num_threads`` (it runs between bytecodes, so never inside an operator).
+    The marker is written after the handler is installed and the count read after the marker, so a count
+    written before the part was ready is still picked up.
+    """
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    budget = folder / package
+
+    def apply(*_) -> None:
+        import torch
+
+        try:
+            threads = int(budget.read_text())
+        except (OSError, ValueError):
+            return
+        if threads >= 1 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    signal.signal(signal.SIGUSR1, apply)
+    (folder / f"{package}.ready").touch()
+    apply()
+
+
+def _give_threads(folder: Path, package: str, proc: subprocess.Popen, threads: int) -> None:
+    """Driver side of :func:`follow_thread_budget`."""
+    tmp = folder / f"{package}.tmp"
+    tmp.write_text(str(threads))
+    os.replace(tmp, folder / package)
+    if hasattr(signal, "SIGUSR1") and (folder / f"{package}.ready").exists() and proc.poll() is None:
+        proc.send_signal(signal.SIGUSR1)
+
+
+def _launch(demo, out: Path, quick: bool, threads: int, threads_dir: Path) -> tuple:
     env = {
         **os.environ,
+        THREADS_DIR_ENV: str(threads_dir),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
@@ -119,19 +159,32 @@ def _launch(demo, out: Path, quick: bool, threads: int) -> tuple[subprocess.Pope
 
 
 def _run_all(demos, out: Path, quick: bool, jobs: int) -> dict[str, dict]:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vlext-demo-threads-") as threads_dir:
+        return _schedule(demos, out, quick, jobs, Path(threads_dir))
+
+
+def _schedule(demos, out: Path, quick: bool, jobs: int, threads_dir: Path) -> dict[str, dict]:
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs)
     pending, running, summary = list(demos), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
             demo = pending.pop(0)
             print(f"=== {demo.package}: {demo.what} (started, {threads} thread(s))", flush=True)
-            running[demo.package] = (demo, *_launch(demo, out, quick, threads))
+            running[demo.package] = (demo, *_launch(demo, out, quick, threads, threads_dir))
         time.sleep(0.2)
         for package, (_, proc, relay, start) in list(running.items()):
             if proc.poll() is None:
                 continue
             relay.thread.join()
             del running[package]
+            if not pending and running and (share := max(1, cores // len(running))) > threads:
+                threads = share  # the last parts get the finished ones' cores
+                for other, (_, other_proc, *_) in running.items():
+                    _give_threads(threads_dir, other, other_proc, threads)
+                print(f"=== {', '.join(running)}: now {threads} thread(s) ({package} finished)", flush=True)
             result_file = out / package / RESULT_FILE
             entry = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "failed"}
             if proc.returncode != 0 and entry["status"] == "ok":
@@ -172,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        if os.environ.get(THREADS_DIR_ENV):
+            follow_thread_budget(Path(os.environ[THREADS_DIR_ENV]), args.part)
         (demo,) = [d for d in demos if d.package == args.part]
         return 0 if run_part(demo.run, args.out / demo.package, args.quick)["status"] != "failed" else 1
     if args.only:

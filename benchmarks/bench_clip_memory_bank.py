@@ -12,15 +12,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
-import open_clip
-import torch
-import torch.nn.functional as F
-from open_clip.loss import ClipLoss
-
-import clip_ext  # noqa: F401  (registers clip-ext-tiny)
-from clip_ext.loss import MemoryBankClipLoss
-from clip_ext.memory_bank import MemoryBank
+# torch and the libraries under test load in the functions that use them: `--help` answers at once.
+if TYPE_CHECKING:
+    from clip_ext.memory_bank import MemoryBank
 
 
 def _interleaved_medians(fns: dict, repeats: int) -> dict:
@@ -38,6 +34,11 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
 
 
 def _full_bank(size: int, dim: int) -> MemoryBank:
+    import torch
+    import torch.nn.functional as F
+
+    from clip_ext.memory_bank import MemoryBank
+
     bank = MemoryBank(size, dim)
     bank.enqueue(F.normalize(torch.randn(size, dim), dim=-1), F.normalize(torch.randn(size, dim), dim=-1))
     bank.optimizer_step()
@@ -45,6 +46,12 @@ def _full_bank(size: int, dim: int) -> MemoryBank:
 
 
 def bench_loss(size: int, dim: int, batch: int, repeats: int) -> None:
+    import torch
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from clip_ext.loss import MemoryBankClipLoss
+
     image = F.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
     text = F.normalize(torch.randn(batch, dim), dim=-1).requires_grad_()
     scale = torch.tensor(100.0)
@@ -60,6 +67,13 @@ def bench_loss(size: int, dim: int, batch: int, repeats: int) -> None:
 
 
 def bench_step(model_name: str, size: int, batch: int, repeats: int) -> None:
+    import open_clip
+    import torch
+    from open_clip.loss import ClipLoss
+
+    import clip_ext  # noqa: F401  (registers clip-ext-tiny)
+    from clip_ext.loss import MemoryBankClipLoss
+
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, output_dict=True)
     dim = model.visual.output_dim
@@ -94,6 +108,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model for the step benchmark")
     args = parser.parse_args()
+    import torch
+
+    from clip_ext.memory_bank import MemoryBank
+
     torch.set_grad_enabled(True)
     bank = MemoryBank(args.bank_size, args.dim)
     bytes_per_queue = bank.image_queue.numel() * bank.image_queue.element_size()

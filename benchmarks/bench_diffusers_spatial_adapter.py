@@ -20,16 +20,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-import torch
-from diffusers import UNet2DConditionModel
+from typing import TYPE_CHECKING
 
 if not __package__:  # run by path: the repository before fairscale's top-level `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.peak_memory import peak_bytes  # noqa: E402
-from diffusers_ext.gligen_compat import adapter_from_gated_unet  # noqa: E402
-from diffusers_ext.testing.published_unets import SD15  # noqa: E402
+from diffusers_ext.testing.published_unets import SD15  # noqa: E402  (a dict: no torch)
+
+# torch and the libraries under test load in the functions that use them: `--help` answers at once.
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 VARIANTS = ("native_gated", "processor", "plain")
 
@@ -54,6 +54,9 @@ def _config(args) -> dict:
 
 def _sharing(gated, config: dict) -> UNet2DConditionModel:
     """A plain UNet whose base weights are the gated UNet's own tensors (built on meta, then assigned)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     base = {
@@ -67,6 +70,11 @@ def _sharing(gated, config: dict) -> UNet2DConditionModel:
 
 def _build(args):
     """Forward closures of the three variants; the processor and plain UNets copy the gated UNet's weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_ext.gligen_compat import adapter_from_gated_unet
+
     torch.manual_seed(0)
     config = _config(args)
     gated = UNet2DConditionModel(**config, attention_type="gated").eval()
@@ -104,6 +112,8 @@ def _build(args):
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -131,6 +141,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    import torch
+
+    from benchmarks.peak_memory import peak_bytes
+
     fns = _build(args)
     with torch.no_grad():
         diff = (fns["processor"]() - fns["native_gated"]()).abs().max().item()

@@ -34,7 +34,7 @@ import argparse
 import re
 import time
 
-import torch
+# torch and the libraries under test load in the functions that use them: `--help` answers at once.
 
 METHODS = ("chunked", "argsort", "loop")
 
@@ -80,6 +80,8 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def _features(args):
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     gallery = torch.randn(args.gallery, args.num_query_token, args.embed_dim, generator=generator)
     gallery = torch.nn.functional.normalize(gallery, dim=-1)
@@ -96,6 +98,8 @@ def _rss_kb(field: str) -> int:
 
 
 def _measure(args, method: str) -> dict:
+    import torch
+
     from lavis_ext.models import Blip2QformerCirAlignPrompt
     from lavis_ext.tasks import ComposedImageRetrievalTask
     from lavis_ext.tasks.recall import target_ranks
@@ -159,6 +163,8 @@ def _run_child(args, method: str, sender) -> None:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    import torch
+
     torch.set_num_threads(args.threads)
     gallery_mb = args.gallery * args.num_query_token * args.embed_dim * 4 / 2**20
     print(

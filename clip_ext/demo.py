@@ -7,14 +7,13 @@ evaluation (``results.jsonl``), loss curves from its log. The bank is expected t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
-
-from vlext.toyworld import write_clip_csv
 
 TRAIN_IMAGES, VAL_IMAGES, EPOCHS, BATCH = 256, 64, 6, 8
 QUICK = {"train_images": 32, "val_images": 16, "epochs": 1}
@@ -93,6 +92,8 @@ _METRICS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text
 
 def run(out_dir: Path, quick: bool = False) -> dict:
     """Train the three runs, print and return the held-out recall table; ``quick`` shrinks the data."""
+    from vlext.toyworld import write_clip_csv
+
     sizes = QUICK if quick else {"train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "epochs": EPOCHS}
     n_val, epochs = sizes["val_images"], sizes["epochs"]
     out_dir = Path(out_dir)
@@ -154,7 +155,22 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     }
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """``python -m clip_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_ext.demo", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo_out/clip_ext"), help="output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same path on a few samples for one epoch (a test of the command)",
+    )
+    args = parser.parse_args(argv)
+    run(args.out, quick=args.quick)
 
-    run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_out/clip_ext"))
+
+if __name__ == "__main__":
+    main()

@@ -21,17 +21,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
-from PIL import Image, ImageDraw, ImageFont
+# torch, diffusers, numpy and PIL are imported by the functions that use them, so that
+# `python -m diffusers_ext.demo --help` answers at once instead of after a 20 s import.
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
-from diffusers_ext.layout_eval import layout_scores
-from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny import tiny_unet
-from vlext.toyworld import COLORS, SHAPES, SIZES, ToyWorld
+    from vlext.toyworld import ToyWorld
 
 __all__ = ["DEMO_CONFIG", "QUICK_CONFIG", "load_base", "run", "save_base", "train_base"]
 
@@ -106,12 +104,20 @@ QUICK_BASE_STEPS = 40  # when --quick trains its base here (base_unet=None)
 
 
 def _phrase_table(dim: int, seed: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    from vlext.toyworld import COLORS, SHAPES, SIZES
+
     g = torch.Generator().manual_seed(seed + 17)
     words = [*COLORS, *SHAPES, *SIZES]
     return {w: torch.randn(dim, generator=g) / dim**0.5 for w in words}
 
 
 def _dataset(world: ToyWorld, start: int, n: int, cfg: dict, table: dict):
+    import numpy as np
+    import torch
+    from PIL import Image
+
     res, k = cfg["resolution"], cfg["max_objects"]
     images, context, boxes, masks, requests = [], [], [], [], []
     for scene in world.scenes(n, start=start):
@@ -134,12 +140,17 @@ def _dataset(world: ToyWorld, start: int, n: int, cfg: dict, table: dict):
 def _with_coords(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     if not cfg["coord_channels"]:
         return x
+    import torch
+
     b, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     return torch.cat([x, torch.stack([xs, ys]).expand(b, 2, h, w)], dim=1)
 
 
 def _sample(unet, adapter, context, boxes, masks, cfg, noise, desc="sample") -> list[Image.Image]:
+    import torch
+    from diffusers import DDIMScheduler
+    from PIL import Image
     from tqdm.auto import tqdm
 
     sched = DDIMScheduler(
@@ -161,6 +172,10 @@ def _sample(unet, adapter, context, boxes, masks, cfg, noise, desc="sample") -> 
 
 
 def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="train"):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     images, context, boxes, masks, _ = data
@@ -205,6 +220,8 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="tra
 
 def _output_layer_norm(adapter) -> float:
     """L2 norm over every fuser's output layers (``to_out``, ``ff_out``), weights and biases."""
+    import torch
+
     layers = [layer for fuser in adapter.fusers for layer in (fuser.to_out, fuser.ff_out)]
     return float(
         torch.stack([p.detach().pow(2).sum() for layer in layers for p in layer.parameters()]).sum().sqrt()
@@ -213,6 +230,10 @@ def _output_layer_norm(adapter) -> float:
 
 def _grid(rows: dict[str, list], requests, path: Path, scale: int = 6) -> None:
     """One labelled row of images per method, the requested boxes drawn on each."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from vlext.toyworld import COLORS
+
     first = next(iter(rows.values()))
     size, n, margin = first[0].size[0] * scale, len(first), 80
     canvas = Image.new("RGB", (margin + n * (size + 2), len(rows) * (size + 2)), "white")
@@ -263,6 +284,8 @@ BASE_COMMAND = "python -m diffusers_ext.demo --train-base FILE"
 
 
 def _world(cfg: dict) -> ToyWorld:
+    from vlext.toyworld import ToyWorld
+
     return ToyWorld(
         seed=cfg["seed"],
         image_size=cfg["render_size"],
@@ -272,6 +295,8 @@ def _world(cfg: dict) -> ToyWorld:
 
 
 def _new_unet(cfg: dict):
+    from diffusers_ext.tiny import tiny_unet
+
     return tiny_unet(
         sample_size=cfg["resolution"],
         in_channels=5 if cfg["coord_channels"] else 3,
@@ -291,6 +316,8 @@ def train_base(cfg: dict) -> tuple:
     Returns ``(unet, phrase_table, losses)``; the phrase table is the stand-in text encoder and belongs to
     the base: an adapter trained on top of it must use the same vectors.
     """
+    import torch
+
     torch.manual_seed(cfg["seed"])
     table = _phrase_table(cfg["text_dim"], cfg["seed"])
     train = _dataset(_world(cfg), 0, cfg["n_train"], cfg, table)
@@ -303,6 +330,8 @@ def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> 
     """Write the base UNet (fp16) and its phrase vectors (fp32) to one safetensors file, atomically."""
     import os
 
+    import numpy as np
+    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -370,6 +399,8 @@ def _base(cfg: dict) -> tuple:
     """The frozen base: trained here (``base_unet=None``) or read from a file written by ``save_base``."""
     source = cfg["base_unet"]
     if source is None:
+        import numpy as np
+
         print(
             f"diffusers_ext: training a base UNet for {cfg['base_steps']} steps (base_unet=None)", flush=True
         )
@@ -390,6 +421,12 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
     ``quick`` applies ``QUICK_CONFIG`` (fewer adapter steps, held-out layouts and sampling steps) before
     ``config``.
     """
+    import numpy as np
+    import torch
+
+    from diffusers_ext.layout_eval import layout_scores
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+
     cfg = {**DEMO_CONFIG, **(QUICK_CONFIG if quick else {}), **(config or {})}
     if quick and cfg["base_unet"] is None and "base_steps" not in (config or {}):
         cfg["base_steps"] = QUICK_BASE_STEPS

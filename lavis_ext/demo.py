@@ -18,13 +18,12 @@ reference removed), with the true target framed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import textwrap
 from pathlib import Path
 
-import torch
-
-__all__ = ["random_baseline", "run"]
+__all__ = ["main", "random_baseline", "run"]
 
 _PROJECT = Path(__file__).resolve().parent / "projects" / "cirr_tiny.yaml"
 _COLUMNS = [
@@ -79,7 +78,6 @@ def _train(data: Path, out: Path, fusion: bool, epochs: int, batch_size: int):
     return max(rows, key=lambda row: row["agg_metrics"]), runner  # LAVIS's best epoch on val
 
 
-@torch.no_grad()
 def retrieval_examples(runner, n_queries: int = 6, top_k: int = 5) -> list[dict]:
     """Top-k gallery images of ``n_queries`` val queries spread over the split, from the best checkpoint.
 
@@ -87,6 +85,15 @@ def retrieval_examples(runner, n_queries: int = 6, top_k: int = 5) -> list[dict]
     image itself removed (CIRR's rule). Each entry names the reference, caption, target, the top-k
     names and the target's rank (1-based) in the full ranking.
     """
+    import torch
+
+    with torch.no_grad():
+        return _retrieval_examples(runner, n_queries, top_k)
+
+
+def _retrieval_examples(runner, n_queries: int, top_k: int) -> list[dict]:
+    import torch
+
     from lavis_ext.models.checkpoint_io import read_state_dict
 
     model = runner.unwrap_dist_model(runner.model)
@@ -223,7 +230,22 @@ def run(
     return summary
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lavis_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lavis_ext.demo", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo_out/lavis_ext"), help="output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same path on a few samples for one epoch (a test of the command)",
+    )
+    args = parser.parse_args(argv)
+    run(args.out, quick=args.quick)
 
-    run(Path(sys.argv[1] if len(sys.argv) > 1 else "demo_out/lavis_ext"))
+
+if __name__ == "__main__":
+    main()

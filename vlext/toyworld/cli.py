@@ -69,3 +69,7 @@ def main(argv=None) -> int:
     for f in files:
         print(f"  {f}")
     return 0
+
+
+if __name__ == "__main__":  # the `toyworld` console script, or python -m vlext.toyworld(.cli)
+    raise SystemExit(main())

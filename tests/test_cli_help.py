@@ -114,3 +114,16 @@ def test_demo_refuses_an_unknown_argument(module, tmp_path):
     assert "unrecognized arguments: --outt x" in result.stderr
     assert f"usage: python -m {module} [-h] [--out OUT] [--quick]" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("name", sorted(_script_modules()))
+def test_installed_console_script_help_prints_usage_without_importing_heavy_stacks(name, tmp_path):
+    """``lavis-ext-train --help`` as installed: its wrapper imports the package with sys.argv[0] = the script."""
+    script = Path(sys.executable).parent / name
+    if not script.is_file():
+        pytest.skip(f"console script {name} is not installed next to {sys.executable} (project not synced)")
+    result = _python(["-X", "importtime", str(script), "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.lstrip().startswith("usage:"), result.stdout[:500]
+    heavy = _heavy_imports(result.stderr)
+    assert heavy == [], f"{name} --help imported {sorted(set(heavy))[:20]}"

@@ -8,6 +8,10 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 JOBS ?= 2
+# Python may cache compiled bytecode (__pycache__, git-ignored): with PYTHONDONTWRITEBYTECODE=1 in the
+# environment every process (each demo part, each test worker and subprocess) recompiled torch, diffusers,
+# transformers and LAVIS from source, about 35 s of CPU per process on 2 cores.
+unexport PYTHONDONTWRITEBYTECODE
 DEMO_OUT ?= demo_out
 
 .PHONY: all sync demo test lint format bench clean

@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from lavis_helpers import ROOT, run_train
+from lavis_helpers import ROOT
+from lavis_inprocess import train
 from omegaconf import OmegaConf
 
 import lavis_ext  # noqa: F401  (registers the scheduler)
@@ -141,14 +142,13 @@ def test_sprc_yaml_trains_tiny_through_the_runner_with_the_one_cycle_schedule(
 
     data = _toy_data(dataset, tmp_path)
     out = tmp_path / "run"
-    log = run_train(
+    _, log = train(  # in this process: what the runner computes and saves, not how it is launched
         *TINY,
         f"datasets.{dataset}.build_info.root={data}",
         f"datasets.{dataset}.vis_processor.train.image_size=32",
         f"datasets.{dataset}.vis_processor.eval.image_size=32",
         f"run.output_dir={out}",
         cfg=with_tiny_model(PROJECTS / project, tmp_path),
-        timeout=900,
     )
     iters = int(re.search(r"Start training epoch 0, (\d+) iters", log).group(1))
     assert "Start training epoch 1" in log

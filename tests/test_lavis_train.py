@@ -1,10 +1,16 @@
-"""``python -m lavis_ext.train``: LAVIS's runner trains, evaluates, checkpoints and resumes the tiny model."""
+"""``python -m lavis_ext.train``: LAVIS's runner trains, evaluates, checkpoints and resumes the tiny model.
+
+The runs call ``lavis_ext.train.main`` with the command line's arguments in this process (one thread, as the
+subprocess runs had): what they check is what the runner computes, logs and saves. The command launched as
+a user launches it is tested in test_lavis_runner_resume.py (another working directory, SIGKILL) and
+test_lavis_distributed.py (torchrun)."""
 
 import json
 
 import pytest
 import torch
-from lavis_helpers import ROOT, run_train
+from lavis_helpers import CFG, ROOT
+from lavis_inprocess import train
 
 
 @pytest.fixture(scope="module")
@@ -14,11 +20,12 @@ def first_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     data = write_cirr(tmp / "cirr_dataset", 32, 12, 6, seed=0, image_size=32)
     out = tmp / "run1"
-    log = run_train(
+    _, log = train(
         f"datasets.cirr.build_info.root={data}",
         f"run.output_dir={out}",
         "run.batch_size_train=8",
         "model.use_gated_fusion=True",
+        cfg=CFG,
     )
     (job,) = list(out.iterdir())
     return {"data": data, "tmp": tmp, "job": job, "log": log}
@@ -46,13 +53,14 @@ def test_options_override_the_project_yaml(first_run):
 
 def test_resume_continues_from_the_next_epoch(first_run):
     out = first_run["tmp"] / "run2"
-    log = run_train(
+    _, log = train(
         f"datasets.cirr.build_info.root={first_run['data']}",
         f"run.output_dir={out}",
         "run.batch_size_train=8",
         "model.use_gated_fusion=True",
         "run.max_epoch=2",
         f"run.resume_ckpt_path={first_run['job'] / 'checkpoint_best.pth'}",
+        cfg=CFG,
     )
     assert "Resume checkpoint from" in log
     assert "Start training epoch 1" in log and "Start training epoch 0" not in log
@@ -72,12 +80,11 @@ def test_fashioniq_tiny_trains_and_reports_per_category_recall(tmp_path):
 
     data = write_fashioniq(tmp_path / "fashionIQ_dataset", n_per_category=8, seed=0, image_size=32)
     out = tmp_path / "fiq"
-    run_train(
+    train(
         f"datasets.fashioniq.build_info.root={data}",
         f"run.output_dir={out}",
         "run.batch_size_train=8",
         cfg=ROOT / "lavis_ext" / "projects" / "fashioniq_tiny.yaml",
-        timeout=120,
     )
     (job,) = list(out.iterdir())
     (metrics,) = [json.loads(line) for line in (job / "evaluate.txt").read_text().splitlines()]

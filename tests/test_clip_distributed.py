@@ -32,8 +32,6 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
     from clip_ext.loss import MemoryBankClipLoss
     from clip_ext.memory_bank import MemoryBank
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     loss = MemoryBankClipLoss(MemoryBank(BANK, DIM, warmup_steps=1), local_loss=local_loss,
                               gather_with_grad=True, rank=rank, world_size=world)  # fmt: skip
@@ -89,7 +87,6 @@ def _worker(out_dir: Path, local_loss: bool) -> None:
         reference_id_queue=dedup_reference.bank.id_queue.tolist(),
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
 
 
 def _region_records(rank: int, world: int) -> dict:
@@ -128,21 +125,32 @@ def _region_records(rank: int, world: int) -> dict:
     }
 
 
-def _torchrun(tmp_path, local_loss):
-    env = {**os.environ, "CLIP_EXT_DIST_OUT": str(tmp_path), "CLIP_EXT_LOCAL_LOSS": str(int(local_loss)),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+MODES = {"global_loss": False, "local_loss": True}
+
+
+def _torchrun(out_dir):
+    """One torchrun for both loss modes: each rank runs the global-loss and then the local-loss case."""
+    env = {**os.environ, "CLIP_EXT_DIST_OUT": str(out_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve())]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return {
+        mode: [json.loads((out_dir / mode / f"rank{r}.json").read_text()) for r in range(2)] for mode in MODES
+    }
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["global_loss", "local_loss"])
-def ranks(request, tmp_path_factory):
-    """One torchrun per loss mode, shared by the tests of this file."""
-    return request.param, _torchrun(tmp_path_factory.mktemp("dist"), request.param)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The records of both loss modes from a single torchrun launch, shared by the tests of this file."""
+    return _torchrun(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(params=list(MODES))
+def ranks(request, launched):
+    return MODES[request.param], launched[request.param]
 
 
 def test_two_ranks_hold_identical_banks_and_match_single_process(ranks):
@@ -183,4 +191,12 @@ def test_region_negatives_are_gathered_over_ranks(ranks):
 
 
 if __name__ == "__main__":
-    _worker(Path(os.environ["CLIP_EXT_DIST_OUT"]), bool(int(os.environ["CLIP_EXT_LOCAL_LOSS"])))
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    for mode, local in MODES.items():  # fresh losses and banks per mode, in one process group
+        out = Path(os.environ["CLIP_EXT_DIST_OUT"]) / mode
+        out.mkdir(exist_ok=True)
+        _worker(out, local)
+    dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""clip_ext.train: open_clip's own trainer with our flags (subprocess runs on toy-world CSVs)."""
+"""clip_ext.train: open_clip's own trainer with our flags (in-process runs of its main on toy-world CSVs;
+``--help`` as a subprocess, since it is about what the command imports)."""
 
 import math
 import re
@@ -8,8 +9,11 @@ import time
 
 import pytest
 import torch
+from test_clip_open_clip_compat import assert_same_names, run_ours
 
+import clip_ext.train as clip_train
 from clip_ext.logit_scale import FROM_SCRATCH, init_logit_scale
+from clip_ext.memory_bank import BankStateError
 from clip_ext.region_data import load_region_table
 from clip_ext.train import extra_parser, parse_args
 from vlext.toyworld import write_clip_csv
@@ -19,16 +23,21 @@ OUR_FLAGS = ["--memory-bank-size", "--memory-bank-warmup-steps", "--memory-bank-
              "--min-box-side", "--hard-negative-weight", "--skip-bad-images"]  # fmt: skip
 
 
-def run_trainer(tmp_path, name, *extra, n=32, batch_size=8):
+def trainer_argv(tmp_path, name, *extra, n=32, batch_size=8):
     data = tmp_path / "data"
     if not (data / "train.csv").exists():
         write_clip_csv(data, n, seed=0, split="train")
-    argv = [
-        sys.executable, "-m", "clip_ext.train", "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"),
-        "--dataset-type", "csv", "--batch-size", str(batch_size), "--lr", "1e-3", "--warmup", "1", "--workers", "0",
-        "--device", "cpu", "--precision", "fp32", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
+    return [
+        "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"), "--dataset-type", "csv",
+        "--batch-size", str(batch_size), "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--device", "cpu",
+        "--precision", "fp32", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", name, *extra,
     ]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def run_trainer(tmp_path, name, *extra, n=32, batch_size=8):
+    """clip_ext.train.main in this process (it restores open_clip_train's names and logger levels on return
+    and on error); a refusal raises SystemExit with its message. Returns the trained model."""
+    return run_ours(trainer_argv(tmp_path, name, *extra, n=n, batch_size=batch_size))
 
 
 def log_steps(log_path):
@@ -88,15 +97,15 @@ def test_logit_scale_init_applies_only_when_given():
 
 
 def test_bank_smaller_than_global_batch_is_refused(tmp_path):
-    result = run_trainer(tmp_path, "small", "--epochs", "1", "--memory-bank-size", "4")
-    assert result.returncode != 0
-    assert "--memory-bank-size 4 is smaller than the global batch 8" in result.stderr + result.stdout
+    with pytest.raises(SystemExit, match=r"--memory-bank-size 4 is smaller than the global batch 8 "):
+        run_trainer(tmp_path, "small", "--epochs", "1", "--memory-bank-size", "4")
+    assert not list((tmp_path / "logs/small").rglob("*.pt"))  # refused before any training step
+    assert_same_names()
 
 
 def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
-    first = run_trainer(tmp_path, "run", "--epochs", "1", "--memory-bank-size", "24", "--memory-bank-warmup-steps",
-                        "2", "--diag", "--log-every-n-steps", "1")  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_trainer(tmp_path, "run", "--epochs", "1", "--memory-bank-size", "24", "--memory-bank-warmup-steps", "2",
+                "--diag", "--log-every-n-steps", "1")  # fmt: skip
     checkpoint = torch.load(tmp_path / "logs/run/checkpoints/epoch_1.pt", map_location="cpu")
     state = checkpoint["clip_ext"]["state_dict"]  # our state, under a key open_clip does not read
     steps = int(state["memory_bank.step"])  # one count per optimizer step of the epoch
@@ -110,18 +119,19 @@ def test_training_saves_the_bank_and_resume_restores_it(tmp_path):
     log = (tmp_path / "logs/run/out.log").read_text()
     assert "diag step 1:" in log and "bank_filled=8" in log and "zero_norm_image_share=0" in log
 
-    resumed = run_trainer(tmp_path, "resumed", "--epochs", "2", "--memory-bank-size", "24",
-                          "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_trainer(tmp_path, "resumed", "--epochs", "2", "--memory-bank-size", "24",
+                "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
     state2 = torch.load(tmp_path / "logs/resumed/checkpoints/epoch_2.pt", map_location="cpu")["clip_ext"][
         "state_dict"
     ]
     assert int(state2["memory_bank.step"]) == 2 * steps  # continued, not restarted
 
-    wrong = run_trainer(tmp_path, "wrong", "--epochs", "2", "--memory-bank-size", "16",
-                        "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
-    assert wrong.returncode != 0
-    assert "--memory-bank-size is 16" in wrong.stderr + wrong.stdout
+    with pytest.raises(BankStateError, match="--memory-bank-size is 16") as refused:
+        run_trainer(tmp_path, "wrong", "--epochs", "2", "--memory-bank-size", "16",
+                    "--resume", str(tmp_path / "logs/run/checkpoints/epoch_1.pt"))  # fmt: skip
+    assert "resume with --memory-bank-size 24" in str(refused.value)
+    assert not list((tmp_path / "logs/wrong").rglob("*.pt"))  # refused before training
+    assert_same_names()
 
 
 def test_diag_reports_zero_norm_image_share_logit_range_and_bank_state():
@@ -181,10 +191,10 @@ def _logged(log, name):
 def test_region_loss_trains_with_the_bank_dedup_and_gradient_accumulation(tmp_path):
     # 24 images, batch 4, --accum-freq 2: 3 optimizer steps, each with 2 cached + 2 recomputed forwards
     regions = tmp_path / "data/train_regions.jsonl"
-    result = run_trainer(tmp_path, "region", "--epochs", "1", "--accum-freq", "2", "--region-data", str(regions),
-                         "--min-box-area", "0.05", "--memory-bank-size", "16", "--memory-bank-dedup", "--diag",
-                         "--log-every-n-steps", "1", "--report-to", "tensorboard", n=24, batch_size=4)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_trainer(tmp_path, "region", "--epochs", "1", "--accum-freq", "2", "--region-data", str(regions),
+                "--min-box-area", "0.05", "--memory-bank-size", "16", "--memory-bank-dedup", "--diag",
+                "--log-every-n-steps", "1", "--report-to", "tensorboard", n=24, batch_size=4)  # fmt: skip
+    clip_train._run.tb_writer.close()  # open_clip leaves its SummaryWriter open; process exit would close it
     log = (tmp_path / "logs/region/out.log").read_text()
     # --diag also reaches TensorBoard, one scalar per optimizer step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -221,9 +231,12 @@ def test_region_loss_trains_with_the_bank_dedup_and_gradient_accumulation(tmp_pa
 def test_region_data_that_does_not_match_the_csv_is_refused(tmp_path):
     write_clip_csv(tmp_path / "data", 8, seed=0, split="train")
     write_clip_csv(tmp_path / "other", 8, seed=0, split="val")
-    result = run_trainer(tmp_path, "mismatch", "--epochs", "1", "--region-data",
-                         str(tmp_path / "other/val_regions.jsonl"))  # fmt: skip
-    assert result.returncode != 0
-    message = result.stderr + result.stdout
+    with pytest.raises(SystemExit) as refused:
+        run_trainer(
+            tmp_path, "mismatch", "--epochs", "1", "--region-data", str(tmp_path / "other/val_regions.jsonl")
+        )
+    message = str(refused.value)
     assert "val_regions.jsonl does not match --train-data: no line for image" in message
     assert str(tmp_path / "data/images/train/000000.png") in message
+    assert not list((tmp_path / "logs/mismatch").rglob("*.pt"))  # refused before training
+    assert_same_names()

@@ -134,7 +134,8 @@ def test_bad_lora_config_is_a_clear_error(lora, error, message):
 
 
 def test_runner_trains_lora_and_saves_only_trainable_weights(tmp_path):
-    from lavis_helpers import run_train
+    from lavis_helpers import CFG
+    from lavis_inprocess import train
 
     from vlext.toyworld import write_cirr
 
@@ -147,7 +148,7 @@ def test_runner_trains_lora_and_saves_only_trainable_weights(tmp_path):
         "model.lora.alpha=8",
         "model.lora.target_modules=[query,value]",
     ]
-    run_train(*options, timeout=900)
+    train(*options, cfg=CFG)  # in this process: what the runner saves, not how it is launched
     (job,) = list((tmp_path / "out").iterdir())
     checkpoint = torch.load(job / "checkpoint_best.pth", map_location="cpu", weights_only=False)
     saved = checkpoint["model"]

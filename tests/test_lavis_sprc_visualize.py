@@ -1,11 +1,11 @@
-"""``python -m lavis_ext.visualize`` on toy CIRR with the tiny model: a PNG per query, the true target framed
+"""``lavis_ext.visualize`` on toy CIRR with the tiny model: a PNG per query, the true target framed
 exactly where it is in the top-k, and the fusion gate map when gated fusion is on."""
 
 import json
-import sys
 
 import pytest
-from lavis_helpers import ROOT, launch
+from lavis_helpers import ROOT
+from lavis_inprocess import run_main
 
 TINY = ROOT / "lavis_ext" / "projects" / "cirr_tiny.yaml"
 
@@ -29,9 +29,12 @@ def toy_cirr(tmp_path_factory):
 
 
 def visualize(toy_cirr, out, *options, n=4, topk=5):
-    command = [sys.executable, "-W", "ignore", "-m", "lavis_ext.visualize", "--cfg-path", str(TINY)]
-    command += ["--out", str(out), "--n", str(n), "--topk", str(topk), "--options"]
-    launch([*command, f"datasets.cirr.build_info.root={toy_cirr}", *options], timeout=900)
+    """``python -m lavis_ext.visualize`` with these arguments, called in this process (the README runs the
+    command itself); returns the rankings.json it wrote."""
+    from lavis_ext.visualize import main
+
+    argv = ["--cfg-path", TINY, "--out", out, "--n", n, "--topk", topk, "--options"]
+    run_main(main, [*argv, f"datasets.cirr.build_info.root={toy_cirr}", *options])
     return json.loads((out / "rankings.json").read_text())
 
 

@@ -76,6 +76,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_latest_continues_from_the
                      "--log-every-n-steps", "1", epochs=2)  # relative paths, run from the data's folder  # fmt: skip
     checkpoints = tmp_path / "logs/run/checkpoints"
     env = {**os.environ, PAUSE_ENV: "epoch_2.pt:600"}  # epoch 2's save stops between temp write and rename
+    # the resume below runs in this process: the same intra-op thread count gives bit-identical losses
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     proc = subprocess.Popen([sys.executable, "-m", "clip_ext.train", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:

@@ -45,6 +45,16 @@ UNETS = {
     },
     # runwayml/stable-diffusion-v1-5 unet/config.json (the sample size is the benchmark's --latent)
     "sd15": {k: v for k, v in SD15.items() if k != "sample_size"},
+    # the same code path in seconds (a check that the script runs, not a measurement)
+    "tiny": {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    },
 }
 
 

@@ -82,3 +82,35 @@ def test_the_driver_does_not_signal_a_part_that_is_not_ready(tmp_path):
         assert (tmp_path / "part").read_text() == "2"
     finally:
         assert proc.wait(timeout=30) == 0
+
+
+# a part that has finished: follows, stops following, says so and exits (torch loaded: a slower shutdown)
+DONE_PART = """
+import sys
+from pathlib import Path
+import torch
+from vlext.demo import follow_thread_budget, stop_following_thread_budget
+follow_thread_budget(Path(sys.argv[1]), "part")
+stop_following_thread_budget()
+print("done", flush=True)
+"""
+
+
+def test_a_finished_part_is_not_ended_by_a_late_signal(tmp_path):
+    """SIGUSR1's default action ends a process, and Python restores it for its own handlers at shutdown;
+    a finished part ignores the signal, so the driver's signals while it exits cannot kill it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DONE_PART, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "done"
+    sent = 0
+    while proc.poll() is None:  # signal it all through its shutdown
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+            sent += 1
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
+    assert proc.wait(timeout=30) == 0, f"ended by signal {-proc.returncode} after {sent} signals"
+    assert sent > 0

@@ -128,8 +128,20 @@ def follow_thread_budget(folder: Path, package: str) -> None:
             torch.set_num_threads(threads)
 
     signal.signal(signal.SIGUSR1, apply)
+    signal.siginterrupt(signal.SIGUSR1, False)  # restart system calls it lands in (C code may not retry)
     (folder / f"{package}.ready").touch()
     apply()
+
+
+def stop_following_thread_budget() -> None:
+    """A part that is done ignores the driver's signal from now on.
+
+    While Python shuts down it resets a Python-level handler to the default action, and SIGUSR1's default
+    ends the process: a signal sent just as the part finished made the driver report a finished part as
+    killed. An ignored signal stays ignored through shutdown.
+    """
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _give_threads(folder: Path, package: str, proc: subprocess.Popen, threads: int) -> None:
@@ -228,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(THREADS_DIR_ENV):
             follow_thread_budget(Path(os.environ[THREADS_DIR_ENV]), args.part)
         (demo,) = [d for d in demos if d.package == args.part]
-        return 0 if run_part(demo.run, args.out / demo.package, args.quick)["status"] != "failed" else 1
+        status = run_part(demo.run, args.out / demo.package, args.quick)["status"]
+        stop_following_thread_budget()
+        return 0 if status != "failed" else 1
     if args.only:
         demos = [demo for demo in demos if demo.package in args.only]
     args.out.mkdir(parents=True, exist_ok=True)

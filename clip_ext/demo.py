@@ -7,7 +7,6 @@ evaluation (``results.jsonl``), loss curves from its log. The bank is expected t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -157,19 +156,9 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m clip_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
-    parser = argparse.ArgumentParser(
-        prog="python -m clip_ext.demo", description=__doc__.split("\n")[0], allow_abbrev=False
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("demo_out/clip_ext"), help="output folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="the same path on a few samples for one epoch (a test of the command)",
-    )
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
+    from vlext.demo import extension_demo_command
+
+    extension_demo_command("clip_ext", run, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="tra
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     images, context, boxes, masks, _ = data
@@ -185,15 +186,13 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="tra
         prediction_type=cfg["prediction_type"],
     )
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    from diffusers.optimization import get_scheduler
-
     schedule = "constant" if adapter is None else cfg["adapter_lr_schedule"]
     lr_sched = get_scheduler(schedule, opt, num_warmup_steps=0, num_training_steps=steps)
+    batch = cfg["batch_size"] if adapter is None else cfg["adapter_batch_size"]
     g = torch.Generator().manual_seed(cfg["seed"] + (1 if adapter is None else 2))
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True)
     for step in bar:
-        batch = cfg["batch_size"] if adapter is None else cfg["adapter_batch_size"]
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -427,6 +426,9 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
     from diffusers_ext.layout_eval import layout_scores
     from diffusers_ext.spatial_adapter import SpatialAdapter
 
+    unknown = sorted(set(config or {}) - set(DEMO_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown demo config key(s) {unknown}; DEMO_CONFIG has {sorted(DEMO_CONFIG)}")
     cfg = {**DEMO_CONFIG, **(QUICK_CONFIG if quick else {}), **(config or {})}
     if quick and cfg["base_unet"] is None and "base_steps" not in (config or {}):
         cfg["base_steps"] = QUICK_BASE_STEPS

@@ -18,7 +18,6 @@ reference removed), with the true target framed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import textwrap
 from pathlib import Path
@@ -232,19 +231,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m lavis_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lavis_ext.demo", description=__doc__.split("\n")[0], allow_abbrev=False
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("demo_out/lavis_ext"), help="output folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="the same path on a few samples for one epoch (a test of the command)",
-    )
-    args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
+    from vlext.demo import extension_demo_command
+
+    extension_demo_command("lavis_ext", run, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

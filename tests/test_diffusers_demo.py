@@ -13,6 +13,7 @@ MICRO = {
     "n_train": 16,
     "n_eval": 2,
     "batch_size": 4,
+    "adapter_batch_size": 4,
     "base_steps": 2,
     "adapter_steps": 3,
     "sample_steps": 2,
@@ -82,3 +83,12 @@ def test_the_shipped_base_matches_its_checksum_and_the_demo_config():
     expected = _phrase_table(DEMO_CONFIG["text_dim"], DEMO_CONFIG["seed"])
     assert all(torch.equal(table[w], expected[w]) for w in expected)  # the vectors the demo would draw
     assert float(metadata["loss_last_25"]) < 0.5 * float(metadata["loss_first_25"])  # it was trained
+
+
+def test_an_unknown_config_key_is_refused_before_any_work(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown demo config key\(s\) \['adapter_step'\]; DEMO_CONFIG has .*'adapter_steps'",
+    ):
+        run(tmp_path / "out", {**MICRO, "adapter_step": 5})  # a typo of adapter_steps
+    assert not (tmp_path / "out").exists()

@@ -50,6 +50,27 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def extension_demo_command(package: str, run, description: str, argv: list[str] | None = None) -> None:
+    """``python -m <package>.demo [--out DIR] [--quick]``: one extension's demo on its own, in this process.
+
+    ``run(out_dir, quick=...)`` is the same function ``make demo`` runs; the extensions' ``main`` only parse
+    these two flags, so their ``--help`` answers before torch or the host library is imported.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {package}.demo", description=description, allow_abbrev=False
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(f"demo_out/{package}"), help="output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same path on a few samples for one epoch (a test of the command)",
+    )
+    args = parser.parse_args(argv)
+    run(args.out, quick=args.quick)
+
+
 def run_part(run: str, out_dir: Path, quick: bool) -> dict:
     """Run one demo in this process; returns ``{"status", "seconds", "result"}`` and writes it to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)

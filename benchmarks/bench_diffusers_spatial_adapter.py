@@ -83,7 +83,7 @@ def _build(args):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from diffusers_ext.gligen_compat import adapter_from_gated_unet
+    from diffusers_ext.gligen_conversion import adapter_from_gated_unet
 
     torch.manual_seed(0)
     config = _config(args)

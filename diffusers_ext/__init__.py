@@ -13,7 +13,7 @@ from importlib import import_module
 # and diffusers are imported; `from diffusers_ext import SpatialAdapter` works as before.
 _EXPORTS = {
     "GatedSelfAttnProcessor": "diffusers_ext.gated_self_attention",
-    "GroundingTokenizer": "diffusers_ext.grounding",
+    "GroundingTokenizer": "diffusers_ext.grounding_tokenizer",
     "SpatialAdapter": "diffusers_ext.spatial_adapter",
     "load_spatial_adapter": "diffusers_ext.loaders",
     "set_spatial_adapter_scale": "diffusers_ext.loaders",

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from diffusers_ext.gligen_compat import adapter_from_gated_state_dict, gated_state_dict_from_gligen_checkpoint
+from diffusers_ext.gligen_conversion import (
+    adapter_from_gated_state_dict,
+    gated_state_dict_from_gligen_checkpoint,
+)
 from diffusers_ext.spatial_adapter import SpatialAdapter, installed_adapter
 
 __all__ = ["load_spatial_adapter", "set_spatial_adapter_scale", "unload_spatial_adapter"]

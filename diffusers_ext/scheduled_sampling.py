@@ -14,7 +14,7 @@ The runtime ``gate_scale`` multiplies the schedule, so ``gate_scale=2, beta=0.3`
 
 Default. ``GLIGEN_BETA = 0.3`` is the default of diffusers' GLIGEN pipeline
 (``gligen_scheduled_sampling_beta``), and GLIGEN's box-text example ``[0.3, 0.0, 0.7]`` is the same
-schedule: grounding on for the first 30 % of the steps, off after. ``grounded_generation.generate`` uses it
+schedule: grounding on for the first 30 % of the steps, off after. ``generation.generate`` uses it
 unless told otherwise; ``schedule=None`` (or ``beta=1.0``) keeps the grounding on for every step.
 """
 

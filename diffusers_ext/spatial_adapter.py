@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from diffusers_ext.gated_self_attention import GROUNDING_KEYS, GatedSelfAttnProcessor, check_gate_scale
-from diffusers_ext.grounding import GroundingTokenizer, as_tensor, check_grounding_inputs
+from diffusers_ext.grounding_tokenizer import GroundingTokenizer, as_tensor, check_grounding_inputs
 
 __all__ = ["SpatialAdapter", "install", "installed_adapter", "transformer_blocks"]
 
@@ -355,7 +355,7 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         """``{"grounding_tokens": (batch, max_objs, token_dim), "grounding_scale": gate_scale}`` for the UNet.
 
         The batch must match the UNet's: with classifier-free guidance give the unconditional rows masks 0
-        (or use ``grounded_generation.generate``, which does)."""
+        (or use ``generation.generate``, which does)."""
         scale = check_gate_scale(gate_scale)
         return {"grounding_tokens": self(boxes, phrase_embeds, masks), "grounding_scale": scale}
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from diffusers_ext.demo import DEMO_CONFIG, _with_coords
 from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny import tiny_unet
+from diffusers_ext.testing.tiny_unet import tiny_unet
 
 
 def test_adapter_learns_box_dependent_output_from_zero_init():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_ext.detectors import Detection, ToyColourDetector, ZeroShotDetector, load_detector
-from diffusers_ext.evaluate import main, read_layouts
-from diffusers_ext.layout_scoring import score_image, score_layouts, summarize
+from diffusers_ext.evaluation.detectors import Detection, ToyColourDetector, ZeroShotDetector, load_detector
+from diffusers_ext.evaluation.evaluate import main, read_layouts
+from diffusers_ext.evaluation.layout_scoring import score_image, score_layouts, summarize
 from diffusers_ext.testing.tiny_detectors import save_tiny_grounding_dino, save_tiny_owlv2
 from vlext.toyworld import ToyWorld, write_grounding_jsonl
 
@@ -308,7 +308,7 @@ class _ChannelStats(torch.nn.Module):
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_colour_shift(tmp_path, toy):
-    from diffusers_ext.evaluate import _fid
+    from diffusers_ext.evaluation.evaluate import _fid
 
     _, images, _ = toy
     paths = []
@@ -328,7 +328,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_colour_shift(tmp_path
 def test_fid_features_read_a_torchvision_inception_state_dict_and_refuse_other_files(tmp_path):
     from torchvision.models import inception_v3
 
-    from diffusers_ext.evaluate import _fid_feature_module
+    from diffusers_ext.evaluation.evaluate import _fid_feature_module
 
     torch.manual_seed(0)
     torch.save(

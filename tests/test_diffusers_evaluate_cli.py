@@ -1,4 +1,4 @@
-"""``python -m diffusers_ext.evaluate`` end to end on a tiny offline SD pipeline and toy-world layouts: the
+"""``python -m diffusers_ext.evaluation.evaluate`` end to end on a tiny offline SD pipeline and toy-world layouts: the
 rows (baseline, then one per gate scale), the files, the baseline being the plain pipeline from the same
 seeds, resume after a crash, refusal of mismatched adapters and re-runs, a tiny OWLv2 with CLIP score and
 FID from local weights. The adapter is freshly initialised with open gates, so the numbers are low: these
@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusers_ext.layout_scoring as layout_scoring
-from diffusers_ext.evaluate import main
-from diffusers_ext.grounded_generation import phrase_dim
+import diffusers_ext.evaluation.layout_scoring as layout_scoring
+from diffusers_ext.evaluation.evaluate import main
+from diffusers_ext.generation import phrase_dim
 from diffusers_ext.spatial_adapter import SpatialAdapter
 from diffusers_ext.testing.tiny_detectors import save_tiny_owlv2
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline, tiny_clip_tokenizer, tiny_sd_pipeline
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline, tiny_clip_tokenizer, tiny_sd_pipeline
 from vlext.toyworld import write_grounding_jsonl
 
 pytestmark = pytest.mark.slow
@@ -213,13 +213,13 @@ def test_tiny_owlv2_detector_with_clip_score_and_fid_from_local_files(setup, tmp
 
 def test_help_runs_from_another_directory_and_the_module_imports_no_torch(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "diffusers_ext.evaluate", "--help"], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, "-m", "diffusers_ext.evaluation.evaluate", "--help"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0 and "--gate-scales" in run.stdout and "--fid-features" in run.stdout
     # the command's own module defers torch/diffusers to main(); loaded alone it imports neither
     code = (
         "import importlib.util, sys; "
-        f"spec = importlib.util.spec_from_file_location('ev', {str(REPO / 'diffusers_ext' / 'evaluate.py')!r}); "
+        f"spec = importlib.util.spec_from_file_location('ev', {str(REPO / 'diffusers_ext' / 'evaluation' / 'evaluate.py')!r}); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m._parser(); "
         "print(sorted(k for k in ('torch', 'diffusers', 'transformers') if k in sys.modules))"
     )
@@ -253,7 +253,7 @@ def test_sdxl_and_kolors_pipelines_run_end_to_end(tmp_path, kind, lang):
 def test_the_command_runs_as_a_user_runs_it_with_relative_paths(setup):
     root, _ = setup
     cmd = [
-        sys.executable, "-m", "diffusers_ext.evaluate", "--data", "data/grounding.en.jsonl", "--pretrained-model",
+        sys.executable, "-m", "diffusers_ext.evaluation.evaluate", "--data", "data/grounding.en.jsonl", "--pretrained-model",
         "pipe", "--adapter", "adapter", "--out", "relative_out", "--detector", "toy-colour", "--steps", "1",
         "--limit", "1", "--gate-scales", "1",
     ]  # fmt: skip

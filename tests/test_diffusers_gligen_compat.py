@@ -4,14 +4,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffusers_ext.gligen_compat import (
+from diffusers_ext.gligen_conversion import (
     adapter_from_gated_unet,
     adapter_from_gligen_checkpoint,
     adapter_to_gated_state_dict,
     adapter_to_gligen_checkpoint,
     diffusers_to_ldm_block_name,
 )
-from diffusers_ext.tiny import TINY_UNET_CONFIG
+from diffusers_ext.testing.tiny_unet import TINY_UNET_CONFIG
 
 torch.set_num_threads(1)
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from diffusers_ext.gligen_compat import adapter_from_gated_unet
-from diffusers_ext.grounded_generation import generate
-from diffusers_ext.tiny_pipelines import TINY_PIPELINE_CONFIG, tiny_sd_pipeline
+from diffusers_ext.generation import generate
+from diffusers_ext.gligen_conversion import adapter_from_gated_unet
+from diffusers_ext.testing.tiny_pipelines import TINY_PIPELINE_CONFIG, tiny_sd_pipeline
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

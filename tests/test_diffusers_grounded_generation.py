@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusers_ext.grounded_generation import (
+from diffusers_ext.generation import (
     encode_phrases,
     generate,
     grounding_cross_attention_kwargs,
@@ -14,7 +14,7 @@ from diffusers_ext.grounded_generation import (
 )
 from diffusers_ext.scheduled_sampling import grounding_schedule
 from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny_pipelines import tiny_kolors_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from diffusers_ext.testing.tiny_pipelines import tiny_kolors_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 torch.set_num_threads(1)
 

@@ -16,9 +16,9 @@ from diffusers_ext import (
     set_spatial_adapter_scale,
     unload_spatial_adapter,
 )
-from diffusers_ext.gligen_compat import adapter_from_gated_unet, gligen_checkpoint, save_gligen_checkpoint
-from diffusers_ext.grounded_generation import generate, phrase_dim
-from diffusers_ext.tiny_pipelines import TINY_PIPELINE_CONFIG, tiny_sd_pipeline
+from diffusers_ext.generation import generate, phrase_dim
+from diffusers_ext.gligen_conversion import adapter_from_gated_unet, gligen_checkpoint, save_gligen_checkpoint
+from diffusers_ext.testing.tiny_pipelines import TINY_PIPELINE_CONFIG, tiny_sd_pipeline
 
 torch.set_num_threads(1)
 PHRASES = ["a red circle", "a blue square"]

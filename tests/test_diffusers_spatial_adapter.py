@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor
 from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny import tiny_unet
+from diffusers_ext.testing.tiny_unet import tiny_unet
 
 torch.set_num_threads(1)
 PHRASE_DIM = 16

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from diffusers_ext.grounding_data import BadImageError, load_image_strict
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.train_spatial_adapter import train
+from diffusers_ext.layout_rows import BadImageError, load_image_strict
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""``python -m diffusers_ext.train_spatial_adapter --help`` answers at once: the trainer imports only the
+"""``python -m diffusers_ext.training.train_spatial_adapter --help`` answers at once: the trainer imports only the
 standard library before its arguments are parsed (torch and diffusers load inside ``train``)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-CMD = [sys.executable, "-X", "importtime", "-m", "diffusers_ext.train_spatial_adapter", "--help"]
+CMD = [sys.executable, "-X", "importtime", "-m", "diffusers_ext.training.train_spatial_adapter", "--help"]
 
 
 def _help(tmp_path) -> tuple[subprocess.CompletedProcess, float]:

@@ -19,9 +19,9 @@ import sys
 import pytest
 import torch
 
-from diffusers_ext.run_folder import MARKER, checkpoint_problem
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.train_spatial_adapter import KILL_HOOK_ENV, train
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.training.run_folder import MARKER, checkpoint_problem
+from diffusers_ext.training.train_spatial_adapter import KILL_HOOK_ENV, train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 def _cli(cwd, args, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
-    cmd = [sys.executable, "-m", "diffusers_ext.train_spatial_adapter", *args]
+    cmd = [sys.executable, "-m", "diffusers_ext.training.train_spatial_adapter", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

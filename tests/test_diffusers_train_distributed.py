@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
 from vlext.toyworld import write_grounding_jsonl
 
 
@@ -24,7 +24,7 @@ def _launch(args: list[str], port: int) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "diffusers_ext.train_spatial_adapter", *args,
+        "-m", "diffusers_ext.training.train_spatial_adapter", *args,
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,9 +13,9 @@ import torch
 from diffusers import KolorsPipeline
 
 from diffusers_ext import load_spatial_adapter
-from diffusers_ext.grounded_generation import encode_phrases, generate
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.train_spatial_adapter import train
+from diffusers_ext.generation import encode_phrases, generate
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)

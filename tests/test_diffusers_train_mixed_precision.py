@@ -11,8 +11,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.train_spatial_adapter import train
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from diffusers_ext.run_folder import (
+from diffusers_ext.training.run_folder import (
     MARKER,
     checkpoint_problem,
     clear_previous_run,

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from diffusers_ext.grounding_data import CleaningReport, clean_layout, read_grounding_rows
+from diffusers_ext.layout_rows import CleaningReport, clean_layout, read_grounding_rows
 from diffusers_ext.spatial_adapter import SpatialAdapter
-from diffusers_ext.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.train_spatial_adapter import main, train
+from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.training.train_spatial_adapter import main, train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ EXTENSIONS = load_registry()
 
 
 def tiny_unet():
-    from diffusers_ext.tiny import tiny_unet as build
+    from diffusers_ext.testing.tiny_unet import tiny_unet as build
 
     return build()
 
@@ -56,7 +56,7 @@ def check_diffusers_loader(ext):
 
     from diffusers_ext import SpatialAdapter
     from diffusers_ext.spatial_adapter import installed_adapter
-    from diffusers_ext.tiny_pipelines import tiny_sd_pipeline
+    from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
 
     load = ext.load()
     module = importlib.import_module(ext.import_path.partition(":")[0])

@@ -1,1 +1,1 @@
-"""Tiny offline models for tests and demos only (never imported by the library modules)."""
+"""Tiny offline models, pipelines and detectors for tests, benchmarks and the demo (never imported by the library modules)."""

@@ -1,6 +1,6 @@
 """Tiny random-weight zero-shot detectors saved as folders, loadable with ``--detector <folder>``.
 
-They prove the wiring of ``diffusers_ext.detectors.ZeroShotDetector`` (processor, model outputs, box
+They prove the wiring of ``diffusers_ext.evaluation.detectors.ZeroShotDetector`` (processor, model outputs, box
 conversion, phrase matching) offline: the real OWLv2 / Grounding DINO configurations with tiny widths,
 and tokenizers written on the spot (a byte-level CLIP BPE vocabulary without merges for OWLv2; a
 WordPiece vocabulary of the characters needed for Grounding DINO). Random weights detect nothing in
@@ -77,7 +77,7 @@ def save_tiny_owlv2(folder: str | Path, seed: int = 0) -> Path:
     ``Owlv2Processor`` in ``folder``."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    from diffusers_ext.tiny_pipelines import tiny_clip_tokenizer
+    from diffusers_ext.testing.tiny_pipelines import tiny_clip_tokenizer
 
     cfg = TINY_DETECTOR_CONFIG["owlv2"]
     tokenizer = tiny_clip_tokenizer(max_length=cfg["text"]["max_position_embeddings"])

@@ -1,11 +1,11 @@
-"""Train the spatial adapter on grounding rows with accelerate: ``python -m diffusers_ext.train_spatial_adapter``.
+"""Train the spatial adapter on grounding rows with accelerate: ``python -m diffusers_ext.training.train_spatial_adapter``.
 
 GLIGEN's recipe (Li et al., CVPR 2023): the base model stays frozen and only the gated layers and the
 grounding tokenizer learn (optionally LoRA on the UNet too), with the ordinary denoising loss; whole
 layouts are dropped with ``--box-dropout`` and captions with ``--caption-dropout`` so the model also
 learns the null condition that classifier-free guidance uses. ``--pretrained-model`` is an SD, SDXL or
 Kolors folder; the text conditioning comes from the pipeline's own ``encode_prompt`` and the phrase
-features from its text encoder (``grounded_generation.encode_phrases``).
+features from its text encoder (``diffusers_ext.generation.encode_phrases``).
 
 Exact resume. Data order is a permutation seeded by (seed, epoch) and every random draw of a step (noise,
 timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a run resumed
@@ -32,7 +32,7 @@ import signal
 import sys
 from pathlib import Path
 
-from diffusers_ext.run_folder import (
+from diffusers_ext.training.run_folder import (
     STATE,
     clear_previous_run,
     find_latest_checkpoint,
@@ -195,7 +195,7 @@ def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, a
     """Boxes, phrase features and masks (B, max_objs, ...) with GLIGEN's object and layout dropout."""
     import torch
 
-    from diffusers_ext.grounded_generation import encode_phrases
+    from diffusers_ext.generation import encode_phrases
 
     b = len(batch)
     boxes = torch.zeros(b, max_objs, 4)
@@ -225,7 +225,7 @@ def _kill_if_testing(folder: Path) -> None:
 def _resume_folder(args, output_dir: Path, say) -> Path:
     """The checkpoint ``--resume`` names: 'latest' is the newest complete one in ``--output-dir``; an
     explicit folder must be complete too."""
-    from diffusers_ext.run_folder import checkpoint_problem
+    from diffusers_ext.training.run_folder import checkpoint_problem
 
     if args.resume != "latest":
         ckpt = Path(args.resume)
@@ -269,10 +269,10 @@ def train(argv: list[str] | None = None) -> dict:
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
-    from diffusers_ext.grounded_denoiser import GroundedDenoiser
-    from diffusers_ext.grounded_generation import phrase_dim, pipeline_kind
-    from diffusers_ext.grounding_data import GroundingRows, read_grounding_rows, verify_images
+    from diffusers_ext.generation import phrase_dim, pipeline_kind
+    from diffusers_ext.layout_rows import GroundingRows, read_grounding_rows, verify_images
     from diffusers_ext.spatial_adapter import SpatialAdapter
+    from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,

@@ -11,7 +11,7 @@ from ground-truth boxes, detect every requested object, compare boxes. Two kinds
   Grounding DINO (Liu et al., 2023), or any local folder of either family.
 
 Both return, per image and per requested phrase, candidate boxes (xyxy, normalized to the image) with a
-score; ``diffusers_ext.layout_scoring`` matches each object to the best-scoring candidate of its own
+score; ``diffusers_ext.evaluation.layout_scoring`` matches each object to the best-scoring candidate of its own
 phrase. ``load_detector(spec)`` turns the ``--detector`` flag into a detector, refusing a folder that is
 not a detector before anything is generated.
 """

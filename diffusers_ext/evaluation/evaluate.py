@@ -1,4 +1,4 @@
-"""Layout evaluation of a spatial adapter on real images: ``python -m diffusers_ext.evaluate``.
+"""Layout evaluation of a spatial adapter on real images: ``python -m diffusers_ext.evaluation.evaluate``.
 
 The "oracle" evaluation of the training notes and of GLIGEN (Li et al., CVPR 2023): generate images from
 ground-truth layouts (a JSONL in the training format), detect each requested object with an
@@ -40,7 +40,7 @@ DETECTED_COLOUR = (230, 0, 0)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m diffusers_ext.evaluate",
+        prog="python -m diffusers_ext.evaluation.evaluate",
         description="Generate from ground-truth layouts with and without a spatial adapter, detect the "
         "objects and report IoU, box AP, CLIP score and FID per setting (docs/layout_evaluation.md).",
         allow_abbrev=False,
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 def read_layouts(jsonl: Path, image_dir: Path | None = None, limit: int | None = None) -> list[dict]:
     """Rows of ``jsonl`` checked strictly (evaluation never clamps or drops a box): each box 4 finite numbers
     with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, one per phrase, the image present. Errors name file:line."""
-    from diffusers_ext.grounding_data import ROW_HINT, CleaningReport, clean_layout
+    from diffusers_ext.layout_rows import ROW_HINT, CleaningReport, clean_layout
     from vlext.jsonl import read_jsonl_objects
 
     jsonl = Path(jsonl)
@@ -292,7 +292,7 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
 def _load_pipeline(folder: str, device: str, dtype):
     from diffusers import DiffusionPipeline
 
-    from diffusers_ext.grounded_generation import pipeline_kind
+    from diffusers_ext.generation import pipeline_kind
 
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
@@ -311,7 +311,7 @@ def _load_pipeline(folder: str, device: str, dtype):
 def attach_adapter(pipe, source: str):
     """Load the adapter onto ``pipe`` (``loaders.load_spatial_adapter`` when available) and check that it
     fits; returns the installed SpatialAdapter. Any mismatch is an error naming --adapter."""
-    from diffusers_ext.grounded_generation import phrase_dim
+    from diffusers_ext.generation import phrase_dim
     from diffusers_ext.spatial_adapter import SpatialAdapter, installed_adapter
 
     try:
@@ -523,7 +523,7 @@ def _setting_name(gate_scale: float | None) -> str:
 def _generate(pipe, adapter, rows, jobs, gate_scale, steps, guidance, sched):
     import torch
 
-    from diffusers_ext.grounded_generation import generate
+    from diffusers_ext.generation import generate
 
     prompts = [rows[i]["caption"] for i, _ in jobs]
     gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in jobs]
@@ -562,8 +562,8 @@ def _run(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from diffusers_ext.detectors import load_detector
-    from diffusers_ext.layout_scoring import score_image, summarize
+    from diffusers_ext.evaluation.detectors import load_detector
+    from diffusers_ext.evaluation.layout_scoring import score_image, summarize
     from diffusers_ext.spatial_adapter import installed_adapter
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 GLIGEN-style layout control is scored by detecting each requested object and comparing its box with the
 request (the YOLO-score / mIoU of GLIGEN and MIGC). On toy-world prompts every object has a distinct
 palette colour, so the toy world's colour locator is the detector and no model is needed. The scoring is
-:func:`diffusers_ext.layout_scoring.score_layouts`, the same code path ``python -m diffusers_ext.evaluate``
+:func:`diffusers_ext.evaluation.layout_scoring.score_layouts`, the same code path ``python -m diffusers_ext.evaluation.evaluate``
 runs on real images with OWLv2 or Grounding DINO; only the detector differs.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffusers_ext.detectors import ToyColourDetector
-from diffusers_ext.layout_scoring import score_layouts
+from diffusers_ext.evaluation.detectors import ToyColourDetector
+from diffusers_ext.evaluation.layout_scoring import score_layouts
 
 __all__ = ["layout_scores"]
 

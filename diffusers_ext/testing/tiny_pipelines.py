@@ -29,7 +29,7 @@ from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
 from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffusers_ext.tiny import TINY_UNET_CONFIG
+from diffusers_ext.testing.tiny_unet import TINY_UNET_CONFIG
 
 __all__ = [
     "TINY_PIPELINE_CONFIG",
@@ -44,7 +44,7 @@ TINY_PIPELINE_CONFIG = {
     "image_size": 64,
     "text_width": 32,
     "max_text_length": 128,
-    # the UNet of diffusers_ext.tiny (SD-shaped: 4 latent channels), cross-attention width set per pipeline
+    # the UNet of diffusers_ext.testing.tiny_unet (SD-shaped: 4 latent channels), cross-attention width set per pipeline
     "unet": {k: v for k, v in TINY_UNET_CONFIG.items() if k != "cross_attention_dim"},
     "addition_time_embed_dim": 8,
     "vae": {

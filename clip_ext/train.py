@@ -30,6 +30,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# the names of open_clip_train.main that main() rebinds: listed, checked at start-up and bound in clip_ext.host
+from clip_ext.host import REBOUND
+
 # Only light imports here: ``--help`` answers without importing torch or open_clip (see main()).
 
 __all__ = ["main", "parse_args", "extra_parser"]
@@ -39,9 +42,6 @@ REGION_ATTR = "clip_ext_region"
 DEFAULT_REGION_LOSS_WEIGHT = 0.1  # FG-CLIP's weight of the region term
 DEFAULT_HARD_NEGATIVE_WEIGHT = 0.5  # FG-CLIP's weight of the hard-negative region term
 FEATURE_CHOICES = ("both", "image", "text")  # clip_ext.memory_bank.FEATURE_CHOICES, without importing torch
-# the names of open_clip_train.main that main() rebinds, and restores when it returns or raises
-REBOUND = ("parse_args", "create_model_and_transforms", "create_loss", "train_one_epoch", "get_data", "pt_load",
-           "get_latest_checkpoint", "torch")  # fmt: skip
 
 
 def extra_parser() -> argparse.ArgumentParser:
@@ -578,8 +578,12 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         parse_args(argv)  # prints ours and open_clip's help, then exits, before torch is imported
+    import open_clip_train.data as host_data
     import open_clip_train.main as host
 
+    from clip_ext.host import DATA, MAIN, bound, check_host
+
+    check_host({MAIN: host, DATA: host_data})  # a missing or reshaped host name stops here, before any work
     import clip_ext  # noqa: F401  (registers the tiny model configs)
 
     global _run
@@ -598,12 +602,9 @@ def main(argv: list[str] | None = None):
     }
     levels = _logger_levels()
     try:
-        for name, value in replacements.items():
-            setattr(host, name, value)
-        return host.main(argv)
+        with bound(host, replacements):
+            return host.main(argv)
     finally:
-        for name, value in originals.items():
-            setattr(host, name, value)
         _restore_logger_levels(levels)
 
 

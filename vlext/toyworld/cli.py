@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vlext.toyworld.cirr import write_cirr
 from vlext.toyworld.clip_csv import write_clip_csv
+from vlext.toyworld.clip_shards import brace_pattern, write_clip_shards
 from vlext.toyworld.fashioniq import write_fashioniq
 from vlext.toyworld.grounding import write_grounding_jsonl
 
@@ -36,11 +37,25 @@ def _parser() -> argparse.ArgumentParser:
         "--lang", default="en", choices=("en", "zh"), help="caption language (grounding, clip)"
     )
     parser.add_argument("--split", default="train", help="clip: split name of the CSV (train, val, test)")
+    parser.add_argument(
+        "--format",
+        dest="clip_format",
+        default="csv",
+        choices=("csv", "webdataset"),
+        help="clip: csv = <split>.csv + <split>_regions.jsonl (open_clip --dataset-type csv); webdataset = tar "
+        "shards <split>/000000.tar ... with png, txt and regions.json members (--dataset-type webdataset)",
+    )
+    parser.add_argument(
+        "--shards", type=int, default=4, help="clip --format webdataset: number of tar shards"
+    )
     return parser
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.format != "clip" and (args.clip_format != "csv" or args.shards != 4):
+        parser.error("--format and --shards apply to the clip dataset only")
     common = {"seed": args.seed, "image_size": args.image_size}
     if args.format == "cirr":
         n = 100 if args.n is None else args.n
@@ -59,6 +74,11 @@ def main(argv=None) -> int:
         n = 100 if args.n is None else args.n
         files = [write_grounding_jsonl(args.out, n, lang=args.lang, **common)]
         print(f"wrote {n} grounding rows ({args.lang}) with images under {args.out / 'images'}")
+    elif args.clip_format == "webdataset":
+        n = 100 if args.n is None else args.n
+        files = write_clip_shards(args.out, n, shards=args.shards, split=args.split, lang=args.lang, **common)
+        print(f"wrote {n} image-text pairs ({args.lang}) with regions in {len(files)} webdataset shards; "
+              f"--train-data '{brace_pattern(files)}'")  # fmt: skip
     else:
         n = 100 if args.n is None else args.n
         path = write_clip_csv(args.out, n, split=args.split, lang=args.lang, **common)

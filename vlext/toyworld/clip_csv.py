@@ -26,7 +26,7 @@ from vlext.toyworld._validation import check_choice, check_count, check_image_si
 from vlext.toyworld.palette import COLORS, SHAPES
 from vlext.toyworld.world import ToyWorld
 
-__all__ = ["write_clip_csv", "hard_negative_phrases"]
+__all__ = ["write_clip_csv", "clip_samples", "hard_negative_phrases"]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Splits draw disjoint scene indices: split k uses k * _SPLIT_STRIDE + i.
@@ -42,6 +42,25 @@ def hard_negative_phrases(obj, lang: str = "en", count: int = HARD_NEGATIVES) ->
     return [o.phrase_en if lang == "en" else o.phrase_zh for o in swaps[:count]]
 
 
+def clip_samples(n: int, seed: int = 0, image_size: int = 64, split: str = "train", lang: str = "en",
+                 max_objects: int = 3):  # fmt: skip
+    """``(index, image, caption, regions)`` of the ``n`` toy samples of ``split``: what :func:`write_clip_csv`
+    writes as CSV + JSONL and :func:`vlext.toyworld.clip_shards.write_clip_shards` as tar shards."""
+    check_count("n", n, minimum=1)
+    if n >= _SPLIT_STRIDE:
+        raise ValueError(f"n must be below {_SPLIT_STRIDE}, got {n}")
+    check_choice("split", split, SPLITS)
+    check_lang(lang)
+    world = ToyWorld(check_seed(seed), check_image_size(image_size), max_objects=max_objects)
+    start = SPLITS.index(split) * _SPLIT_STRIDE
+    for i, scene in enumerate(world.scenes(n, start=start)):
+        regions = [
+            {"box": list(obj.box), "caption": phrase, "hard_negatives": hard_negative_phrases(obj, lang)}
+            for obj, phrase in zip(scene.objects, scene.phrases(lang))
+        ]
+        yield i, scene.render(), scene.caption(lang), regions
+
+
 def write_clip_csv(
     root,
     n: int,
@@ -52,33 +71,13 @@ def write_clip_csv(
     max_objects: int = 3,
 ) -> Path:
     """Write ``n`` images under ``root/images/<split>`` and return the path of ``root/<split>.csv``."""
-    root = check_root(root)
-    check_count("n", n, minimum=1)
-    if n >= _SPLIT_STRIDE:
-        raise ValueError(f"n must be below {_SPLIT_STRIDE}, got {n}")
-    check_choice("split", split, SPLITS)
-    check_lang(lang)
-    world = ToyWorld(check_seed(seed), check_image_size(image_size), max_objects=max_objects)
-    root = root.resolve()
-    start = SPLITS.index(split) * _SPLIT_STRIDE
+    root = check_root(root).resolve()
     table, regions = [], []
-    for i, scene in enumerate(world.scenes(n, start=start)):
+    for i, image, caption, objects in clip_samples(n, seed, image_size, split, lang, max_objects):
         path = root / "images" / split / f"{i:06d}.png"
-        save_png(scene.render(), path)
-        table.append((str(path), scene.caption(lang)))
-        regions.append(
-            {
-                "filepath": str(path),
-                "regions": [
-                    {
-                        "box": list(obj.box),
-                        "caption": phrase,
-                        "hard_negatives": hard_negative_phrases(obj, lang),
-                    }
-                    for obj, phrase in zip(scene.objects, scene.phrases(lang))
-                ],
-            }
-        )
+        save_png(image, path)
+        table.append((str(path), caption))
+        regions.append({"filepath": str(path), "regions": objects})
     csv_path = root / f"{split}.csv"
     with csv_path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter=CSV_SEPARATOR, lineterminator="\n")

@@ -75,7 +75,8 @@ def extra_parser() -> argparse.ArgumentParser:
         "--region-data",
         default=None,
         help="JSONL of boxes and region captions per image (normalized xyxy), matched to --train-data rows by "
-        "image path; turns on the FG-CLIP-style region loss (csv data, ViT towers)",
+        "image path; turns on the FG-CLIP-style region loss (csv data, ViT towers; webdataset shards carry "
+        "regions in a member instead, see --wds-region-key)",
     )
     group.add_argument(
         "--region-loss-weight",
@@ -99,6 +100,19 @@ def extra_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read every --train-data image once before training and leave out those that cannot be read "
         "(each is logged, with the count); without it an unreadable image stops training naming the file",
+    )
+    group.add_argument(
+        "--wds-region-key",
+        default="regions.json;json",
+        help="--dataset-type webdataset: the JSON member(s) of a sample holding its regions, first present wins "
+        "(';'-separated); region loss on with --region-loss-weight and/or --hard-negative-weight. A 'json' member "
+        "without a 'regions' key is metadata (no regions); see docs/clip_webdataset.md",
+    )
+    group.add_argument(
+        "--skip-bad-regions",
+        action="store_true",
+        help="--dataset-type webdataset: leave out samples whose region member is malformed (each logged with "
+        "shard and key, counted per epoch); without it such a sample stops training naming shard and key",
     )
     group.add_argument(
         "--min-box-area",
@@ -159,8 +173,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
     if args.region_loss_weight is not None and args.region_loss_weight < 0:
         raise SystemExit(f"--region-loss-weight must be >= 0 (0 = off), got {args.region_loss_weight}")
-    if args.region_loss_weight and not args.region_data:
-        raise SystemExit("--region-loss-weight needs --region-data (the JSONL of boxes and region captions)")
+    if args.hard_negative_weight is not None and args.hard_negative_weight < 0:
+        raise SystemExit(f"--hard-negative-weight must be >= 0 (0 = off), got {args.hard_negative_weight}")
+    webdataset = _is_webdataset(args)
+    if webdataset:
+        _check_webdataset_flags(args)
+    elif args.region_loss_weight and not args.region_data:
+        raise SystemExit("--region-loss-weight needs --region-data (the JSONL of boxes and region captions) or "
+                         "--dataset-type webdataset shards whose samples carry region members")  # fmt: skip
     if args.min_box_area < 0 or args.min_box_side < 0:
         raise SystemExit(f"--min-box-area and --min-box-side must be >= 0, got {args.min_box_area}, "
                          f"{args.min_box_side}")  # fmt: skip
@@ -171,12 +191,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.region_data and args.region_loss_weight is None:
         args.region_loss_weight = DEFAULT_REGION_LOSS_WEIGHT
     args.region_loss_weight = args.region_loss_weight or 0.0
-    if args.hard_negative_weight is not None and args.hard_negative_weight < 0:
-        raise SystemExit(f"--hard-negative-weight must be >= 0 (0 = off), got {args.hard_negative_weight}")
-    if args.hard_negative_weight and not args.region_data:
+    if args.hard_negative_weight and not args.region_data and not webdataset:
         raise SystemExit("--hard-negative-weight needs --region-data whose regions carry 'hard_negatives' "
                          "(lists of negative captions)")  # fmt: skip
     args.hard_negative_weight = args.hard_negative_weight or 0.0
+    if args.region_data:
+        args.region_source = "csv"
+    elif webdataset and (args.region_loss_weight > 0 or args.hard_negative_weight > 0):
+        args.region_source = "webdataset"
+    else:
+        args.region_source = None
+    if args.skip_bad_regions and args.region_source != "webdataset":
+        raise SystemExit("--skip-bad-regions applies to the region members of --dataset-type webdataset shards "
+                         "(with --region-loss-weight or --hard-negative-weight); a --region-data JSONL is "
+                         "checked whole before training")  # fmt: skip
     if _regions_used(args) and (args.siglip or args.distill_model or "coca" in args.model.lower()):
         raise SystemExit("--region-data works with the CLIP contrastive loss only (not --siglip, "
                          "--distill-model or CoCa models)")  # fmt: skip
@@ -192,13 +220,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _is_webdataset(args) -> bool:
+    """open_clip reads --train-data as webdataset shards (its own rule for --dataset-type auto: a .tar suffix)."""
+    if args.dataset_type == "webdataset":
+        return True
+    return args.dataset_type == "auto" and bool(args.train_data) and args.train_data.split(".")[-1] == "tar"
+
+
+def _check_webdataset_flags(args) -> None:
+    """Flags of the CSV path that have no meaning on shards are refused, naming what applies instead."""
+    if args.region_data:
+        raise SystemExit("--region-data is a JSONL matched to CSV rows; webdataset shards carry each sample's "
+                         "regions in a JSON member (--wds-region-key, default regions.json;json) and the "
+                         "region loss is turned on by --region-loss-weight / --hard-negative-weight")  # fmt: skip
+    if args.memory_bank_dedup:
+        raise SystemExit("--memory-bank-dedup needs --dataset-type csv (its sample ids are CSV rows)")
+    if args.skip_bad_images:
+        raise SystemExit("--skip-bad-images needs --dataset-type csv: open_clip's webdataset pipeline already "
+                         "leaves out images it cannot decode (logging each); for malformed region members use "
+                         "--skip-bad-regions")  # fmt: skip
+    if not [k for k in args.wds_region_key.split(";") if k.strip()]:
+        raise SystemExit(f"--wds-region-key must name at least one member, got {args.wds_region_key!r}")
+
+
+def _region_source(args) -> str | None:
+    """Where batches get their regions: "csv" (--region-data), "webdataset" (shard members) or None."""
+    return getattr(args, "region_source", "csv" if getattr(args, "region_data", None) else None)
+
+
 def _region_on(args) -> bool:
     """The region InfoNCE is on."""
-    return bool(args.region_data) and args.region_loss_weight > 0
+    return _region_source(args) is not None and args.region_loss_weight > 0
 
 
 def _hard_negative_on(args) -> bool:
-    return bool(args.region_data) and args.hard_negative_weight > 0
+    return _region_source(args) is not None and args.hard_negative_weight > 0
 
 
 def _regions_used(args) -> bool:
@@ -220,6 +276,7 @@ class _Run:
     tb_writer: object = None
     channel: object = None
     region_table: object = None
+    shard_loader: object = None  # clip_ext.region_shards.RegionShardLoader on the webdataset path
     resume_rng: dict | None = None  # RNG state of the --resume checkpoint, restored before its first epoch
     host: dict | None = None  # the original open_clip_train.main names
 
@@ -430,6 +487,10 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer
     )
     _check_warmup_lag()
+    if _run.shard_loader is not None:
+        summary = _run.shard_loader.epoch_summary()  # a collective: every rank calls it
+        if _run.host["is_master"](args):
+            logging.info("epoch %d: %s", epoch, summary)
     return result
 
 
@@ -488,6 +549,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         load_region_table,
     )
 
+    if _region_source(args) == "webdataset":
+        return _webdataset_region_data(args, preprocess_fns, epoch, tokenizer)
     data = _run.host["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     if "train" not in data:
         return data
@@ -526,6 +589,32 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     _run.channel = BatchSideChannel(keep=args.accum_freq + 1)
     wrapped = SideChannelLoader(loader, _run.channel, args.device, open_clip.get_input_dtype(args.precision))
     data["train"] = DataInfo(wrapped, sampler)
+    return data
+
+
+def _webdataset_region_data(args, preprocess_fns, epoch, tokenizer):
+    """open_clip's own webdataset train pipeline, built by its ``get_data`` with the box-aware transform, plus
+    our region stages (see :mod:`clip_ext.region_shards` for where they hook in and why)."""
+    import open_clip
+    from open_clip_train.data import DataInfo
+
+    from clip_ext.region_data import BatchSideChannel
+    from clip_ext.region_shards import RegionShardLoader, RegionStage, attach_region_stages
+
+    transform = _box_aware_transform(_run.model, preprocess_fns[0])
+    data = _run.host["get_data"](args, (transform, preprocess_fns[1]), epoch=epoch, tokenizer=tokenizer)
+    info = data["train"]
+    stage = RegionStage(tokenizer, args.min_box_area, args.min_box_side, hard_negatives=_hard_negative_on(args),
+                        skip_bad=args.skip_bad_regions, keys=args.wds_region_key)  # fmt: skip
+    attach_region_stages(info.dataloader, stage)
+    logging.info("webdataset regions: region members %s of each sample (boxes normalized xyxy, --min-box-area "
+                 "%g, --min-box-side %g)%s", args.wds_region_key, args.min_box_area, args.min_box_side,
+                 ", malformed members skipped (--skip-bad-regions)" if args.skip_bad_regions else "")  # fmt: skip
+    # the host keeps up to accum_freq batches in flight (and forwards each twice); keep one more
+    _run.channel = BatchSideChannel(keep=args.accum_freq + 1)
+    _run.shard_loader = RegionShardLoader(info.dataloader, _run.channel, args.device,
+                                          open_clip.get_input_dtype(args.precision))  # fmt: skip
+    data["train"] = DataInfo(_run.shard_loader, info.sampler, info.shared_epoch)
     return data
 
 

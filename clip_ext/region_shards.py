@@ -25,8 +25,8 @@ not found (another open_clip release), :func:`attach_region_stages` stops naming
 
 Why before ``decode``: open_clip decodes with ``handler=log_and_continue``, which would log a malformed JSON
 member and drop the sample. :class:`RegionStage` parses the raw bytes itself: a malformed member stops
-training naming the shard and the sample's ``__key__``, or with ``--skip-bad-regions`` the sample is left
-out, logged and counted. It files its result under a key starting with ``__``, which webdataset's decoder
+training naming the shard and the sample's ``__key__``, or with ``--skip-bad-regions`` the member is
+ignored (the image and caption train the global loss only), logged and counted. It files its result under a key starting with ``__``, which webdataset's decoder
 passes through untouched. Boxes follow the box rule and ``--min-box-area`` / ``--min-box-side`` through the
 same :func:`clip_ext.region.filter_boxes` as the CSV path, and captions are tokenized in the workers.
 
@@ -187,19 +187,19 @@ class RegionStage:
         return record
 
     def __call__(self, samples):
-        skipped = 0
         for sample in samples:
             try:
                 record = self.record(sample)
             except RegionShardError as e:
                 if not self.skip_bad:
                     raise RegionShardError(f"{e}; expected {FORMAT_HINT}. Fix the shard, or pass {SKIP_FLAG} to "
-                                           "leave such samples out (each logged, counted per epoch)") from None  # fmt: skip
-                logging.warning("%s: leaving the sample out: %s", SKIP_FLAG, e)
-                skipped += 1
-                continue
-            record["counts"][COUNTS.index("skipped")] = skipped  # left out since the previous sample
-            skipped = 0
+                                           "train such samples on the global loss only (each logged, counted "
+                                           "per epoch)") from None  # fmt: skip
+                logging.warning("%s: the sample trains the global loss only: %s", SKIP_FLAG, e)
+                for member in self.keys:
+                    sample.pop(member, None)
+                record = self.record(sample)
+                record["counts"][COUNTS.index("skipped")] = 1
             sample[REGION_KEY] = record
             yield sample
 
@@ -342,4 +342,4 @@ class RegionShardLoader:
         return (f"webdataset regions: {c['samples']} samples, {c['without_regions']} without regions (global loss "
                 f"only), {c['kept']} boxes kept, {c['dropped_min_side']} dropped by --min-box-side, "
                 f"{c['dropped_min_area']} dropped by --min-box-area, {c['with_negatives']} regions with hard "
-                f"negatives, {c['skipped']} samples left out by {SKIP_FLAG}")  # fmt: skip
+                f"negatives, {c['skipped']} malformed region members skipped ({SKIP_FLAG})")  # fmt: skip

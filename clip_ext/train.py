@@ -111,8 +111,9 @@ def extra_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--skip-bad-regions",
         action="store_true",
-        help="--dataset-type webdataset: leave out samples whose region member is malformed (each logged with "
-        "shard and key, counted per epoch); without it such a sample stops training naming shard and key",
+        help="--dataset-type webdataset: a sample whose region member is malformed trains the global loss only "
+        "(each logged with shard and key, counted per epoch); without it such a sample stops training naming "
+        "shard and key",
     )
     group.add_argument(
         "--min-box-area",

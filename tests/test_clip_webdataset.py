@@ -226,6 +226,7 @@ def _tar(path, samples):
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_a_bad_member_in_a_worker_stops_training_naming_shard_and_key_or_is_skipped(tmp_path):
     """A malformed member raised in a loader worker reaches the user as a clean message; with
     --skip-bad-regions the sample trains the global loss only and is counted, as is a sample without regions."""

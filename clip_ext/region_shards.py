@@ -77,13 +77,14 @@ def caption_id(caption: str) -> int:
     return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def parse_regions(obj, member: str, where: str, min_area: float, min_side: float):
-    """(kept boxes (n, 4), their captions, their hard negatives, counts) of one decoded region member."""
+def parse_regions(obj, member: str, where: str) -> tuple[list, list[str], list[list[str]]]:
+    """(boxes, captions, hard negatives) of one decoded region member, its JSON shape checked (the box rule
+    is checked by :func:`clip_ext.region.filter_boxes` in :meth:`RegionStage.checked`)."""
     if not isinstance(obj, dict):
         raise RegionShardError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "regions" not in obj:
         if member == METADATA_MEMBER:
-            return torch.zeros(0, 4), [], [], {"kept": 0, "dropped_min_side": 0, "dropped_min_area": 0}
+            return [], [], []
         raise RegionShardError(f"{where}: no 'regions' key")
     regions = obj["regions"]
     if not isinstance(regions, list):
@@ -104,25 +105,21 @@ def parse_regions(obj, member: str, where: str, min_area: float, min_side: float
         boxes.append(box)
         captions.append(caption)
         negatives.append(hard)
-    tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    try:
-        kept, counts = filter_boxes(
-            tensor, min_area, min_side, where=where
-        )  # the box rule, as on the CSV path
-    except ValueError as e:
-        raise RegionShardError(str(e)) from None
-    keep = kept_box_mask(tensor, min_area, min_side).tolist()
-    return (kept, [c for c, k in zip(captions, keep) if k], [n for n, k in zip(negatives, keep) if k], counts)
+    return boxes, captions, negatives
 
 
 class RegionStage:
     """A webdataset pipeline stage (runs in the loader workers): parses, checks, filters and tokenizes each
-    sample's region member into ``sample[REGION_KEY]``; the sample's other members pass on unchanged."""
+    sample's region member into ``sample[REGION_KEY]``; the sample's other members pass on unchanged.
+
+    Samples pass in order, ``group`` at a time: the box rule and the size filters run once per group on all
+    its boxes (torch's per-call overhead on a 3-box tensor is most of the cost), and only a group that
+    fails is checked sample by sample, to name the sample."""
 
     def __init__(self, tokenizer, min_area: float = 0.0, min_side: float = 0.01, hard_negatives: bool = False,
-                 skip_bad: bool = False, keys: str = DEFAULT_REGION_KEYS):  # fmt: skip
+                 skip_bad: bool = False, keys: str = DEFAULT_REGION_KEYS, group: int = 64):  # fmt: skip
         self.tokenizer, self.min_area, self.min_side = tokenizer, min_area, min_side
-        self.hard_negatives, self.skip_bad = hard_negatives, skip_bad
+        self.hard_negatives, self.skip_bad, self.group = hard_negatives, skip_bad, group
         self.keys = [k.strip().lower() for k in keys.split(";") if k.strip()]
         if not self.keys:
             raise ValueError(f"--wds-region-key must name at least one member, got {keys!r}")
@@ -144,64 +141,97 @@ class RegionStage:
             return torch.zeros(0, self._context_length(), dtype=torch.long)
         return torch.stack([self._cache[c] for c in captions])
 
-    def record(self, sample: dict) -> dict:
-        """What :func:`collate_region_batch` pads: boxes, tokens, caption ids (and hard negatives), counts."""
+    def _bad(self, sample: dict, error: RegionShardError) -> tuple[list, list, list, int]:
+        """A malformed member: stop naming it, or with --skip-bad-regions train the sample without regions."""
+        if not self.skip_bad:
+            raise RegionShardError(f"{error}; expected {FORMAT_HINT}. Fix the shard, or pass {SKIP_FLAG} to "
+                                   "train such samples on the global loss only (each logged, counted per "
+                                   "epoch)") from None  # fmt: skip
+        logging.warning("%s: the sample trains the global loss only: %s", SKIP_FLAG, error)
+        return [], [], [], 1
+
+    def _parsed(self, sample: dict) -> tuple[str, list, list, list, int]:
         member = next((k for k in self.keys if k in sample), None)
         where = f"webdataset sample {sample.get('__key__')!r} of {sample.get('__url__')}"
-        boxes, captions, negatives = torch.zeros(0, 4), [], []
-        counts = {"kept": 0, "dropped_min_side": 0, "dropped_min_area": 0}
-        if member is not None:
-            where += f", member {member!r}"
-            raw = sample.pop(member)
+        if member is None:
+            return where, [], [], [], 0
+        where += f", member {member!r}"
+        raw = sample.pop(member)
+        for other in self.keys:  # open_clip's decoder never sees a region member
+            sample.pop(other, None)
+        try:
             try:
                 obj = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise RegionShardError(f"{where}: not valid JSON ({e})") from None
-            boxes, captions, negatives, counts = parse_regions(
-                obj, member, where, self.min_area, self.min_side
-            )
-        record = {
-            "boxes": boxes,
-            "text": self._tokens(captions),
-            "ids": torch.tensor([caption_id(c) for c in captions], dtype=torch.long),
-            "counts": [
-                1,
-                int(not captions),
-                counts["kept"],
-                counts["dropped_min_side"],
-                counts["dropped_min_area"],
-                0,
-                sum(1 for n in negatives if n),
-            ],  # fmt: skip
-            "key": f"{sample.get('__url__')}#{sample.get('__key__')}",
-        }
-        if self.hard_negatives:
-            m = max((len(n) for n in negatives), default=0)
-            tokens = torch.zeros(len(captions), m, self._context_length(), dtype=torch.long)
-            valid = torch.zeros(len(captions), m, dtype=torch.bool)
-            for k, hard in enumerate(negatives):
-                if hard:
-                    tokens[k, : len(hard)] = self._tokens(hard)
-                    valid[k, : len(hard)] = True
-            record.update(hn_text=tokens, hn_valid=valid)
-        return record
+            return (where, *parse_regions(obj, member, where), 0)
+        except RegionShardError as e:
+            return (where, *self._bad(sample, e))
+
+    def checked(self, samples: list[dict]) -> list[dict]:
+        """The region records of ``samples`` (see :func:`collate_region_batch`)."""
+        parsed = [list(self._parsed(sample)) for sample in samples]
+        everything = torch.tensor([b for p in parsed for b in p[1]], dtype=torch.float32).reshape(-1, 4)
+        try:
+            filter_boxes(everything, self.min_area, self.min_side, where="group")
+        except ValueError:
+            for sample, p in zip(samples, parsed):  # find the sample(s) breaking the box rule
+                try:
+                    filter_boxes(torch.tensor(p[1]).reshape(-1, 4), self.min_area, self.min_side, where=p[0])
+                except ValueError as e:
+                    p[1:] = self._bad(sample, RegionShardError(str(e)))
+            everything = torch.tensor([b for p in parsed for b in p[1]], dtype=torch.float32).reshape(-1, 4)
+        keep = kept_box_mask(everything, self.min_area, self.min_side)
+        side_ok = kept_box_mask(everything, 0.0, self.min_side)  # the side rule alone (areas are >= 0)
+        records, first = [], 0
+        for sample, (_, boxes, captions, negatives, skipped) in zip(samples, parsed):
+            rows = slice(first, first + len(boxes))
+            first += len(boxes)
+            mask = keep[rows].tolist()
+            captions = [c for c, k in zip(captions, mask) if k]
+            negatives = [n for n, k in zip(negatives, mask) if k]
+            dropped_side = int((~side_ok[rows]).sum())
+            record = {
+                "boxes": everything[rows][keep[rows]],
+                "text": self._tokens(captions),
+                "ids": torch.tensor([caption_id(c) for c in captions], dtype=torch.long),
+                "counts": [
+                    1,
+                    int(not captions),
+                    len(captions),
+                    dropped_side,
+                    len(boxes) - len(captions) - dropped_side,
+                    skipped,
+                    sum(1 for n in negatives if n),
+                ],  # fmt: skip
+                "key": f"{sample.get('__url__')}#{sample.get('__key__')}",
+            }
+            if self.hard_negatives:
+                m = max((len(n) for n in negatives), default=0)
+                tokens = torch.zeros(len(captions), m, self._context_length(), dtype=torch.long)
+                valid = torch.zeros(len(captions), m, dtype=torch.bool)
+                for k, hard in enumerate(negatives):
+                    if hard:
+                        tokens[k, : len(hard)] = self._tokens(hard)
+                        valid[k, : len(hard)] = True
+                record.update(hn_text=tokens, hn_valid=valid)
+            records.append(record)
+        return records
 
     def __call__(self, samples):
+        group = []
         for sample in samples:
-            try:
-                record = self.record(sample)
-            except RegionShardError as e:
-                if not self.skip_bad:
-                    raise RegionShardError(f"{e}; expected {FORMAT_HINT}. Fix the shard, or pass {SKIP_FLAG} to "
-                                           "train such samples on the global loss only (each logged, counted "
-                                           "per epoch)") from None  # fmt: skip
-                logging.warning("%s: the sample trains the global loss only: %s", SKIP_FLAG, e)
-                for member in self.keys:
-                    sample.pop(member, None)
-                record = self.record(sample)
-                record["counts"][COUNTS.index("skipped")] = 1
-            sample[REGION_KEY] = record
-            yield sample
+            group.append(sample)
+            if len(group) == self.group:
+                yield from self._flush(group)
+                group = []
+        yield from self._flush(group)
+
+    def _flush(self, group: list[dict]):
+        if group:
+            for sample, record in zip(group, self.checked(group)):
+                sample[REGION_KEY] = record
+                yield sample
 
 
 def _pad(tensors: list[torch.Tensor], size: int, dim: int = 0, value=0) -> torch.Tensor:

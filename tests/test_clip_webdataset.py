@@ -183,14 +183,14 @@ def _recorded_run(argv, monkeypatch):
 
 
 def test_webdataset_path_equals_the_csv_path_on_the_same_samples_in_the_same_order(tmp_path, monkeypatch):
-    """Order made equal: the CSV loader reads rows in file order (shuffle off); the shard holds the same
+    """With the memory bank on (it keeps region captions and their ids too). Order made equal: the CSV loader reads rows in file order (shuffle off); the shard holds the same
     samples in that order, one shard (open_clip's shard shuffle of one shard is the identity), one worker,
     and open_clip's sample shuffle buffer at 1 (its module constants, read when the pipeline is built)."""
     write_clip_csv(tmp_path / "csv", 8, seed=0, image_size=32)
     shard = write_clip_shards(tmp_path / "wds", 8, shards=1, seed=0, image_size=32)[0]
     monkeypatch.setattr(host_data, "_SAMPLE_SHUFFLE_SIZE", 1)
     monkeypatch.setattr(host_data, "_SAMPLE_SHUFFLE_INITIAL", 1)
-    losses = "--region-loss-weight", "0.1", "--hard-negative-weight", "0.5"
+    losses = "--region-loss-weight", "0.1", "--hard-negative-weight", "0.5", "--memory-bank-size", "8"
     monkeypatch.setattr(torch.utils.data, "DataLoader", _InFileOrder)
     csv_steps, csv_state = _recorded_run(
         _argv(["--train-data", str(tmp_path / "csv/train.csv"), "--dataset-type", "csv", "--region-data",
@@ -211,7 +211,12 @@ def test_webdataset_path_equals_the_csv_path_on_the_same_samples_in_the_same_ord
     assert wds_steps == csv_steps  # every loss of every step, bit for bit
     assert all(s["region_loss"] > 0 and s["hard_negative_loss"] > 0 for s in wds_steps)
     assert csv_state.keys() == wds_state.keys()
-    assert [k for k in csv_state if not torch.equal(csv_state[k], wds_state[k])] == []
+    # the bank's region caption ids name captions differently (CSV: index in the file's sorted captions; shards:
+    # a hash of the text) but must say the same thing: equal ids exactly where the captions are equal
+    ids = "memory_bank.region_id_queue"
+    assert [k for k in csv_state if not torch.equal(csv_state[k], wds_state[k])] == [ids]
+    a, b = csv_state[ids], wds_state[ids]
+    assert torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :]) and int((a >= 0).sum()) == 8
     log = (tmp_path / "logs/wds/out.log").read_text()
     assert "epoch 1: webdataset regions: 8 samples, 0 without regions" in log
     assert "is replaced by a box-aware one" in log

@@ -316,6 +316,7 @@ class RegionShardLoader:
         self.loader, self.channel, self.device, self.dtype = loader, channel, torch.device(device), dtype
         self.num_samples, self.num_batches = loader.num_samples, loader.num_batches
         self.counts = torch.zeros(len(COUNTS), dtype=torch.long)
+        self.last_counts: dict[str, int] = {}  # what epoch_summary() last reported
 
     def __len__(self) -> int:
         return self.num_batches
@@ -369,6 +370,7 @@ class RegionShardLoader:
             torch.distributed.all_reduce(counts)
         c = dict(zip(COUNTS, counts.tolist()))
         self.counts.zero_()
+        self.last_counts = c
         return (f"webdataset regions: {c['samples']} samples, {c['without_regions']} without regions (global loss "
                 f"only), {c['kept']} boxes kept, {c['dropped_min_side']} dropped by --min-box-side, "
                 f"{c['dropped_min_area']} dropped by --min-box-area, {c['with_negatives']} regions with hard "

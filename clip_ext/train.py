@@ -11,6 +11,11 @@ back on ``--resume``) and ``get_latest_checkpoint`` (``--resume latest`` skips i
 :mod:`clip_ext.checkpoint`. :func:`main` restores every one of these names when it returns or raises.
 Without ``--logit-scale-init`` the model keeps open_clip's own logit scale (and SigLIP bias).
 
+On ``--dataset-type webdataset`` shards the regions come from each sample's JSON member instead, through
+open_clip's own webdataset pipeline with our stages attached (:mod:`clip_ext.region_shards`, and
+docs/clip_webdataset.md). Every name rebound here is listed, checked at start-up and bound in
+:mod:`clip_ext.host`.
+
 The FG-CLIP-style region loss (``--region-data``) and duplicate-aware bank masking
 (``--memory-bank-dedup``) need per-sample data that open_clip's batches cannot carry (the host unpacks
 ``images, texts = batch``). ``get_data`` builds open_clip's data as usual, then wraps the train
@@ -492,6 +497,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         summary = _run.shard_loader.epoch_summary()  # a collective: every rank calls it
         if _run.host["is_master"](args):
             logging.info("epoch %d: %s", epoch, summary)
+            counts = _run.shard_loader.last_counts
+            if _hard_negative_on(args) and counts["kept"] and not counts["with_negatives"]:
+                logging.warning("--hard-negative-weight: none of the %d regions of epoch %d carried 'hard_negatives' "
+                                "(a list of negative captions per region in the region member); the hard-negative "
+                                "loss was 0", counts["kept"], epoch)  # fmt: skip
     return result
 
 

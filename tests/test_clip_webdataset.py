@@ -263,3 +263,31 @@ def test_a_bad_member_in_a_worker_stops_training_naming_shard_and_key_or_is_skip
         assert epoch.startswith("8 samples, 2 without regions (global loss only)")
         assert epoch.endswith("1 malformed region members skipped (--skip-bad-regions)")
     assert len(re.findall(r"Region_loss: [\d.]+", log)) == 4
+
+
+def test_hard_negatives_on_but_absent_from_the_shards_is_warned_each_epoch(tmp_path):
+    shard = write_clip_shards(tmp_path / "wds", 4, shards=1, seed=0, image_size=32)[0]
+    members = _members(shard)
+    for name in [n for n in members if n.endswith(".regions.json")]:
+        regions = json.loads(members[name])["regions"]
+        members[name] = json.dumps(
+            {"regions": [{"box": r["box"], "caption": r["caption"]} for r in regions]}
+        ).encode()
+    plain = tmp_path / "plain.tar"
+    _tar(plain, sorted(members.items()))
+    data = [
+        "--train-data",
+        str(plain),
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        "4",
+        "--workers",
+        "0",
+    ]
+    run_ours(_argv(data, tmp_path / "logs", "nohn", "--hard-negative-weight", "--epochs", "1"))
+    log = (tmp_path / "logs/nohn/out.log").read_text()
+    assert re.search(
+        r"--hard-negative-weight: none of the [1-9]\d* regions of epoch 0 carried 'hard_negatives'", log
+    )
+    assert re.findall(r"Hard_negative_loss: ([\d.]+)", log) == ["0.0000"]

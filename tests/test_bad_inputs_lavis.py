@@ -97,6 +97,10 @@ def test_a_duplicated_pairid_is_refused_naming_both_rows(toy, tmp_path):
     captions.write_text(json.dumps(rows))
     with pytest.raises(AnnotationError, match=rf"row 4: pairid {rows[1]['pairid']} repeats row 1's"):
         read_cirr(data, "test1")
+    rows[4]["pairid"] = str(rows[1]["pairid"])  # the same key in the submission file
+    captions.write_text(json.dumps(rows))
+    with pytest.raises(AnnotationError, match=rf"row 4: pairid '{rows[1]['pairid']}' repeats row 1's"):
+        read_cirr(data, "test1")
 
 
 @pytest.mark.parametrize(

@@ -127,13 +127,13 @@ def read_cirr(root: str | Path, split: str) -> tuple[list[dict], dict[str, Path]
                 )
         has_target = split != "test1"
         pairid = _field(row, "pairid", captions, index, kinds=(int, str))
-        if pairid in first_row_of:
+        if str(pairid) in first_row_of:  # the submission's keys are str(pairid): 1 and "1" collide
             # the submission files are keyed by pairid: a second row would overwrite the first's rankings
             raise AnnotationError(
-                f"{captions} row {index}: pairid {pairid!r} repeats row {first_row_of[pairid]}'s; every "
+                f"{captions} row {index}: pairid {pairid!r} repeats row {first_row_of[str(pairid)]}'s; every "
                 "row needs its own pairid (the CIRR submission files are keyed by it)"
             )
-        first_row_of[pairid] = index
+        first_row_of[str(pairid)] = index
         triplets.append(
             {
                 "reference": _field(row, "reference", captions, index, where=paths),

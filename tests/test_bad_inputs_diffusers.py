@@ -231,3 +231,19 @@ def test_resume_with_a_new_lr_names_it_and_trains_with_it(toy, first_run, tmp_pa
     )
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 2 and row["lr"] == pytest.approx(3e-3)
+
+
+def test_every_compared_flag_is_a_trainer_flag_and_old_checkpoints_are_named():
+    from types import SimpleNamespace
+
+    from diffusers_ext.training.resume_check import FIXED, OVERRIDABLE, check_resumed_flags
+    from diffusers_ext.training.train_spatial_adapter import build_parser
+
+    dests = {action.dest for action in build_parser()._actions}
+    assert set(FIXED) <= dests and set(OVERRIDABLE) <= dests and not set(FIXED) & set(OVERRIDABLE)
+    args = SimpleNamespace(**{name: 1 for name in (*FIXED, *OVERRIDABLE)})
+    (line,) = check_resumed_flags(None, args, "ckpt")
+    assert (
+        line
+        == "--resume ckpt: the checkpoint records no flags (an older version wrote it); they are not compared"
+    )

@@ -20,11 +20,23 @@ def main(argv: list[str] | None = None) -> int:
         "(loadable with open_clip.create_model(name, pretrained=OUT) and --pretrained OUT).",
     )
     parser.add_argument("checkpoint", help="epoch_N.pt written by clip_ext.train (or open_clip_train)")
-    parser.add_argument("out", help="file to write (a torch state dict)")
+    parser.add_argument("out", help="file to write (a torch state dict); an existing file needs --overwrite")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (never CHECKPOINT)"
+    )
     args = parser.parse_args(argv)
     source, out = Path(args.checkpoint), Path(args.out)
+    if source.is_dir():
+        parser.error(f"CHECKPOINT {source} is a folder; give a checkpoint file (e.g. {source}/epoch_1.pt)")
     if not source.is_file():
         parser.error(f"{source}: no such file")
+    # Exporting onto the input replaced the resumable checkpoint (optimizer, bank) with bare weights.
+    if out.exists() and out.resolve() == source.resolve():
+        parser.error(f"OUT {out} is CHECKPOINT itself; write the plain state dict to another file")
+    if out.is_dir():
+        parser.error(f"OUT {out} is a folder; give a file name (e.g. {out / source.with_suffix('.pt').name})")
+    if out.exists() and not args.overwrite:
+        parser.error(f"OUT {out} exists; pass --overwrite to replace it, or give another file name")
     from clip_ext.checkpoint import atomic_save, checkpoint_problem, plain_state_dict
 
     problem = checkpoint_problem(source)

@@ -150,11 +150,14 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         table_boxes.append(kept)
         table_captions.append(captions)
         table_negatives.append(negatives)
-    unused = len(by_image) - len({_norm(p) for p in image_paths})
-    if unused > 0:
-        logging.info(
-            "region data %s: %d lines name images that are not in --train-data (not used)", path, unused
-        )
+    in_csv = {_norm(p) for p in image_paths}
+    unused = [(entry[3], key) for key, entry in by_image.items() if key not in in_csv]
+    if unused:
+        # a region file of another split or dataset matches only partly; say how much of it goes unused
+        logging.warning(
+            "region data %s: %d of its %d lines name images that are not in --train-data and are not used "
+            "(e.g. %s)", path, len(unused), len(by_image), ", ".join(f"{w} {k}" for w, k in unused[:3]),
+        )  # fmt: skip
     vocab = {cap: j for j, cap in enumerate(sorted({c for caps in table_captions for c in caps}))}
     table = RegionTable(str(path), table_boxes, table_captions,
                         [[vocab[c] for c in caps] for caps in table_captions], counts, table_negatives)  # fmt: skip

@@ -166,6 +166,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(
             f"--logit-scale-init must lie in [0, ln(100) = 4.6052] (log space), got {args.logit_scale_init}"
         )
+    if args.lr is not None and not args.lr > 0:
+        raise SystemExit(f"--lr must be > 0 (a learning rate of 0 trains nothing), got {args.lr}")
     if args.memory_bank_size < 0:
         raise SystemExit(f"--memory-bank-size must be >= 0 (0 = off), got {args.memory_bank_size}")
     if args.memory_bank_warmup_steps < 0:
@@ -214,6 +216,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if _regions_used(args) and (args.siglip or args.distill_model or "coca" in args.model.lower()):
         raise SystemExit("--region-data works with the CLIP contrastive loss only (not --siglip, "
                          "--distill-model or CoCa models)")  # fmt: skip
+    from clip_ext.csv_check import check_csv, is_csv
+
+    for flag, path in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+        if is_csv(path, args.dataset_type):
+            rows = check_csv(path, flag, args.csv_separator, args.csv_img_key, args.csv_caption_key)
+            if flag == "--train-data" and args.memory_bank_size > rows and not args.memory_bank_dedup:
+                logging.warning(
+                    "--memory-bank-size %d is larger than --train-data's %d rows: after one epoch the bank holds "
+                    "each sample's own earlier embedding, which the loss then counts as a negative. Pass "
+                    "--memory-bank-dedup (masks a sample's own entries) or use a bank of at most %d",
+                    args.memory_bank_size, rows, rows,
+                )  # fmt: skip
     ours_on = [flag for flag, on in (("--memory-bank-size", args.memory_bank_size), ("--region-data", _regions_used(args)),
                                      ("--memory-bank-dedup", args.memory_bank_dedup)) if on]  # fmt: skip
     if ours_on and (args.torchscript or args.trace):

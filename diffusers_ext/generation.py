@@ -107,6 +107,10 @@ def encode_phrases(pipe, phrases: Sequence[str]) -> torch.Tensor:
 
 def _layouts(phrases, boxes, n_prompts: int) -> list[tuple[list[str], list]]:
     """One (phrases, boxes) layout per prompt: a single layout is shared by every prompt."""
+    from diffusers_ext.layout_rows import check_layout_shape
+
+    if isinstance(phrases, str):
+        check_layout_shape(phrases, boxes)  # refuses, naming the fix
     nested = bool(phrases) and not isinstance(phrases[0], str)
     if not nested:
         phrases, boxes = [phrases] * n_prompts, [boxes] * n_prompts
@@ -117,6 +121,7 @@ def _layouts(phrases, boxes, n_prompts: int) -> list[tuple[list[str], list]]:
         )
     layouts = []
     for i, (ps, bs) in enumerate(zip(phrases, boxes, strict=True)):
+        check_layout_shape(ps, bs.tolist() if hasattr(bs, "tolist") else bs, f"layout {i}")
         ps, bs = list(ps), [list(map(float, b)) for b in bs]
         if len(ps) != len(bs):
             raise ValueError(
@@ -217,6 +222,27 @@ class _PerStepScale:
         return args, {**kwargs, "cross_attention_kwargs": {**kw, "grounding_scale": scale}}
 
 
+def _min_steps(schedule, beta) -> int | None:
+    """Fewest denoising steps at which the schedule grounds at least one step (None: it never does)."""
+    for steps in range(1, 1001):
+        if any(grounding_schedule(steps, abc=schedule, beta=beta)):
+            return steps
+    return None
+
+
+def zero_grounding_message(num_steps: int, schedule, beta) -> str | None:
+    """A sentence when the schedule grounds none of ``num_steps`` steps (the layout would have no effect)."""
+    if any(grounding_schedule(num_steps, abc=schedule, beta=beta)):
+        return None
+    form = f"abc={list(schedule)}" if schedule is not None else f"beta={beta}"
+    fewest = _min_steps(schedule, beta)
+    fix = f"use at least {fewest} steps for this schedule" if fewest else "this schedule never grounds"
+    return (
+        f"the grounding schedule ({form}) grounds none of the {num_steps} denoising steps (int(fraction x "
+        f"steps) = 0), so the layout has no effect; {fix}, or ground every step (schedule=None / --schedule none)"
+    )
+
+
 def generate(
     pipe,
     adapter,
@@ -239,7 +265,9 @@ def generate(
     Scheduled sampling: by default (``schedule="gligen"``) GLIGEN's, grounding on for the first
     ``int(0.3 * steps)`` steps and off after (diffusers' GLIGEN pipeline ``beta=0.3``, equal to GLIGEN's
     box-text ``[0.3, 0.0, 0.7]``). ``schedule=[a, b, c]`` (GLIGEN's form) or ``beta`` (diffusers' form)
-    choose another; ``schedule=None`` or ``beta=1.0`` keep the grounding on every step.
+    choose another; ``schedule=None`` or ``beta=1.0`` keep the grounding on every step. A schedule that
+    grounds none of the steps (the default below 4 steps: ``int(0.3 * 3) = 0``) warns: the output would be
+    the base model's. ``prompt`` may be None when ``prompt_embeds=`` is given.
     Other keyword arguments go to the pipeline unchanged. With ``return_scales`` it returns
     ``(output, scales)``, the grounding scale each denoising step actually ran with.
     ``num_inference_steps`` and ``guidance_scale`` default to the pipeline's own defaults.
@@ -260,13 +288,22 @@ def generate(
             )
         schedule, beta = None, (GLIGEN_BETA if beta is None else beta)
     steps = grounding_schedule(num_inference_steps, abc=schedule, beta=beta)
+    zero = zero_grounding_message(num_inference_steps, schedule, beta)
+    if zero:  # int(0.3 * steps) is 0 below 4 steps: the output would be the base model's
+        warnings.warn(zero, stacklevel=2)
     user_kwargs = dict(pipe_kwargs.pop("cross_attention_kwargs", None) or {})
     clash = [k for k in GROUNDING_KEYS if k in user_kwargs]
     if clash:
         raise ValueError(
             f"cross_attention_kwargs {clash} are set by generate(); pass phrases/boxes/gate_scale"
         )
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if prompt is None:
+        embeds = pipe_kwargs.get("prompt_embeds")
+        if embeds is None:
+            raise ValueError("generate() needs a prompt (a string or a list) or prompt_embeds=")
+        prompts = [None] * int(embeds.shape[0])
+    else:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
     grounding = grounding_cross_attention_kwargs(
         pipe,

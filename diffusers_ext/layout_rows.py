@@ -31,6 +31,7 @@ from vlext.jsonl import read_jsonl_objects
 __all__ = [
     "BadImageError",
     "CleaningReport",
+    "check_layout_shape",
     "GroundingRows",
     "clean_layout",
     "load_image_strict",
@@ -56,6 +57,25 @@ class CleaningReport:
         return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+def check_layout_shape(phrases, boxes, where: str = "layout") -> None:
+    """Refuse the two shapes that used to be misread: ``phrases`` as one string (read as one phrase per
+    character) and a single box not nested in a list (read as four boxes)."""
+    if isinstance(phrases, str) or not isinstance(phrases, (list, tuple)):
+        raise ValueError(
+            f"{where}: phrases must be a list of strings, one per box, got {type(phrases).__name__} {phrases!r}"
+            + (f"; for one object write [{phrases!r}]" if isinstance(phrases, str) else "")
+        )
+    if not isinstance(boxes, (list, tuple)) or any(isinstance(b, (int, float)) for b in boxes):
+        hint = (
+            f"; for one box write [{list(boxes)}]"
+            if isinstance(boxes, (list, tuple)) and len(boxes) == 4
+            else ""
+        )
+        raise ValueError(
+            f"{where}: boxes must be a list of [x0, y0, x1, y1] lists, one per phrase, got {boxes!r}{hint}"
+        )
+
+
 def clean_layout(
     boxes: list[list[float]],
     phrases: list[str],
@@ -68,6 +88,7 @@ def clean_layout(
 ) -> tuple[list[list[float]], list[str]]:
     """Check the box rule, drop small boxes, keep the ``max_objs`` largest (ties keep the earlier box);
     counts go to ``report``. Order of the kept objects is the input order."""
+    check_layout_shape(phrases, boxes, where)
     if len(boxes) != len(phrases):
         raise ValueError(f"{where}: {len(phrases)} phrases but {len(boxes)} boxes; each phrase needs one box")
     kept = []
@@ -112,6 +133,14 @@ def read_grounding_rows(
         missing = [k for k in ("image", "caption", "boxes", "phrases") if k not in row]
         if missing:
             raise ValueError(f"{where}: missing keys {missing}; rows need image, caption, boxes, phrases")
+        if not isinstance(row["image"], str) or not row["image"].strip():
+            raise ValueError(f"{where}: 'image' must be a non-empty path string, got {row['image']!r}")
+        if not isinstance(row["caption"], str):
+            # str() made a null caption train as the text "None" and a list as "['a', 'b']"
+            raise ValueError(
+                f"{where}: 'caption' must be a string (\"\" for none), got {type(row['caption']).__name__} "
+                f"{row['caption']!r}"
+            )
         report.rows_read += 1
         boxes, phrases = clean_layout(
             row["boxes"],
@@ -128,7 +157,7 @@ def read_grounding_rows(
         rows.append(
             {
                 "image": row["image"],
-                "caption": str(row["caption"]),
+                "caption": row["caption"],
                 "boxes": boxes,
                 "phrases": phrases,
                 "where": where,

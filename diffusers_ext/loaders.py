@@ -79,7 +79,16 @@ def _from_folder(pipe, folder: Path, weight_name: str | None):
         return _classify(_read_weights(folder / weight_name), pipe, folder / weight_name)
     config = folder / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("_class_name") == SpatialAdapter.__name__:
-        return "ours", SpatialAdapter.from_pretrained(folder)
+        adapter, info = SpatialAdapter.from_pretrained(folder, output_loading_info=True)
+        # diffusers leaves a missing tensor on the meta device (or random) and only warns; refuse it here
+        wrong = {k: v for k, v in info.items() if v}
+        if wrong:
+            details = "; ".join(f"{k}: {len(v)}, first {list(v)[:3]}" for k, v in wrong.items())
+            raise ValueError(
+                f"{folder}: its weights do not match its config.json ({details}); the folder is incomplete "
+                "or from another adapter. Save it again with SpatialAdapter.save_pretrained"
+            )
+        return "ours", adapter
     for unet_config in (folder / "config.json", folder / "unet" / "config.json"):
         if _is_gated_unet_config(unet_config):
             from diffusers import UNet2DConditionModel

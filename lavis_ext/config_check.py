@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import re
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "RUNNER_KEYS",
     "check_evaluation",
     "check_keys",
+    "check_run_values",
     "load_user_config",
     "resolve_paths",
 ]
@@ -268,3 +270,62 @@ def check_evaluation(config: DictConfig, user_cfg: DictConfig) -> str | None:
         f"evaluate: run.resume_ckpt_path=<checkpoint>, run.resume_ckpt_path=latest (newest in "
         f"run.output_dir) or model.finetuned=<checkpoint>"
     )
+
+
+def _number(run: DictConfig, key: str, kind, minimum, strict: bool):
+    value = run.get(key)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum or (strict and number == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigError(
+            f"run.{key} must be a{'n int' if kind is int else ' number'} {bound}, got {value!r}"
+        )
+    return number
+
+
+def check_run_values(config: DictConfig, user_cfg: DictConfig) -> None:
+    """Refuse run values that would fail late (after the model is built) or train nothing.
+
+    ``run.max_epoch=0`` trained and evaluated nothing and said nothing; ``run.max_epoch=abc`` and
+    ``run.batch_size_eval=0`` failed after everything was built; a negative ``run.init_lr`` trained uphill
+    (0 is allowed, with a warning: it keeps the loaded weights, which tests use); ``run.output_dir`` naming
+    a file ended in a FileExistsError; ``run.resume_ckpt_path`` naming a folder said "does not exist". Paths must be absolute already (:func:`resolve_paths`).
+    """
+    run = config.run
+    _number(run, "max_epoch", int, 0, strict=True)
+    for key in ("batch_size_train", "batch_size_eval"):
+        if key in run:
+            _number(run, key, int, 0, strict=True)
+    if (
+        "init_lr" in run
+        and _number(run, "init_lr", float, 0.0, strict=False) == 0
+        and not run.get("evaluate")
+    ):
+        logging.warning("run.init_lr=0: the optimizer moves no weight; the run trains nothing")
+    for key in ("min_lr", "warmup_lr", "weight_decay"):
+        if key in run:
+            _number(run, key, float, 0.0, strict=False)
+    output_dir = Path(str(run.output_dir))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir={output_dir} is a file; it must be a folder (created if missing)")
+    resume = run.get("resume_ckpt_path")
+    if resume and resume != "latest" and not _is_url(str(resume)):
+        if Path(resume).is_dir():
+            raise ConfigError(
+                f"run.resume_ckpt_path={resume} is a folder; give a checkpoint file (e.g. "
+                f"{Path(resume) / 'checkpoint_last.pth'}) or run.resume_ckpt_path=latest with "
+                "run.output_dir=<that folder>"
+            )
+        if not Path(resume).is_file():
+            raise ConfigError(f"run.resume_ckpt_path={resume}: no such file")
+    for key in ("finetuned", "pretrained"):
+        value = config.model.get(key)
+        if key in user_cfg.model and value and not _is_url(str(value)) and not Path(value).is_file():
+            raise ConfigError(f"model.{key}={value}: no such checkpoint file")

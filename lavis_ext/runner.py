@@ -336,6 +336,12 @@ class SafeRunner(RunnerBase):
         if self.scaler and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.start_epoch = int(meta["epoch"]) + 1
+        if self.start_epoch >= self.max_epoch:
+            raise ValueError(
+                f"checkpoint {path} finished epoch {meta['epoch']}; run.max_epoch={self.max_epoch} leaves no "
+                f"epoch to train. Raise run.max_epoch above {meta['epoch'] + 1} to continue, or evaluate it "
+                "with run.evaluate=True"
+            )
         self.best_agg_metric = float(meta.get("best_agg_metric", 0.0))
         self.best_epoch = int(meta.get("best_epoch", 0))
         self._best_path = meta.get("best_path")

@@ -58,15 +58,13 @@ def _setup_seeds(config) -> None:
 def _single_process_group() -> None:
     """LAVIS's runner calls ``dist.barrier()`` after every epoch even when not distributed (its GPU users
     always launch with torchrun); a one-process gloo group makes a plain ``python -m`` run work too."""
-    import os
-    import tempfile
-
     import torch
 
     if torch.distributed.is_initialized():
         return
-    store = os.path.join(tempfile.mkdtemp(prefix="lavis_ext_pg_"), "store")
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    # An in-memory store: a file store left a lavis_ext_pg_* folder in the temp directory after every run.
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
 
 
 def main(argv=None):
@@ -102,6 +100,7 @@ def main(argv=None):
     cfg = Config(args)
     resolved = config_check.resolve_paths(cfg.config, user_cfg, Path.cwd())
     evaluation = config_check.check_evaluation(cfg.config, user_cfg)
+    config_check.check_run_values(cfg.config, user_cfg)
 
     init_distributed_mode(cfg.run_cfg)
     if not cfg.run_cfg.distributed:

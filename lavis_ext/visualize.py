@@ -8,8 +8,9 @@ per-token fusion gate as a heatmap over the reference image: where the caption i
 ``rankings.json`` beside the PNGs holds the same data (names, scores, target rank) for scripts.
 
 The model and data come from a LAVIS project YAML as for training (``--options`` overrides keys; set
-``model.finetuned=<checkpoint>`` with ``model.load_finetuned=True`` to look at trained weights). Recalls are
-not computed here; ``lavis_ext.train`` with ``run.evaluate=True`` does that.
+``model.finetuned=<checkpoint>`` or ``run.resume_ckpt_path=<checkpoint>`` (or ``latest``) to say which trained
+weights to look at; randomly initialised weights are refused, as ``run.evaluate=True`` refuses them). Recalls
+are not computed here; ``lavis_ext.train`` with ``run.evaluate=True`` does that.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="val", help="dataset split with targets (default val)")
     parser.add_argument(
         "--options", nargs="+", default=[], help="key=value overrides, as for lavis_ext.train"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="rank with the randomly initialised model (to check the figures); without it, a config that "
+        "names no weights (model.finetuned / run.resume_ckpt_path) is refused",
     )
     args = parser.parse_args(argv)
     for name in ("n", "topk"):
@@ -99,6 +106,8 @@ def render_query(record: dict, paths: dict, out_file, gate=None):
 
 def _build(args):
     """Config, model and the evaluation dataset, exactly as ``lavis_ext.train`` builds them."""
+    from pathlib import Path
+
     from lavis_ext import compat
 
     compat.apply()
@@ -108,11 +117,25 @@ def _build(args):
     import lavis_ext.tasks  # noqa: F401
     from lavis_ext import config_check
 
-    config_check.check_keys(config_check.load_user_config(args.cfg_path, args.options))
+    user_cfg = config_check.load_user_config(args.cfg_path, args.options)
+    config_check.check_keys(user_cfg)
     import lavis.tasks as tasks
     from lavis.common.config import Config
 
     cfg = Config(args)
+    config_check.resolve_paths(cfg.config, user_cfg, Path.cwd())
+    # The rankings are only worth looking at for trained weights: refuse the random init, as evaluation does.
+    cfg.config.run.evaluate = True
+    try:
+        weights = config_check.check_evaluation(cfg.config, user_cfg)
+    except config_check.ConfigError as error:
+        if not args.random_weights:
+            raise config_check.ConfigError(
+                str(error).replace("run.evaluate=True would evaluate", "visualize would rank with")
+                + " (or pass --random-weights to look at the untrained model on purpose)"
+            ) from None
+        weights = "--random-weights: ranking with the randomly initialised model"
+    print(f"visualize: {weights}")
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     (name,) = datasets.keys() if len(datasets) == 1 else (None,)
@@ -123,7 +146,31 @@ def _build(args):
     dataset = datasets[name][args.split]
     if not getattr(dataset, "has_targets", False):
         raise ValueError(f"split {args.split!r} of {name} has no targets (test1?): pick a split with targets")
-    return task.build_model(cfg).eval(), dataset
+    model = task.build_model(cfg)
+    if cfg.run_cfg.get("resume_ckpt_path"):
+        _load_checkpoint(model, cfg.run_cfg.resume_ckpt_path, cfg.run_cfg.output_dir)
+    return model.eval(), dataset
+
+
+def _load_checkpoint(model, path: str, output_dir: str) -> None:
+    """``run.resume_ckpt_path`` (a file, or ``latest`` under ``run.output_dir``) as ``lavis_ext.train`` reads
+    it for evaluation: it used to be accepted and ignored, ranking with other weights than the ones named."""
+    from lavis_ext.models.checkpoint_io import read_state_dict
+    from lavis_ext.runner import find_latest_checkpoint
+
+    if path == "latest":
+        path, state_dict, meta = find_latest_checkpoint(output_dir)
+    else:
+        state_dict, meta = read_state_dict(path)
+    result = model.load_state_dict(state_dict, strict=False)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    missing = sorted(set(result.missing_keys) & trainable)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit the model: missing trainable {missing[:10]}, "
+            f"unexpected {result.unexpected_keys[:10]}"
+        )
+    print(f"visualize: weights of checkpoint {path} (epoch {meta.get('epoch', '?')})")
 
 
 def main(argv=None) -> list[dict]:
@@ -137,8 +184,10 @@ def main(argv=None) -> list[dict]:
 
     if not Path(args.cfg_path).is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} is not a file")
-    model, dataset = _build(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; it must be a folder (created if missing)")
+    model, dataset = _build(args)
     out.mkdir(parents=True, exist_ok=True)
     n = min(args.n, len(dataset))
     topk = min(args.topk, len(dataset.gallery) - (dataset.kind == "cirr"))

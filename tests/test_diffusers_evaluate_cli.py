@@ -241,7 +241,8 @@ def test_sdxl_and_kolors_pipelines_run_end_to_end(tmp_path, kind, lang):
     data = write_grounding_jsonl(tmp_path / "data", 1, lang=lang)  # Kolors: Chinese captions and phrases
     args = [
         "--data", str(data), "--pretrained-model", str(tmp_path / "pipe"), "--adapter", str(tmp_path / "ad"),
-        "--out", str(tmp_path / "out"), "--steps", "2", "--detector", "toy-colour", "--gate-scales", "1",
+        "--out", str(tmp_path / "out"), "--steps", "2", "--schedule", "none", "--detector", "toy-colour",
+        "--gate-scales", "1",
     ]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())["rows"]
@@ -255,7 +256,7 @@ def test_the_command_runs_as_a_user_runs_it_with_relative_paths(setup):
     cmd = [
         sys.executable, "-m", "diffusers_ext.evaluation.evaluate", "--data", "data/grounding.en.jsonl", "--pretrained-model",
         "pipe", "--adapter", "adapter", "--out", "relative_out", "--detector", "toy-colour", "--steps", "1",
-        "--limit", "1", "--gate-scales", "1",
+        "--schedule", "none", "--limit", "1", "--gate-scales", "1",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)

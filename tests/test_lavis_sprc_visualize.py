@@ -33,7 +33,7 @@ def visualize(toy_cirr, out, *options, n=4, topk=5):
     command itself); returns the rankings.json it wrote."""
     from lavis_ext.visualize import main
 
-    argv = ["--cfg-path", TINY, "--out", out, "--n", n, "--topk", topk, "--options"]
+    argv = ["--cfg-path", TINY, "--out", out, "--n", n, "--topk", topk, "--random-weights", "--options"]
     run_main(main, [*argv, f"datasets.cirr.build_info.root={toy_cirr}", *options])
     return json.loads((out / "rankings.json").read_text())
 

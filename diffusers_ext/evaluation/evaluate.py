@@ -228,6 +228,19 @@ def _check_flags(args) -> None:
         bad("--fid-features", args.fid_features, "must be a local weights file (nothing is downloaded)")
     if not Path(args.pretrained_model).is_dir():
         bad("--pretrained-model", args.pretrained_model, "must be a local diffusers pipeline folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        bad("--out", str(args.out), "is a file; it must be a folder (created if missing)")
+    if args.steps is not None:
+        from diffusers_ext.generation import zero_grounding_message
+
+        kwargs = _schedule_kwargs(args)
+        if kwargs["schedule"] == "gligen":
+            from diffusers_ext.scheduled_sampling import GLIGEN_BETA
+
+            kwargs = {"schedule": None, "beta": GLIGEN_BETA if args.beta is None else args.beta}
+        zero = zero_grounding_message(args.steps, kwargs["schedule"], kwargs["beta"])
+        if zero:  # every gate row would equal the baseline
+            bad("--steps", args.steps, zero.replace("schedule=None / --schedule none", "--schedule none"))
 
 
 def _schedule_kwargs(args) -> dict:

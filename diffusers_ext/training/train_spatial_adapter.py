@@ -32,6 +32,11 @@ import signal
 import sys
 from pathlib import Path
 
+from diffusers_ext.training.resume_check import (
+    apply_optimizer_overrides,
+    check_resumed_flags,
+    recorded_flags,
+)
 from diffusers_ext.training.run_folder import (
     STATE,
     clear_previous_run,
@@ -164,6 +169,15 @@ def _check_args(args) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
+    if not args.lr > 0:  # 0 trains nothing; a negative lr used to fail only after the pipeline loaded
+        raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    for name in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps", "lora_rank"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.hidden_dim < 1:
+        raise SystemExit(f"--hidden-dim must be >= 1, got {args.hidden_dim}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
 
 
 def _step_generator(seed: int, step: int, rank: int):
@@ -260,6 +274,14 @@ def train(argv: list[str] | None = None) -> dict:
     refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
 
     import torch
+
+    if args.mixed_precision == "fp16" and not (
+        torch.cuda.is_available() or torch.backends.mps.is_available()
+    ):
+        raise SystemExit(
+            "--mixed-precision fp16 needs a GPU (CUDA or MPS): on the CPU half-precision training fails in its "
+            "first step. Use --mixed-precision bf16 or no"
+        )
     import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -287,6 +309,11 @@ def train(argv: list[str] | None = None) -> dict:
         accelerator.print(message, file=sys.stderr, flush=True)
 
     resume_from = _resume_folder(args, output_dir, say) if args.resume else None
+    saved_flags = None
+    if resume_from is not None:
+        saved_flags = json.loads((resume_from / STATE).read_text()).get("flags")
+        for line in check_resumed_flags(saved_flags, args, resume_from):
+            say(line)
     if args.overwrite:
         if accelerator.is_main_process:
             removed = clear_previous_run(output_dir)
@@ -411,6 +438,7 @@ def train(argv: list[str] | None = None) -> dict:
     metrics_path = output_dir / "metrics.jsonl"
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        apply_optimizer_overrides(saved_flags, args, optimizer, lr_scheduler)
         global_step = json.loads((resume_from / STATE).read_text())["global_step"]
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
         if accelerator.is_main_process:
@@ -440,7 +468,7 @@ def train(argv: list[str] | None = None) -> dict:
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(staging / STATE, {"global_step": step})
+            write_json_atomic(staging / STATE, {"global_step": step, "flags": recorded_flags(args)})
             publish_folder(staging, final, marker={"global_step": step})
         accelerator.wait_for_everyone()
 

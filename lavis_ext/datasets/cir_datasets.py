@@ -58,10 +58,16 @@ def _read_json(path: Path):
         raise AnnotationError(f"{path} is not valid JSON: {error}") from error
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, split: str) -> list[dict]:
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise AnnotationError(f"{path} must hold a JSON list of rows, got a {type(rows).__name__}")
+    if not rows:
+        # an empty val split used to train a whole epoch and then stop at its evaluation, with no checkpoint
+        raise AnnotationError(
+            f"{path} holds no rows: the {split!r} split is empty. Give a captions file with at least one "
+            "row, or leave the split out of build_info.splits and run.train_splits/valid_splits/test_splits"
+        )
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise AnnotationError(f"{path} row {index}: expected an object, got {row!r}")
@@ -102,11 +108,16 @@ def read_cirr(root: str | Path, split: str) -> tuple[list[dict], dict[str, Path]
         raise ValueError(f"CIRR split must be train, val or test1, got {split!r}")
     root = Path(root)
     split_file = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
-    paths = {name: root / rel for name, rel in _read_json(split_file).items()}
+    image_list = _read_json(split_file)
+    if not isinstance(image_list, dict) or not image_list:
+        raise AnnotationError(
+            f"{split_file} must hold a non-empty JSON object {{image name: relative path}}, got {image_list!r:.80}"
+        )
+    paths = {name: root / rel for name, rel in image_list.items()}
     _check_files(paths, split_file)
     captions = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
-    triplets = []
-    for index, row in enumerate(_read_rows(captions)):
+    triplets, first_row_of = [], {}
+    for index, row in enumerate(_read_rows(captions, split)):
         img_set = _field(row, "img_set", captions, index, kinds=(dict,))
         members = _field(img_set, "members", captions, index, kinds=(list,))
         for member in members:
@@ -115,13 +126,21 @@ def read_cirr(root: str | Path, split: str) -> tuple[list[dict], dict[str, Path]
                     f"{captions} row {index}: img_set member {member!r} is not in the split's image list"
                 )
         has_target = split != "test1"
+        pairid = _field(row, "pairid", captions, index, kinds=(int, str))
+        if str(pairid) in first_row_of:  # the submission's keys are str(pairid): 1 and "1" collide
+            # the submission files are keyed by pairid: a second row would overwrite the first's rankings
+            raise AnnotationError(
+                f"{captions} row {index}: pairid {pairid!r} repeats row {first_row_of[str(pairid)]}'s; every "
+                "row needs its own pairid (the CIRR submission files are keyed by it)"
+            )
+        first_row_of[str(pairid)] = index
         triplets.append(
             {
                 "reference": _field(row, "reference", captions, index, where=paths),
                 "target": _field(row, "target_hard", captions, index, where=paths) if has_target else None,
                 "caption": _field(row, "caption", captions, index),
                 "members": list(members),
-                "pairid": _field(row, "pairid", captions, index, kinds=(int, str)),
+                "pairid": pairid,
             }
         )
     return triplets, paths
@@ -140,11 +159,15 @@ def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES
             raise ValueError(f"FashionIQ category must be one of {FASHIONIQ_CATEGORIES}, got {category!r}")
         split_file = root / "image_splits" / f"split.{category}.{split}.json"
         names = _read_json(split_file)
+        if not isinstance(names, list) or not names:
+            raise AnnotationError(
+                f"{split_file} must hold a non-empty JSON list of image names, got {names!r:.80}"
+            )
         category_paths = {name: root / "images" / f"{name}.png" for name in names}
         _check_files(category_paths, split_file)
         paths.update(category_paths)
         captions = root / "captions" / f"cap.{category}.{split}.json"
-        for index, row in enumerate(_read_rows(captions)):
+        for index, row in enumerate(_read_rows(captions, f"{category} {split}")):
             texts = _field(row, "captions", captions, index, kinds=(list,))
             if len(texts) < 2 or not all(isinstance(t, str) and t.strip(".?, ") for t in texts[:2]):
                 raise AnnotationError(

@@ -71,6 +71,24 @@ class ComposedImageRetrievalTask(BaseTask):
         task.run_cfg = run_cfg
         return task
 
+    def build_datasets(self, cfg):
+        """LAVIS's datasets, refused when a split the run trains or evaluates was not built: LAVIS trained
+        a whole epoch and then stopped at ``data_loader for split val is None``, saving nothing."""
+        datasets = super().build_datasets(cfg)
+        run = cfg.run_cfg
+        wanted = {"valid_splits": run.get("valid_splits") or [], "test_splits": run.get("test_splits") or []}
+        if not run.get("evaluate", False):
+            wanted["train_splits"] = run.get("train_splits") or []
+        built = {name: sorted(splits) for name, splits in datasets.items()}
+        for key, splits in wanted.items():
+            for split in splits:
+                if not any(split in dataset for dataset in datasets.values()):
+                    raise ValueError(
+                        f"run.{key} names split {split!r}, which no dataset built (built: {built}); add it to "
+                        f"datasets.<name>.build_info.splits or remove it from run.{key}"
+                    )
+        return datasets
+
     def train_epoch(self, epoch, model, data_loader, optimizer, lr_scheduler, *args, **kwargs):
         """LAVIS's epoch, after telling a one-cycle schedule how long an epoch is (LAVIS schedulers only
         learn epoch numbers, and a one-cycle curve is laid out over the total number of steps)."""

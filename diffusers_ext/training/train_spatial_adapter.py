@@ -270,8 +270,9 @@ def train(argv: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import phrase_dim, pipeline_kind
-    from diffusers_ext.layout_rows import GroundingRows, read_grounding_rows, verify_images
+    from diffusers_ext.layout_rows import read_grounding_rows
     from diffusers_ext.spatial_adapter import SpatialAdapter
+    from diffusers_ext.training.dataset import GroundingRows, verify_images
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
 
     accelerator = Accelerator(

@@ -327,11 +327,11 @@ def train_base(cfg: dict) -> tuple:
 
 def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> None:
     """Write the base UNet (fp16) and its phrase vectors (fp32) to one safetensors file, atomically."""
-    import os
-
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vlext.atomic_files import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,11 +346,7 @@ def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> 
         "loss_first_25": f"{np.mean(losses[:25]):.5f}",
         "loss_last_25": f"{np.mean(losses[-25:]):.5f}",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _sha256(path: Path) -> str:

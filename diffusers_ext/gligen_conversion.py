@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffusers_ext.spatial_adapter import SpatialAdapter, transformer_blocks
+from vlext.atomic_files import atomic_torch_save
 
 __all__ = [
     "adapter_from_gated_state_dict",
@@ -277,17 +278,7 @@ def save_gligen_checkpoint(adapter: SpatialAdapter, unet, path: str | os.PathLik
     """Write :func:`gligen_checkpoint` with ``torch.save`` atomically (temporary name, fsync, rename)."""
     path = Path(path)
     checkpoint = gligen_checkpoint(adapter, unet)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_torch_save(checkpoint, path, torch.save)
 
 
 def gated_state_dict_from_gligen_checkpoint(checkpoint: dict, unet) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ break the rule too). :func:`box_error` is the one message. Standard library only
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 __all__ = ["BOX_RULE", "box_error", "box_problem", "check_box", "satisfies_box_rule"]
@@ -35,7 +36,7 @@ def box_problem(box) -> str | None:
         isinstance(box, (str, bytes))
         or not isinstance(box, Sequence)
         or len(box) != 4
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box)
     ):
         return "must be 4 finite numbers x0, y0, x1, y1"
     if not all(math.isfinite(v) for v in box):

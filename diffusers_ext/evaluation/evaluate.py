@@ -24,9 +24,11 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
+
+from vlext.atomic_files import atomic_write_bytes as _atomic_write
+from vlext.atomic_files import atomic_write_json
 
 __all__ = ["main", "read_layouts"]
 
@@ -209,19 +211,8 @@ def _schedule_kwargs(args) -> dict:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary name, flush, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path, data, indent=2)
 
 
 def _load_record(path: Path) -> dict | None:

@@ -40,6 +40,8 @@ from vlext.jsonl import read_jsonl_objects
 
 __all__ = ["RegionTable", "load_region_table", "ClipExtCsvDataset", "BatchSideChannel", "SideChannelLoader"]
 
+logger = logging.getLogger(__name__)
+
 FORMAT_HINT = (
     '{"filepath": "<image path as in the CSV>", "regions": [{"box": [x0, y0, x1, y1], "caption": "...", '
     '"hard_negatives": ["...", ...] (optional)}]}'
@@ -155,7 +157,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         table_negatives.append(negatives)
     unused = len(by_image) - len({_norm(p) for p in image_paths})
     if unused > 0:
-        logging.info(
+        logger.info(
             "region data %s: %d lines name images that are not in --train-data (not used)", path, unused
         )
     vocab = {cap: j for j, cap in enumerate(sorted({c for caps in table_captions for c in caps}))}

@@ -275,7 +275,22 @@ def gligen_checkpoint(adapter: SpatialAdapter, unet) -> dict:
 
 
 def save_gligen_checkpoint(adapter: SpatialAdapter, unet, path: str | os.PathLike) -> Path:
-    """Write :func:`gligen_checkpoint` with ``torch.save`` atomically (temporary name, fsync, rename)."""
+    """Write ``adapter`` on ``unet`` as an official GLIGEN checkpoint (:func:`gligen_checkpoint`: the whole
+    grounded UNet in GLIGEN's ldm key names, ``{"model": ...}``), atomically with ``torch.save``
+    (:func:`vlext.atomic_files.atomic_torch_save`: temporary name, fsync, rename).
+
+    Args:
+        adapter: a :class:`~diffusers_ext.SpatialAdapter` shaped for ``unet`` (every SD1.x block).
+        unet: the SD1.x UNet the adapter was trained on.
+        path: the file to write, e.g. ``gligen_ours.pth``.
+
+    Returns:
+        ``path`` as a ``Path``; GLIGEN's own code and :func:`diffusers_ext.load_spatial_adapter` load it.
+
+    Example:
+        >>> from diffusers_ext import SpatialAdapter, save_gligen_checkpoint  # doctest: +SKIP
+        >>> save_gligen_checkpoint(adapter, pipe.unet, "gligen_ours.pth")  # doctest: +SKIP
+    """
     path = Path(path)
     checkpoint = gligen_checkpoint(adapter, unet)
     return atomic_torch_save(checkpoint, path, torch.save)

@@ -3,7 +3,7 @@
 Importing the package registers its tiny model configs with ``open_clip.add_model_config``: at once when
 open_clip is already imported, otherwise the moment it is. Importing open_clip (and torch) here eagerly
 would make ``python -m clip_ext.train --help`` take as long as a torch import; the same goes for
-``MemoryBank`` and ``MemoryBankClipLoss``, which load on first use.
+``MemoryBank`` and ``MemoryBankClipLoss``, which load on first use (:mod:`vlext.lazy_exports`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vlext.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from clip_ext.loss import MemoryBankClipLoss as MemoryBankClipLoss
+    from clip_ext.memory_bank import MemoryBank as MemoryBank
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 
-__all__ = ["MemoryBank", "MemoryBankClipLoss", "MODEL_CONFIG_DIR"]
+_EXPORTS = {"MemoryBank": "clip_ext.memory_bank", "MemoryBankClipLoss": "clip_ext.loss"}
 
 
 def _register(open_clip) -> None:
@@ -48,13 +55,5 @@ elif not any(isinstance(f, _RegisterWhenImported) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWhenImported())
 
 
-def __getattr__(name):
-    if name == "MemoryBank":
-        from clip_ext.memory_bank import MemoryBank
-
-        return MemoryBank
-    if name == "MemoryBankClipLoss":
-        from clip_ext.loss import MemoryBankClipLoss
-
-        return MemoryBankClipLoss
-    raise AttributeError(f"module 'clip_ext' has no attribute {name!r}")
+__getattr__, __dir__, _LAZY = lazy_exports(__name__, _EXPORTS)
+__all__ = [*_LAZY, "MODEL_CONFIG_DIR"]

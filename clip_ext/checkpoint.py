@@ -14,20 +14,19 @@ kind into a plain open_clip state dict.
 
 Atomic writes. open_clip writes ``epoch_N.pt`` in place, so a crash during ``torch.save`` leaves a truncated
 file under the final name and ``--resume latest`` picks it. :func:`atomic_save` writes a temporary name in
-the same folder, flushes and fsyncs it, then ``os.replace``-s it (and fsyncs the folder);
-:func:`latest_complete_checkpoint` skips ``epoch_N.pt`` files that do not open as complete archives, naming
-them.
+the same folder, flushes and fsyncs it, then ``os.replace``-s it (and fsyncs the folder), with
+:func:`vlext.atomic_files.atomic_torch_save`; :func:`latest_complete_checkpoint` skips ``epoch_N.pt`` files
+that do not open as complete archives, naming them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import time
-import zipfile
 from pathlib import Path
+
+from vlext.atomic_files import atomic_torch_save, newest_complete, torch_file_problem
 
 __all__ = [
     "EXTRA_KEY",
@@ -44,9 +43,8 @@ FORMAT = 1
 # submodules clip_ext adds to an open_clip model; their state is ours, not open_clip's
 EXTRA_PREFIXES = ("memory_bank.", "clip_ext_region.")
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-# Test hook (tests/test_clip_crash_safety.py): "<file name>:<seconds>" sleeps that long between writing the
-# temporary file and renaming it, so that a test can SIGKILL the trainer mid-save.
-PAUSE_ENV = "CLIP_EXT_TEST_PAUSE_BEFORE_RENAME"
+
+logger = logging.getLogger(__name__)
 
 
 def _is_extra(key: str) -> bool:
@@ -134,65 +132,30 @@ def plain_state_dict(checkpoint) -> dict:
     return {(k[len("module.") :] if strip else k): v for k, v in state.items() if not _is_extra(k)}
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _test_pause(path: Path) -> None:
-    hook = os.environ.get(PAUSE_ENV)
-    if hook:
-        name, _, seconds = hook.rpartition(":")
-        if name == path.name:
-            logging.info("test hook %s: pausing %s s before renaming %s", PAUSE_ENV, seconds, path.name)
-            time.sleep(float(seconds))
-
-
-def temp_name(path: Path) -> Path:
-    """The temporary name of ``path`` while it is written: hidden, and not matched by ``*.pt``."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def atomic_save(obj, path) -> None:
     """``torch.save`` to a temporary name, flush, fsync, ``os.replace`` onto ``path``: a reader sees the old
-    file or the complete new one, never half of it."""
+    file or the complete new one, never half of it.
+
+    Args:
+        obj: what ``torch.save`` writes (an open_clip training checkpoint dict, a state dict).
+        path: the final file name, e.g. ``checkpoints/epoch_3.pt``.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "epoch_1.pt"
+        >>> atomic_save({"epoch": 1}, path)
+        >>> torch.load(path)["epoch"]
+        1
+    """
     import torch
 
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _test_pause(path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_torch_save(obj, path, torch.save)
 
 
 def checkpoint_problem(path) -> str | None:
     """Why ``path`` is not a complete torch checkpoint, or None when it is: every member of the archive is
     read and its CRC checked, without unpickling anything."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
-                return "no data.pkl in the archive"
-            bad = archive.testzip()
-            if bad is not None:
-                return f"member {bad} fails its CRC check"
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+    return torch_file_problem(path)
 
 
 def latest_complete_checkpoint(folder) -> str | None:
@@ -202,14 +165,13 @@ def latest_complete_checkpoint(folder) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    for leftover in sorted(folder.glob(".*.pt.*.tmp")):
-        logging.warning("--resume latest: %s was left by an interrupted save; it is not used (safe to delete)",
-                        leftover)  # fmt: skip
-    epochs = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name))),
-                    reverse=True)  # fmt: skip
-    for _, path in epochs:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        logging.warning("--resume latest: skipping %s, it is not a complete checkpoint (%s)", path, problem)
-    return None
+    for leftover in sorted(folder.glob(".*.pt.*.tmp")):  # vlext.atomic_files.temp_name of any process
+        logger.warning("--resume latest: %s was left by an interrupted save; it is not used (safe to delete)",
+                       leftover)  # fmt: skip
+    epochs = [p for p in folder.iterdir() if EPOCH_FILE.match(p.name)]
+    found, skipped = newest_complete(
+        epochs, checkpoint_problem, key=lambda p: int(EPOCH_FILE.match(p.name).group(1))
+    )
+    for path, problem in skipped:
+        logger.warning("--resume latest: skipping %s, it is not a complete checkpoint (%s)", path, problem)
+    return None if found is None else str(found)

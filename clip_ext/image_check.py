@@ -7,41 +7,19 @@ skips such files), and with ``--skip-bad-images`` reads every image once before 
 (:func:`find_bad_images`) and leaves the bad ones out, counted and logged.
 
 Truncated files are only caught while PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False
-(LAVIS sets it True at import): :func:`find_bad_images` and :func:`load_image` switch it off while they read.
+(LAVIS sets it True at import): every read here goes through :mod:`vlext.images` (one loader, one
+:class:`~vlext.images.BadImageError`, one message), which switches it off while it reads.
 """
 
 from __future__ import annotations
 
-from PIL import Image
+from vlext.images import BadImageError, bad_image_error, load_image, truncated_images_refused
 
-from vlext.images import truncated_images_refused
-
-__all__ = ["BadImageError", "load_image", "NamingTransform", "find_bad_images", "name_unopenable_images"]
+__all__ = ["NamingTransform", "find_bad_images", "name_unopenable_images"]
 
 SKIP_HINT = (
     "fix or remove the file, or pass --skip-bad-images to leave unreadable images out (counted and logged)"
 )
-
-
-class BadImageError(OSError):
-    """A training image that PIL cannot read completely."""
-
-
-def _read(path: str) -> Image.Image:
-    with truncated_images_refused():
-        image = Image.open(path)
-        image.load()
-    return image
-
-
-def load_image(path: str) -> Image.Image:
-    """Open and fully decode ``path``; an unreadable file raises :class:`BadImageError` naming it."""
-    try:
-        return _read(path)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
-        raise BadImageError(
-            f"training image {path} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
-        ) from e
 
 
 class NamingTransform:
@@ -56,9 +34,7 @@ class NamingTransform:
             with truncated_images_refused():
                 image.load()
         except (OSError, ValueError, SyntaxError) as e:
-            raise BadImageError(
-                f"training image {path} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
-            ) from e
+            raise bad_image_error(path, e, SKIP_HINT) from e
         return self.transform(image)
 
 
@@ -84,9 +60,7 @@ def name_unopenable_images(dataset) -> None:
             except BadImageError:
                 raise
             except OSError as e:  # PIL's UnidentifiedImageError, a missing file
-                raise BadImageError(
-                    f"training image {self.images[idx]} cannot be read ({type(e).__name__}: {e}); {SKIP_HINT}"
-                ) from e
+                raise bad_image_error(self.images[idx], e, SKIP_HINT) from e
 
         _NAMING_CLASSES[cls] = type(f"Naming{cls.__name__}", (cls,), {"__getitem__": __getitem__})
     dataset.__class__ = _NAMING_CLASSES[cls]
@@ -97,7 +71,8 @@ def find_bad_images(paths: list[str]) -> list[tuple[int, str, str]]:
     bad = []
     for row, path in enumerate(paths):
         try:
-            _read(str(path)).close()
-        except (OSError, ValueError, SyntaxError) as e:
-            bad.append((row, str(path), f"{type(e).__name__}: {e}"))
+            load_image(str(path), mode=None).close()
+        except BadImageError as e:
+            cause = e.__cause__
+            bad.append((row, str(path), f"{type(cause).__name__}: {cause}"))
     return bad

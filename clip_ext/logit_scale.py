@@ -16,6 +16,8 @@ import torch
 
 __all__ = ["FROM_SCRATCH", "MAX_LOGIT_SCALE", "init_logit_scale"]
 
+logger = logging.getLogger(__name__)
+
 FROM_SCRATCH = math.log(1 / 0.07)  # 2.6592
 MAX_LOGIT_SCALE = math.log(100)  # 4.6052, open_clip's clamp
 
@@ -32,13 +34,13 @@ def init_logit_scale(model: torch.nn.Module, value: float | None, pretrained: st
     if not hasattr(model, "logit_scale"):
         raise ValueError(f"{type(model).__name__} has no logit_scale to initialise")
     if value is None:
-        logging.info(
+        logger.info(
             "logit scale: keeping the %s value %.4f",
             "pretrained" if pretrained else "model's initial",
             model.logit_scale.item(),
         )
         return None
-    logging.info(
+    logger.info(
         "logit scale: --logit-scale-init %.4f overrides the %s value %.4f",
         value,
         "pretrained" if pretrained else "model's initial",

@@ -34,6 +34,36 @@ __all__ = ["MemoryBankClipLoss"]
 
 
 class MemoryBankClipLoss(ClipLoss):
+    """open_clip's ``ClipLoss`` plus memory-bank negatives and FG-CLIP's region and hard-negative losses.
+
+    A drop-in for ``ClipLoss`` in open_clip's trainer (``clip_ext.train`` builds it from the flags); with
+    no bank, an empty or warming-up bank and zero region weights it returns ``ClipLoss``'s numbers bit for
+    bit. Call :meth:`commit` after the optimizer step: the batch's embeddings then enter the bank.
+
+    Args:
+        bank: the :class:`~clip_ext.MemoryBank` whose entries are appended as negatives (None: plain CLIP).
+        region_head: the :class:`~clip_ext.region.RegionHead` scoring region features (``--region-data``).
+        region_weight: weight of the region InfoNCE (``--region-loss-weight``).
+        hard_negative_weight: weight of the hard-negative region loss (``--hard-negative-weight``).
+        diag: keep the share of softmax mass on bank columns for ``--diag``.
+        **clip_loss_kwargs: ``ClipLoss``'s own arguments (``local_loss``, ``gather_with_grad``, ``rank``,
+            ``world_size``, ...).
+
+    Returns (of a call):
+        Like ``ClipLoss``: the contrastive loss, or with ``output_dict=True`` a dict of named losses
+        (``contrastive_loss``, plus ``region_loss`` / ``hard_negative_loss`` when enabled).
+
+    Example:
+        >>> import torch
+        >>> from clip_ext import MemoryBank, MemoryBankClipLoss
+        >>> loss = MemoryBankClipLoss(bank=MemoryBank(size=8, dim=4))
+        >>> image, text = torch.nn.functional.normalize(torch.randn(2, 2, 4), dim=-1)
+        >>> value = loss(image, text, logit_scale=torch.tensor(10.0))
+        >>> loss.commit()  # the batch is now in the bank
+        >>> int(loss.bank.filled)
+        2
+    """
+
     def __init__(
         self,
         bank: MemoryBank | None = None,

@@ -43,6 +43,15 @@ class MemoryBank(nn.Module):
         track_ids: keep a sample-id queue so that entries of the same sample are masked (ALBEF).
         region_text: also keep the last ``size`` region-caption embeddings (with their caption ids) as
             extra negatives of the region loss (``--region-data`` with ``--memory-bank-size``).
+
+    Example:
+        >>> import torch
+        >>> from clip_ext import MemoryBank
+        >>> bank = MemoryBank(size=4, dim=2)
+        >>> bank.enqueue(torch.ones(3, 2), torch.zeros(3, 2))
+        >>> bank.optimizer_step()
+        >>> int(bank.filled), bank.active
+        (3, True)
     """
 
     def __init__(

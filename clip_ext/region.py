@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from vlext.boxes import box_error, satisfies_box_rule
+
 __all__ = [
     "filter_boxes",
     "region_features",
@@ -34,8 +36,8 @@ def filter_boxes(
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Check normalized xyxy boxes against the box rule and keep those with enough area and side.
 
-    The box rule is the distribution's one rule (diffusers_ext applies it too): ``0 <= x0 < x1 <= 1`` and
-    ``0 <= y0 < y1 <= 1``. A box outside [0, 1], empty or flipped is refused with an error naming ``where``
+    The box rule is the distribution's one rule (:mod:`vlext.boxes`, diffusers_ext applies it too):
+    ``0 <= x0 < x1 <= 1`` and ``0 <= y0 < y1 <= 1``. A box outside [0, 1], empty or flipped is refused with an error naming ``where``
     (a file and line), never clamped: such a box means the data is not in normalized xyxy. Returns
     (kept boxes, counts of what was kept and dropped as too small).
     """
@@ -43,11 +45,10 @@ def filter_boxes(
         raise ValueError(
             f"{where}: boxes must have shape (N, 4) as [x0, y0, x1, y1], got {tuple(boxes.shape)}"
         )
-    if not torch.isfinite(boxes).all() or (boxes < 0).any() or (boxes > 1).any():
-        raise ValueError(f"{where}: boxes must be normalized to [0, 1] (xyxy, divide pixels by the image "
-                         f"size), got values in [{boxes.min().item():.3g}, {boxes.max().item():.3g}]")  # fmt: skip
-    if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
-        raise ValueError(f"{where}: boxes must satisfy x0 < x1 and y0 < y1 (xyxy order, not empty)")
+    broken = ~satisfies_box_rule(*boxes.unbind(-1))
+    if broken.any():
+        bad = int(torch.nonzero(broken)[0])
+        raise box_error(where, bad, boxes[bad].tolist())
     small_side, small_area = _too_small(boxes, min_area, min_side)
     keep = ~(small_side | small_area)
     counts = {"kept": int(keep.sum()), "dropped_min_side": int(small_side.sum()),

@@ -32,11 +32,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from clip_ext.image_check import load_image
+from clip_ext.image_check import SKIP_HINT
 from clip_ext.region import filter_boxes, kept_box_mask
+from vlext.boxes import check_box
+from vlext.images import load_image
 from vlext.jsonl import read_jsonl_objects
 
 __all__ = ["RegionTable", "load_region_table", "ClipExtCsvDataset", "BatchSideChannel", "SideChannelLoader"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_HINT = (
     '{"filepath": "<image path as in the CSV>", "regions": [{"box": [x0, y0, x1, y1], "caption": "...", '
@@ -109,6 +113,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
             ):
                 raise RegionDataError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] "
                                       f"normalized to [0, 1], got {box!r}")  # fmt: skip
+            check_box(box, where, k, RegionDataError)
             if not isinstance(caption, str) or not caption.strip():
                 raise RegionDataError(
                     f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
@@ -154,7 +159,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
     unused = [(entry[3], key) for key, entry in by_image.items() if key not in in_csv]
     if unused:
         # a region file of another split or dataset matches only partly; say how much of it goes unused
-        logging.warning(
+        logger.warning(
             "region data %s: %d of its %d lines name images that are not in --train-data and are not used "
             "(e.g. %s)", path, len(unused), len(by_image), ", ".join(f"{w} {k}" for w, k in unused[:3]),
         )  # fmt: skip
@@ -203,7 +208,7 @@ class ClipExtCsvDataset(Dataset):
 
     def __getitem__(self, index):
         idx = self.rows[index]
-        image = self.transform(load_image(str(self.base.images[idx])))
+        image = self.transform(load_image(str(self.base.images[idx]), mode=None, hint=SKIP_HINT))
         text = self.base.tokenize([str(self.base.captions[idx])])[0]
         extras = {"sample_ids": self.sample_ids[idx]}
         if self.regions is not None:

@@ -6,7 +6,7 @@ and only the SpatialAdapter (grounding tokenizer + gated self-attention) trains 
 The adapter starts as an exact identity (with ``init_mode="zero_out"``, the default here, its output
 layers start at 0; with GLIGEN's ``"gate"`` its gates do) and must leave that point for layout control to
 appear. The evaluation generates held-out layouts from the same noise with and without the adapter and
-scores each object's placement by colour segmentation (``evaluation.layout_eval.layout_scores``).
+scores each object's placement by colour segmentation (``evaluation.layout_scoring.layout_scores``).
 
 Phrase features are fixed random vectors per colour / shape / size word (no text encoder is downloaded);
 the UNet's cross-attention context is the sequence of the scene's phrase features. All sizes and step
@@ -327,11 +327,11 @@ def train_base(cfg: dict) -> tuple:
 
 def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> None:
     """Write the base UNet (fp16) and its phrase vectors (fp32) to one safetensors file, atomically."""
-    import os
-
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vlext.atomic_files import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,11 +346,7 @@ def save_base(path: Path, unet, table: dict, cfg: dict, losses: list[float]) -> 
         "loss_first_25": f"{np.mean(losses[:25]):.5f}",
         "loss_last_25": f"{np.mean(losses[-25:]):.5f}",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _sha256(path: Path) -> str:
@@ -423,7 +419,7 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
     import numpy as np
     import torch
 
-    from diffusers_ext.evaluation.layout_eval import layout_scores
+    from diffusers_ext.evaluation.layout_scoring import layout_scores
     from diffusers_ext.spatial_adapter import SpatialAdapter
 
     unknown = sorted(set(config or {}) - set(DEMO_CONFIG))

@@ -65,6 +65,18 @@ class GatedSelfAttnProcessor(nn.Module):
     ``SpatialAdapter`` to its ``max_objs``) is the number of grounding tokens it accepts: GLIGEN always
     attends over ``max_objs`` slots, masked nulls included, and a different count changes the output.
     ``scale`` is a standing multiplier (``set_spatial_adapter_scale``), applied on top of ``grounding_scale``.
+
+    Args:
+        dim: the block's hidden size (``attn1``'s query width).
+        heads: attention heads of the gated self-attention.
+        dim_head: width of one head.
+        token_dim: width of the grounding tokens (the adapter's ``token_dim``).
+
+    Example:
+        >>> import torch
+        >>> fuser = GatedSelfAttnProcessor(dim=32, heads=2, dim_head=16, token_dim=32)
+        >>> fuser.alpha_attn.item(), fuser.alpha_dense.item()  # closed gates: identity at init
+        (0.0, 0.0)
     """
 
     def __init__(

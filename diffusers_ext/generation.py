@@ -55,7 +55,19 @@ def pipeline_kind(pipe) -> str:
 
 
 def phrase_dim(pipe) -> int:
-    """Width of the phrase features ``encode_phrases`` returns for this pipeline."""
+    """Width of the phrase features :func:`encode_phrases` returns for this pipeline.
+
+    Args:
+        pipe: a Stable Diffusion, SDXL or Kolors pipeline.
+
+    Returns:
+        The text encoder's width (SD: CLIP pooled output; SDXL: both encoders concatenated; Kolors: ChatGLM).
+
+    Example:
+        >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+        >>> phrase_dim(tiny_sd_pipeline())
+        32
+    """
     kind = pipeline_kind(pipe)
     if kind == "sdxl":
         return pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.projection_dim
@@ -78,7 +90,20 @@ def _clip_ids(tokenizer, phrases: list[str], device) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_phrases(pipe, phrases: Sequence[str]) -> torch.Tensor:
-    """(N,) phrases -> (N, phrase_dim(pipe)) features from the pipeline's own text encoder(s)."""
+    """Phrase features from the pipeline's own text encoder(s), as GLIGEN feeds its grounding tokenizer.
+
+    Args:
+        pipe: a Stable Diffusion, SDXL or Kolors pipeline.
+        phrases: N non-empty strings (a phrase longer than the encoder reads is cut with a warning).
+
+    Returns:
+        A float32 tensor of shape (N, :func:`phrase_dim` (pipe)).
+
+    Example:
+        >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+        >>> encode_phrases(tiny_sd_pipeline(), ["a red circle", "a blue square"]).shape
+        torch.Size([2, 32])
+    """
     kind = pipeline_kind(pipe)
     phrases = list(phrases)
     bad = [p for p in phrases if not isinstance(p, str) or not p.strip()]
@@ -271,6 +296,36 @@ def generate(
     Other keyword arguments go to the pipeline unchanged. With ``return_scales`` it returns
     ``(output, scales)``, the grounding scale each denoising step actually ran with.
     ``num_inference_steps`` and ``guidance_scale`` default to the pipeline's own defaults.
+
+    Args:
+        pipe: a Stable Diffusion, SDXL or Kolors pipeline with ``adapter`` installed.
+        adapter: the :class:`~diffusers_ext.SpatialAdapter` on ``pipe``.
+        prompt: one prompt or a list of prompts.
+        phrases: per prompt, the object phrases (one list for all prompts when given once).
+        boxes: per prompt, one normalized xyxy box per phrase (the box rule of :mod:`vlext.boxes`).
+        gate_scale: multiplies every gate for this call.
+        schedule: ``"gligen"``, three fractions ``[a, b, c]`` or None (grounding on every step).
+        beta: diffusers' form of the schedule, the share of steps with grounding.
+        num_inference_steps: denoising steps (default: the pipeline's).
+        guidance_scale: classifier-free guidance scale (default: the pipeline's).
+        num_images_per_prompt: images per prompt.
+        return_scales: also return the grounding scale of every step.
+        **pipe_kwargs: passed to the pipeline unchanged (``generator``, ``height``, ``output_type``, ...).
+
+    Returns:
+        The pipeline's output (``.images``), or ``(output, scales)`` with ``return_scales``.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_ext import SpatialAdapter, generate, phrase_dim
+        >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> adapter = SpatialAdapter.for_unet(pipe.unet, phrase_dim(pipe), hidden_dim=32)
+        >>> adapter.install(pipe)
+        >>> out = generate(pipe, adapter, "a red circle", ["a red circle"], [[0.1, 0.1, 0.5, 0.5]],
+        ...                num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        >>> len(out.images)
+        1
     """
     pipeline_kind(pipe)
     defaults = inspect.signature(pipe.__call__).parameters

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffusers_ext.spatial_adapter import SpatialAdapter, transformer_blocks
+from vlext.atomic_files import atomic_torch_save
 
 __all__ = [
     "adapter_from_gated_state_dict",
@@ -274,20 +275,25 @@ def gligen_checkpoint(adapter: SpatialAdapter, unet) -> dict:
 
 
 def save_gligen_checkpoint(adapter: SpatialAdapter, unet, path: str | os.PathLike) -> Path:
-    """Write :func:`gligen_checkpoint` with ``torch.save`` atomically (temporary name, fsync, rename)."""
+    """Write ``adapter`` on ``unet`` as an official GLIGEN checkpoint (:func:`gligen_checkpoint`: the whole
+    grounded UNet in GLIGEN's ldm key names, ``{"model": ...}``), atomically with ``torch.save``
+    (:func:`vlext.atomic_files.atomic_torch_save`: temporary name, fsync, rename).
+
+    Args:
+        adapter: a :class:`~diffusers_ext.SpatialAdapter` shaped for ``unet`` (every SD1.x block).
+        unet: the SD1.x UNet the adapter was trained on.
+        path: the file to write, e.g. ``gligen_ours.pth``.
+
+    Returns:
+        ``path`` as a ``Path``; GLIGEN's own code and :func:`diffusers_ext.load_spatial_adapter` load it.
+
+    Example:
+        >>> from diffusers_ext import SpatialAdapter, save_gligen_checkpoint  # doctest: +SKIP
+        >>> save_gligen_checkpoint(adapter, pipe.unet, "gligen_ours.pth")  # doctest: +SKIP
+    """
     path = Path(path)
     checkpoint = gligen_checkpoint(adapter, unet)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_torch_save(checkpoint, path, torch.save)
 
 
 def gated_state_dict_from_gligen_checkpoint(checkpoint: dict, unet) -> dict[str, torch.Tensor]:

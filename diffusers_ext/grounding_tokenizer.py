@@ -15,12 +15,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["BOX_RULE", "GroundingTokenizer", "as_tensor", "check_grounding_inputs", "fourier_box_embedding"]
+from vlext.boxes import BOX_RULE, box_error, satisfies_box_rule
 
-BOX_RULE = (
-    "boxes are normalized xyxy: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (divide pixel coordinates by the "
-    "image width and height); boxes outside this are refused, never clamped"
-)
+__all__ = ["BOX_RULE", "GroundingTokenizer", "as_tensor", "check_grounding_inputs", "fourier_box_embedding"]
 
 
 def as_tensor(value, name: str, device=None, dtype=None) -> torch.Tensor | None:
@@ -60,7 +57,7 @@ def check_grounding_inputs(
 ) -> None:
     """Raise a ValueError naming the offending input before any compute; never truncate silently.
 
-    The box rule (``BOX_RULE``) applies to live objects (mask > 0); padding slots may hold anything."""
+    The box rule (:mod:`vlext.boxes`, ``BOX_RULE``) applies to live objects (mask > 0); padding slots may hold anything."""
     if boxes.ndim != 3 or boxes.shape[-1] != 4:
         hint = " (one layout of shape (objects, 4): wrap it in a batch, [boxes])" if boxes.ndim == 2 else ""
         raise ValueError(
@@ -89,19 +86,10 @@ def check_grounding_inputs(
     if not torch.isfinite(phrase_embeds).all():
         raise ValueError(f"{where}: phrase features contain NaN or inf")
     live = torch.ones(batch, n_objs, dtype=torch.bool, device=boxes.device) if masks is None else masks > 0
-    outside = ((boxes < 0) | (boxes > 1)).any(-1) & live
-    if outside.any():
-        bad = torch.nonzero(outside)[0].tolist()
-        raise ValueError(
-            f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} lies outside [0, 1]; {BOX_RULE}"
-        )
-    flipped = ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])) & live
-    if flipped.any():
-        bad = torch.nonzero(flipped)[0].tolist()
-        raise ValueError(
-            f"{where}: box {bad} = {boxes[bad[0], bad[1]].tolist()} has x1 <= x0 or y1 <= y0 (empty or "
-            f"flipped); {BOX_RULE}"
-        )
+    broken = ~satisfies_box_rule(*boxes.unbind(-1)) & live
+    if broken.any():
+        bad = torch.nonzero(broken)[0].tolist()
+        raise box_error(where, bad, boxes[bad[0], bad[1]].tolist())
 
 
 class GroundingTokenizer(ModelMixin, ConfigMixin):

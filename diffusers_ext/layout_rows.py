@@ -1,4 +1,4 @@
-"""GLIGEN-style grounding rows: reading, box cleaning and the training dataset.
+"""GLIGEN-style grounding rows: reading, checking and box cleaning, for the trainer and the evaluation.
 
 A row is ``{"image": path, "caption": str, "boxes": [[x0, y0, x1, y1], ...], "phrases": [str, ...]}`` with
 boxes normalized to [0, 1] (``vlext.toyworld.write_grounding_jsonl`` writes exactly this). Cleaning follows
@@ -6,39 +6,25 @@ GLIGEN's data recipe (Li et al., CVPR 2023): boxes under a minimum area (1% by d
 and only the ``max_objs`` largest boxes are kept. Every dropped box and row is counted in a
 ``CleaningReport`` so the user sees what the data lost. Malformed rows are errors naming the file and line,
 never silently skipped or repaired: a phrase/box count mismatch, NaN, and any box that breaks the project's
-box rule, 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (a box outside [0, 1] is usually pixel coordinates or
-a wrong normalization, which clamping would hide).
+box rule (:mod:`vlext.boxes`: 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1; a box outside [0, 1] is usually pixel
+coordinates or a wrong normalization, which clamping would hide).
 
-Images are decoded fully before training starts (``verify_images``) and at every read, with PIL's
-``LOAD_TRUNCATED_IMAGES`` forced off for our reads: LAVIS switches it on process-wide when imported, which
-would let a half-written PNG train as a partly grey image without a word.
+The evaluation reads the same rows with ``strict=True``: nothing is dropped (every box is scored), a key
+outside the row format and an empty layout are errors. The trainer's dataset and its image checks are in
+:mod:`diffusers_ext.training.dataset`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from vlext.images import truncated_images_refused
+from vlext.boxes import check_box
 from vlext.jsonl import read_jsonl_objects
 
-__all__ = [
-    "BadImageError",
-    "CleaningReport",
-    "check_layout_shape",
-    "GroundingRows",
-    "clean_layout",
-    "load_image_strict",
-    "read_grounding_rows",
-    "verify_images",
-]
+__all__ = ["CleaningReport", "ROW_HINT", "ROW_KEYS", "check_layout_shape", "clean_layout", "read_grounding_rows"]
 
+ROW_KEYS = ("image", "caption", "boxes", "phrases")
 ROW_HINT = '{"image": "<path>", "caption": "...", "boxes": [[x0, y0, x1, y1], ...], "phrases": ["...", ...]}'
 
 
@@ -94,18 +80,7 @@ def clean_layout(
     kept = []
     for i, (box, phrase) in enumerate(zip(boxes, phrases, strict=True)):
         report.boxes_read += 1
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-            raise ValueError(f"{where}: box {i} = {box} must be 4 finite numbers x0, y0, x1, y1 in [0, 1]")
-        box = [float(v) for v in box]
-        if not all(0.0 <= v <= 1.0 for v in box):
-            raise ValueError(
-                f"{where}: box {i} = {box} lies outside [0, 1]; boxes are normalized xyxy "
-                "(pixel coordinates divided by the image width and height), nothing is clamped"
-            )
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(
-                f"{where}: box {i} = {box} needs x0 < x1 and y0 < y1 (xyxy: left, top, right, bottom)"
-            )
+        box = check_box(box, where, i)
         if not isinstance(phrase, str) or not phrase.strip():
             raise ValueError(f"{where}: phrase {i} = {phrase!r} must be a non-empty string")
         w, h = box[2] - box[0], box[3] - box[1]
@@ -120,19 +95,47 @@ def clean_layout(
 
 
 def read_grounding_rows(
-    jsonl: str | Path, *, min_area: float, min_side: float, max_objs: int
+    jsonl: str | Path,
+    *,
+    min_area: float = 0.0,
+    min_side: float = 0.0,
+    max_objs: int | None = None,
+    strict: bool = False,
+    optional_keys: tuple[str, ...] = (),
+    limit: int | None = None,
+    flag: str = "--mixed-data",
 ) -> tuple[list[dict], CleaningReport]:
-    """Read and clean every row; rows with no box left are dropped (and counted)."""
+    """Read, check and clean the rows of ``jsonl``; errors name ``file:line``.
+
+    Args:
+        jsonl: the rows' JSONL file (``flag`` names it in errors).
+        min_area, min_side, max_objs: GLIGEN's cleaning (:func:`clean_layout`); ``max_objs=None`` keeps all.
+        strict: the evaluation's reading: a key other than ``ROW_KEYS`` and ``optional_keys``, an empty
+            layout and an empty caption are errors (the trainer ignores other keys and drops rows left
+            without boxes, counted).
+        optional_keys: keys copied into the row when present (with ``strict``, the only other keys allowed).
+        limit: stop after this many rows (the later lines are not read).
+
+    Returns:
+        (rows, report): each row ``{"image", "caption", "boxes", "phrases", "where"}`` plus the optional keys
+        it has; ``report`` counts what was read, dropped and kept.
+    """
     jsonl = Path(jsonl)
     if not jsonl.is_file():
-        raise FileNotFoundError(
-            f"--mixed-data {jsonl} does not exist (a JSONL of image/caption/boxes/phrases rows)"
-        )
+        raise FileNotFoundError(f"{flag} {jsonl} does not exist (a JSONL of {ROW_HINT} rows)")
     report, rows = CleaningReport(), []
     for where, row in read_jsonl_objects(jsonl, ROW_HINT):
-        missing = [k for k in ("image", "caption", "boxes", "phrases") if k not in row]
+        if limit is not None and len(rows) >= limit:
+            break
+        missing = [k for k in ROW_KEYS if k not in row]
         if missing:
-            raise ValueError(f"{where}: missing keys {missing}; rows need image, caption, boxes, phrases")
+            raise ValueError(f"{where}: missing keys {missing}; each line must be {ROW_HINT}")
+        if strict:
+            unknown = sorted(set(row) - set(ROW_KEYS) - set(optional_keys))
+            if unknown:
+                raise ValueError(
+                    f"{where}: unknown keys {unknown}; accepted: {', '.join(ROW_KEYS + tuple(optional_keys))}"
+                )
         if not isinstance(row["image"], str) or not row["image"].strip():
             raise ValueError(f"{where}: 'image' must be a non-empty path string, got {row['image']!r}")
         if not isinstance(row["caption"], str):
@@ -141,16 +144,21 @@ def read_grounding_rows(
                 f"{where}: 'caption' must be a string (\"\" for none), got {type(row['caption']).__name__} "
                 f"{row['caption']!r}"
             )
+        check_layout_shape(row["phrases"], row["boxes"], where)
+        if strict and not row["phrases"]:
+            raise ValueError(f"{where}: boxes and phrases must be non-empty lists of the same length")
         report.rows_read += 1
         boxes, phrases = clean_layout(
             row["boxes"],
             row["phrases"],
             min_area=min_area,
             min_side=min_side,
-            max_objs=max_objs,
+            max_objs=len(row["boxes"]) if max_objs is None else max_objs,
             report=report,
             where=where,
         )
+        if strict and not (isinstance(row["caption"], str) and row["caption"].strip()):
+            raise ValueError(f"{where}: caption must be a non-empty string")
         if not boxes:
             report.rows_dropped_no_boxes += 1
             continue
@@ -161,81 +169,8 @@ def read_grounding_rows(
                 "boxes": boxes,
                 "phrases": phrases,
                 "where": where,
+                **{k: row[k] for k in optional_keys if k in row},
             }
         )
     report.rows_kept = len(rows)
     return rows, report
-
-
-class BadImageError(ValueError):
-    """An image file that is not an image, or not all of one (truncated)."""
-
-
-def load_image_strict(path: str | Path) -> Image.Image:
-    """Decode all of ``path`` as RGB, or raise ``BadImageError`` naming the file."""
-    try:
-        with truncated_images_refused(), Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors, ... by format
-        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def verify_images(
-    rows: list[dict],
-    image_dir: str | Path,
-    *,
-    skip_bad: bool,
-    report: CleaningReport,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-) -> list[dict]:
-    """Decode every row's image once before training. A missing file is always an error (usually a wrong
-    ``--image-dir``); an unreadable one is an error naming every such file, or with ``skip_bad`` the row is
-    left out, logged and counted in ``report.rows_skipped_bad_image``."""
-    from tqdm.auto import tqdm
-
-    image_dir = Path(image_dir)
-    absent = [r for r in rows if not (image_dir / r["image"]).is_file()]
-    if absent:
-        raise FileNotFoundError(
-            f"{len(absent)} images not found under --image-dir {image_dir} "
-            f"(first: {absent[0]['where']}: {image_dir / absent[0]['image']})"
-        )
-    kept, bad = [], []
-    for row in tqdm(rows, desc="checking images", disable=not progress, leave=False):
-        try:
-            load_image_strict(image_dir / row["image"])
-            kept.append(row)
-        except BadImageError as e:
-            bad.append(f"{row.get('where', 'row')}: {e}")
-    if bad and not skip_bad:
-        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise BadImageError(
-            f"{len(bad)} of {len(rows)} images cannot be read:\n  {shown}\n"
-            "replace or remove them, or pass --skip-bad-images to train without those rows (each is logged)"
-        )
-    for line in bad:
-        log(f"skipping bad image: {line}")
-    report.rows_skipped_bad_image += len(bad)
-    report.rows_kept = len(kept)
-    return kept
-
-
-class GroundingRows(torch.utils.data.Dataset):
-    """Images resized to ``resolution`` (normalized boxes stay valid under a resize; a crop would move them)
-    as (3, H, W) in [-1, 1], with caption, boxes and phrases. Images are read with ``load_image_strict``, so
-    a file that went bad after ``verify_images`` still fails naming itself."""
-
-    def __init__(self, rows: list[dict], image_dir: str | Path, resolution: int):
-        self.rows, self.image_dir, self.resolution = rows, Path(image_dir), resolution
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.rows[i]
-        image = load_image_strict(self.image_dir / row["image"])
-        image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        return {"pixels": pixels, "caption": row["caption"], "boxes": row["boxes"], "phrases": row["phrases"]}

@@ -165,9 +165,35 @@ def load_spatial_adapter(
     load_base_unet: bool = True,
     **kwargs,
 ) -> SpatialAdapter:
-    """Load a spatial adapter (our folder, a GLIGEN checkpoint or a diffusers gated UNet) and install it on
-    ``pipe``; returns the adapter. ``kwargs``: the hub options of ``load_ip_adapter`` (``cache_dir``,
-    ``force_download``, ``proxies``, ``local_files_only``, ``token``, ``revision``); others are refused."""
+    """Load a spatial adapter and install it on ``pipe``, the way ``load_ip_adapter`` loads an IP-Adapter.
+
+    Three formats are recognised from their keys: our ``save_pretrained`` folder, an official GLIGEN
+    checkpoint (``{"model": ...}``) and a diffusers gated UNet (``StableDiffusionGLIGENPipeline``'s
+    ``unet``). The last two carry a whole UNet; its base weights are loaded too unless
+    ``load_base_unet=False``.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` (SD 1.x/2.x, SDXL, Kolors).
+        pretrained_model_name_or_path_or_dict: a local folder or file, a hub repo id, or a state dict.
+        subfolder: the folder inside the repo or folder that holds the weights.
+        weight_name: the weights file's name inside the folder.
+        load_base_unet: for GLIGEN checkpoints and gated UNets, load their base UNet weights as well.
+        **kwargs: the hub options of ``load_ip_adapter`` (``cache_dir``, ``force_download``, ``proxies``,
+            ``local_files_only``, ``token``, ``revision``); any other key is refused.
+
+    Returns:
+        The installed :class:`~diffusers_ext.SpatialAdapter`.
+
+    Example:
+        >>> from diffusers_ext import SpatialAdapter, load_spatial_adapter, unload_spatial_adapter
+        >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+        >>> import tempfile
+        >>> pipe = tiny_sd_pipeline()
+        >>> folder = tempfile.mkdtemp()
+        >>> SpatialAdapter.for_unet(pipe.unet, 32, hidden_dim=32).save_pretrained(folder)
+        >>> adapter = load_spatial_adapter(pipe, folder)
+        >>> unload_spatial_adapter(pipe)
+    """
     unknown = sorted(set(kwargs) - set(_HUB_KWARGS))
     if unknown:
         raise TypeError(
@@ -217,10 +243,26 @@ def _require(pipe) -> SpatialAdapter:
 
 
 def set_spatial_adapter_scale(pipe, scale: float) -> None:
-    """Scale every gate of the installed adapter (0 = off, 1 = as trained), like ``set_ip_adapter_scale``."""
+    """Scale every gate of the installed adapter, like ``set_ip_adapter_scale``.
+
+    Args:
+        pipe: a pipeline carrying an adapter (:func:`load_spatial_adapter`).
+        scale: 0 turns the adapter off, 1 is as trained; values above 1 push layouts harder.
+
+    Example:
+        >>> set_spatial_adapter_scale(pipe, 0.5)  # doctest: +SKIP
+    """
     _require(pipe).set_scale(scale)
 
 
 def unload_spatial_adapter(pipe) -> None:
-    """Remove the installed adapter: the processors it replaced come back; IP-Adapter and LoRA stay."""
+    """Remove the installed adapter, like ``unload_ip_adapter``: the processors it replaced come back;
+    IP-Adapter and LoRA stay.
+
+    Args:
+        pipe: a pipeline carrying an adapter (:func:`load_spatial_adapter`).
+
+    Example:
+        >>> unload_spatial_adapter(pipe)  # doctest: +SKIP
+    """
     _require(pipe).remove()

@@ -61,11 +61,35 @@ def _unet_of(target):
 
 
 class SpatialAdapter(ModelMixin, ConfigMixin):
-    """GLIGEN-style gated spatial adapter for a diffusers UNet.
+    """GLIGEN-style gated spatial adapter for a diffusers UNet (Li et al., CVPR 2023).
 
-    ``layers`` lists ``[block_name, dim, heads, dim_head]`` for each fuser; build it from a UNet with
-    :meth:`for_unet`. ``init_mode``: ``gate`` (gate ``gate_init`` = 0, normal weights, GLIGEN) or
-    ``zero_out`` (output layers 0, gate ``gate_init`` = 1). ``freeze_gate`` keeps alpha fixed.
+    One gated self-attention fuser (:class:`~diffusers_ext.gated_self_attention.GatedSelfAttnProcessor`) per
+    transformer block and one grounding tokenizer (box + phrase feature -> token). Saved and loaded like any
+    diffusers model (``save_pretrained`` / ``from_pretrained``, safetensors); build a new one from a UNet with
+    :meth:`for_unet`, load a trained one onto a pipeline with :func:`diffusers_ext.load_spatial_adapter`.
+
+    Args:
+        layers: ``[block_name, dim, heads, dim_head]`` for each fuser (:meth:`for_unet` fills it).
+        phrase_dim: size of a phrase feature (768 for SD1.5's CLIP-L, 2048 for SDXL, 4096 for Kolors).
+        token_dim: size of a grounding token (the UNet's cross-attention dim).
+        max_objs: the most objects one layout may hold.
+        fourier_freqs: Fourier frequencies of the box embedding (GLIGEN: 8).
+        hidden_dim: width of the tokenizer's MLP.
+        phrase_norm: LayerNorm on the phrase features before the MLP.
+        init_mode: ``"gate"`` (gate ``gate_init`` = 0, normal weights: GLIGEN) or ``"zero_out"`` (output
+            layers 0, gate ``gate_init`` = 1); exactly one of the two starts at zero, so the adapter is the
+            identity at init and still receives gradients.
+        gate_init: the gates' start value (default by ``init_mode``).
+        freeze_gate: keep the gates fixed during training.
+
+    Example:
+        >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> from diffusers_ext import SpatialAdapter, phrase_dim
+        >>> adapter = SpatialAdapter.for_unet(pipe.unet, phrase_dim(pipe), hidden_dim=32)
+        >>> adapter.install(pipe)
+        >>> len(adapter.layer_names) > 0
+        True
     """
 
     config_name = "config.json"
@@ -131,7 +155,25 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
     @classmethod
     def for_unet(cls, unet, phrase_dim: int, layers: list[str] | None = None, **config) -> SpatialAdapter:
         """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` whose name starts with one
-        of ``layers`` (all blocks when None). ``token_dim`` defaults to the UNet's cross-attention dim."""
+        of ``layers`` (all blocks when None).
+
+        Args:
+            unet: a ``UNet2DConditionModel`` or a pipeline carrying one.
+            phrase_dim: size of the phrase features (:func:`diffusers_ext.phrase_dim` of the pipeline).
+            layers: block-name prefixes to adapt, e.g. ``["mid_block", "up_blocks.1"]``; None adapts all.
+            **config: other :class:`SpatialAdapter` arguments; ``token_dim`` defaults to the UNet's
+                cross-attention dim.
+
+        Returns:
+            A new, not yet installed :class:`SpatialAdapter` (identity at init).
+
+        Example:
+            >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+            >>> pipe = tiny_sd_pipeline()
+            >>> adapter = SpatialAdapter.for_unet(pipe.unet, 32, layers=["mid_block"], hidden_dim=32)
+            >>> adapter.layer_names
+            ['mid_block.attentions.0.transformer_blocks.0']
+        """
         unet = _unet_of(unet)
         blocks = transformer_blocks(unet)
         if not blocks:
@@ -170,6 +212,16 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         there (IP-Adapter included). Given a pipeline, its ``load_ip_adapter``/``unload_ip_adapter`` are
         wrapped to take the adapter out and put it back around diffusers' processor rebuild, so IP-Adapter
         can be loaded or unloaded in either order. A UNet takes one adapter; a second one is refused.
+
+        Args:
+            target: a diffusers pipeline with a ``unet`` (preferred: IP-Adapter stays compatible) or a UNet.
+
+        Example:
+            >>> from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
+            >>> pipe = tiny_sd_pipeline()
+            >>> adapter = SpatialAdapter.for_unet(pipe.unet, 32, hidden_dim=32)
+            >>> adapter.install(pipe)
+            >>> adapter.remove()  # the UNet's own processors come back
         """
         if self._installed is not None:
             raise RuntimeError("this SpatialAdapter is already installed; call remove() first")

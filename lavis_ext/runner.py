@@ -26,7 +26,6 @@ also be an SPRC or bare state-dict file; those give weights only, and the log sa
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import os
 import random
@@ -46,53 +45,22 @@ from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 
 from lavis_ext.models.checkpoint_io import CheckpointFormatError, read_state_dict
+from vlext.atomic_files import atomic_torch_save, newest_complete
 
 __all__ = ["SafeRunner", "atomic_save", "claim_run_folder", "find_latest_checkpoint"]
 
-# Test hook: seconds to pause in the middle of writing a checkpoint (half the bytes written), so that a test
-# can SIGKILL the process during a write. Unset in normal use.
-SLOW_SAVE_ENV = "LAVIS_EXT_TEST_SLOW_SAVE"
 CHECKPOINT_GLOB = "checkpoint_*.pth"
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+logger = logging.getLogger(__name__)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name beside ``path``, fsync, then rename over ``path``.
+    """``torch.save`` to a temporary name beside ``path``, fsync, then rename over ``path``
+    (:func:`vlext.atomic_files.atomic_torch_save`).
 
     A reader (or a resume after a crash) sees either the previous complete file or the new complete one.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            delay = float(os.environ.get(SLOW_SAVE_ENV) or 0)
-            if delay > 0:
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                data = buffer.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                time.sleep(delay)
-                f.write(data[len(data) // 2 :])
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_torch_save(obj, path, torch.save)
 
 
 def new_job_id() -> str:
@@ -134,14 +102,20 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> tuple[str, dict, di
     """
     root = Path(output_dir)
     candidates = [*root.glob(CHECKPOINT_GLOB), *root.glob(f"*/{CHECKPOINT_GLOB}")]
-    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
+    read = {}
+
+    def problem(path: Path) -> str | None:
         try:
-            state_dict, meta = read_state_dict(path)
+            read[path] = read_state_dict(path)
         except (CheckpointFormatError, OSError, RuntimeError) as err:
-            logging.warning(f"skipping unreadable checkpoint {path}: {err}")
-            continue
-        return str(path), state_dict, meta
+            return str(err)
+        return None
+
+    found, skipped = newest_complete(candidates, problem, key=lambda p: p.stat().st_mtime)
+    for path, err in skipped:
+        logger.warning(f"skipping unreadable checkpoint {path}: {err}")
+    if found is not None:
+        return (str(found), *read[found])
     raise FileNotFoundError(
         f"run.resume_ckpt_path=latest: no readable checkpoint ({CHECKPOINT_GLOB}) in {root} or its run folders"
     )
@@ -190,7 +164,7 @@ class SafeRunner(RunnerBase):
         registry.register_path("result_dir", str(result_dir))
         registry.register_path("output_dir", str(output_dir))
         self.result_dir, self.output_dir = result_dir, output_dir
-        logging.info(f"Output folder: {output_dir}")
+        logger.info(f"Output folder: {output_dir}")
 
     # ------------------------------------------------------------------ optimizer
     @property
@@ -207,7 +181,7 @@ class SafeRunner(RunnerBase):
                 else:
                     decay.append(param)
                 count += param.numel()
-            logging.info(f"number of trainable parameters: {count}")
+            logger.info(f"number of trainable parameters: {count}")
             betas = run.get("optimizer_betas")
             betas = (0.9, float(run.get("beta2", 0.999))) if betas is None else tuple(float(b) for b in betas)
             eps = float(run.get("optimizer_eps", 1e-8))
@@ -238,15 +212,15 @@ class SafeRunner(RunnerBase):
             if get_world_size() == 1:
                 _set_rng_state(self._rng_to_restore)
             else:  # the checkpoint holds rank 0's generators only; every rank keeps its own seed instead
-                logging.info("RNG states are restored for single-process runs only; ranks keep their seeds.")
+                logger.info("RNG states are restored for single-process runs only; ranks keep their seeds.")
 
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
-                logging.info("Start training")
+                logger.info("Start training")
                 self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
             for split_name in self.valid_splits:
-                logging.info(f"Evaluating on {split_name}.")
+                logger.info(f"Evaluating on {split_name}.")
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
                 if val_log is None or not is_main_process():
                     continue
@@ -266,7 +240,7 @@ class SafeRunner(RunnerBase):
 
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
-        logging.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
     # ------------------------------------------------------------------ checkpoints
     @main_process
@@ -290,7 +264,7 @@ class SafeRunner(RunnerBase):
             "best_path": best_path,
             "rng_state": _rng_state(),
         }
-        logging.info(f"Saving checkpoint at epoch {cur_epoch} to {path}.")
+        logger.info(f"Saving checkpoint at epoch {cur_epoch} to {path}.")
         atomic_save(save_obj, path)
 
     def _best_checkpoint(self) -> str | None:
@@ -300,7 +274,7 @@ class SafeRunner(RunnerBase):
     def _read(self, path: str) -> tuple[str, dict, dict]:
         if path == "latest":
             found = find_latest_checkpoint(self.config.run_cfg.output_dir)
-            logging.info(f"run.resume_ckpt_path=latest: newest readable checkpoint is {found[0]}")
+            logger.info(f"run.resume_ckpt_path=latest: newest readable checkpoint is {found[0]}")
             return found
         state_dict, meta = read_state_dict(path)
         return path, state_dict, meta
@@ -321,13 +295,13 @@ class SafeRunner(RunnerBase):
             return  # model.finetuned / pretrained were loaded when the model was built (LAVIS logs it)
         path, state_dict, meta = self._read(self.resume_ckpt_path)
         self._load_weights(state_dict, path)
-        logging.info(f"Evaluating the weights of checkpoint {path} (epoch {meta.get('epoch', '?')}).")
+        logger.info(f"Evaluating the weights of checkpoint {path} (epoch {meta.get('epoch', '?')}).")
 
     def _load_checkpoint(self, url_or_filename):
         path, state_dict, meta = self._read(url_or_filename)
         self._load_weights(state_dict, path)
         if meta.get("format") != "lavis" or "optimizer" not in meta:
-            logging.info(
+            logger.info(
                 f"Resume checkpoint from {path}: weights only ({meta.get('format')} format has no optimizer "
                 "state); training starts at epoch 0 with a fresh optimizer."
             )
@@ -346,7 +320,7 @@ class SafeRunner(RunnerBase):
         self.best_epoch = int(meta.get("best_epoch", 0))
         self._best_path = meta.get("best_path")
         self._rng_to_restore = meta.get("rng_state")
-        logging.info(
+        logger.info(
             f"Resume checkpoint from {path} (epoch {meta['epoch']}; best agg_metrics so far "
             f"{self.best_agg_metric} at epoch {self.best_epoch})."
         )
@@ -354,11 +328,11 @@ class SafeRunner(RunnerBase):
     def _reload_best_model(self, model):
         path = self._best_checkpoint()
         if path is None or not Path(path).is_file():
-            logging.warning(
+            logger.warning(
                 "No best checkpoint was saved (agg_metrics never rose above 0); testing the last weights."
             )
             return model
-        logging.info(f"Loading checkpoint from {path}.")
+        logger.info(f"Loading checkpoint from {path}.")
         state_dict, _ = read_state_dict(path)
         self._load_weights(state_dict, path)
         return model

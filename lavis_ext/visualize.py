@@ -68,7 +68,7 @@ def render_query(record: dict, paths: dict, out_file, gate=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lavis_ext.datasets.cir_datasets import load_image
+    from vlext.images import load_image
 
     columns = 1 + len(record["topk"]) + (gate is not None)
     fig, axes = plt.subplots(1, columns, figsize=(2.2 * columns, 2.9), squeeze=False)

@@ -16,8 +16,9 @@ import pytest
 import torch
 from test_clip_open_clip_compat import run_ours, tiny_argv
 
-from clip_ext.checkpoint import PAUSE_ENV, atomic_save, latest_complete_checkpoint
-from clip_ext.image_check import BadImageError
+from clip_ext.checkpoint import atomic_save, latest_complete_checkpoint
+from vlext.images import BadImageError
+from vlext.test_hooks import arm
 from vlext.toyworld import write_clip_csv
 
 
@@ -75,7 +76,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_latest_continues_from_the
     args = tiny_argv(Path("data"), "logs", "run", "--memory-bank-size", "8", "--save-frequency", "1",
                      "--log-every-n-steps", "1", epochs=2)  # relative paths, run from the data's folder  # fmt: skip
     checkpoints = tmp_path / "logs/run/checkpoints"
-    env = {**os.environ, PAUSE_ENV: "epoch_2.pt:600"}  # epoch 2's save stops between temp write and rename
+    # epoch 2's save stops between temp write and rename (vlext.test_hooks)
+    env = {**os.environ, **arm("atomic-write:before-rename", "sleep:600", "epoch_2.pt")}
     # the resume below runs in this process: the same intra-op thread count gives bit-identical losses
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     proc = subprocess.Popen([sys.executable, "-m", "clip_ext.train", *args], cwd=tmp_path, env=env,
@@ -127,7 +129,7 @@ def test_a_truncated_image_fails_naming_the_file(tmp_path):
     bad = tmp_path / "data/images/train/000003.png"
     _truncate_png(bad)
     with pytest.raises(
-        BadImageError, match=rf"training image {re.escape(str(bad))} cannot be read .*--skip-bad-images"
+        BadImageError, match=rf"{re.escape(str(bad))}: not a readable image .*--skip-bad-images"
     ):
         run_ours(tiny_argv(tmp_path / "data", tmp_path / "logs", "bad"))
 
@@ -138,7 +140,7 @@ def test_a_file_that_is_no_image_fails_naming_the_file_and_the_flag(tmp_path):
     bad.write_text("this is not a PNG")  # PIL cannot even identify it: open_clip's Image.open fails
     with pytest.raises(
         BadImageError,
-        match=rf"training image {re.escape(str(bad))} cannot be read \(UnidentifiedImageError.*--skip-bad-images",
+        match=rf"{re.escape(str(bad))}: not a readable image \(UnidentifiedImageError.*--skip-bad-images",
     ):
         run_ours(tiny_argv(tmp_path / "data", tmp_path / "logs", "bad"))
 

@@ -49,11 +49,14 @@ def test_filter_boxes_keeps_valid_boxes_and_counts_what_it_drops():
 @pytest.mark.parametrize(
     "box, message",
     [
-        ([10.0, 10.0, 50.0, 60.0], "boxes must be normalized"),  # pixels
-        ([-0.005, 0.2, 0.4, 0.9], "boxes must be normalized"),  # slightly outside: refused, not clamped
-        ([0.2, 0.2, 0.4, 1.004], "boxes must be normalized"),
-        ([0.5, 0.1, 0.2, 0.4], "boxes must satisfy x0 < x1"),  # flipped
-        ([0.2, 0.1, 0.2, 0.4], "boxes must satisfy x0 < x1"),  # empty
+        ([10.0, 10.0, 50.0, 60.0], r"box 0 = .* lies outside \[0, 1\].*never clamped"),  # pixels
+        (
+            [-0.005, 0.2, 0.4, 0.9],
+            r"box 0 = .* lies outside \[0, 1\]",
+        ),  # slightly outside: refused, not clamped
+        ([0.2, 0.2, 0.4, 1.004], r"box 0 = .* lies outside \[0, 1\]"),
+        ([0.5, 0.1, 0.2, 0.4], r"box 0 = .* needs x0 < x1"),  # flipped
+        ([0.2, 0.1, 0.2, 0.4], r"box 0 = .* needs x0 < x1"),  # empty
     ],
 )
 def test_filter_boxes_refuses_boxes_breaking_the_box_rule_naming_the_source(box, message):
@@ -146,10 +149,14 @@ def test_invalid_boxes_and_lines_are_refused_naming_file_and_line(toy):
     root, base = toy
     good = {"filepath": base.images[0], "regions": [{"box": [0.1, 0.1, 0.5, 0.5], "caption": "a red square"}]}
     pixels = {"filepath": base.images[1], "regions": [{"box": [4, 4, 20, 30], "caption": "a blue circle"}]}
-    with pytest.raises(RegionDataError, match=r"pixels.jsonl:2: boxes must be normalized"):
+    with pytest.raises(
+        RegionDataError, match=r"pixels.jsonl:2: box 0 = \[4.0, 4.0, 20.0, 30.0\] lies outside \[0, 1\]"
+    ):
         load_region_table(_jsonl(root / "pixels.jsonl", [good, pixels]), base.images, 0.0, 0.0)
     swapped = {"filepath": base.images[1], "regions": [{"box": [0.6, 0.1, 0.2, 0.5], "caption": "x"}]}
-    with pytest.raises(RegionDataError, match=r"swapped.jsonl:2: boxes must satisfy x0 < x1"):
+    with pytest.raises(
+        RegionDataError, match=r"swapped.jsonl:2: box 0 = \[0.6, 0.1, 0.2, 0.5\] .*needs x0 < x1"
+    ):
         load_region_table(_jsonl(root / "swapped.jsonl", [good, swapped]), base.images, 0.0, 0.0)
     three = {"filepath": base.images[1], "regions": [{"box": [0.1, 0.2, 0.3], "caption": "x"}]}
     with pytest.raises(RegionDataError, match=r"three.jsonl:2: region 0 box must be 4 numbers"):

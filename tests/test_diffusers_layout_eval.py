@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusers_ext.evaluation.layout_eval import layout_scores
+from diffusers_ext.evaluation.layout_scoring import layout_scores
 from vlext.toyworld import ToyWorld
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from diffusers_ext.layout_rows import BadImageError, load_image_strict
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
 from diffusers_ext.training.train_spatial_adapter import train
+from vlext.images import BadImageError, load_image
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def test_a_truncated_png_is_refused_where_pil_would_let_it_through(damaged, lavi
     with Image.open(damaged["truncated"]) as image:
         image.load()  # PIL alone, under LAVIS's setting: half an image, no error
     with pytest.raises(BadImageError, match=f"{damaged['truncated']}: not a readable image"):
-        load_image_strict(damaged["truncated"])
+        load_image(damaged["truncated"])
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is left as it was
 
 

@@ -2,9 +2,10 @@
 checkpoints are intact, ``--resume latest`` skips what is incomplete (naming it) and continues from the
 last complete checkpoint with the losses of a run that was never interrupted.
 
-The kill is injected by the trainer's test hook (``DIFFUSERS_EXT_TEST_KILL_IN_CHECKPOINT=<step>``): the
-process SIGKILLs itself after writing the first file of ``checkpoint-<step>``, deterministically, where a
-preempted job would die.
+The kill is injected at the trainer's test hook point (``vlext.test_hooks``,
+``VLEXT_TEST_HOOKS=diffusers-train:checkpoint-first-file@checkpoint-<step>=kill``): the process SIGKILLs
+itself after writing the first file of ``checkpoint-<step>``, deterministically, where a preempted job
+would die.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
 from diffusers_ext.training.run_folder import MARKER, checkpoint_problem
-from diffusers_ext.training.train_spatial_adapter import KILL_HOOK_ENV, train
+from diffusers_ext.training.train_spatial_adapter import CHECKPOINT_HOOK, train
+from vlext.test_hooks import arm
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
@@ -47,7 +49,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_latest_continues_exactly
     # relative paths from the run's working directory, as a user types them
     common = ["--mixed-data", "data/grounding.en.jsonl", "--pretrained-model", "sd", "--batch-size", "1",
               "--hidden-dim", "32", "--lr", "1e-3", "--max-train-steps", "4", "--checkpointing-steps", "1"]  # fmt: skip
-    killed = _cli(tmp_path, [*common, "--output-dir", "run"], **{KILL_HOOK_ENV: "3"})
+    killed = _cli(tmp_path, [*common, "--output-dir", "run"], **arm(CHECKPOINT_HOOK, "kill", "checkpoint-3"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [

@@ -85,7 +85,7 @@ def test_rows_left_without_boxes_are_dropped_and_counted(tmp_path):
         ({"image": "a", "caption": "c", "boxes": [[0.5, 0, 0.5, 1]], "phrases": ["x"]}, "needs x0 < x1"),
         (
             {"image": "a", "caption": "c", "boxes": [[-0.1, 0, 0.5, 1]], "phrases": ["x"]},
-            r"rows.jsonl:2: box 0 = \[-0.1, 0.0, 0.5, 1.0\] lies outside \[0, 1\].*nothing is clamped",
+            r"rows.jsonl:2: box 0 = \[-0.1, 0.0, 0.5, 1.0\] lies outside \[0, 1\].*never clamped",
         ),
         ({"image": "a", "caption": "c", "boxes": [[0, 0, 64, 48]], "phrases": ["x"]}, "lies outside"),
         ({"image": "a", "caption": "c", "boxes": []}, r"missing keys \['phrases'\]"),

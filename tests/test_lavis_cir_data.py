@@ -121,7 +121,7 @@ def test_corrupt_image_is_named(toy_cirr, tmp_path):
     relpath = json.loads((root / "cirr/image_splits/split.rc2.train.json").read_text())[rows[0]["reference"]]
     (root / relpath).write_bytes(b"not a png")
     dataset = build("cirr", root, ["train"])["train"]
-    with pytest.raises(ValueError, match="not a readable image: .*" + relpath.split("/")[-1]):
+    with pytest.raises(ValueError, match=relpath.split("/")[-1] + ": not a readable image"):
         dataset[0]
 
 
@@ -216,7 +216,7 @@ def test_truncated_image_is_named_not_padded(toy_cirr, tmp_path):
     data = (root / relpath).read_bytes()
     (root / relpath).write_bytes(data[: len(data) * 2 // 3])
     dataset = build("cirr", root, ["train"])["train"]
-    with pytest.raises(ValueError, match="not a readable image: .*" + relpath.split("/")[-1] + ".*truncated"):
+    with pytest.raises(ValueError, match=relpath.split("/")[-1] + ": not a readable image .*truncated"):
         dataset[0]
 
 

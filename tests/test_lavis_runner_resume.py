@@ -1,8 +1,8 @@
 """A run killed with SIGKILL while writing a checkpoint loses nothing; evaluation reads the checkpoint asked for.
 
 One training run is started as a user starts it (``python -m lavis_ext.train`` from another working directory,
-relative paths everywhere) and killed with SIGKILL in the middle of a checkpoint write (the test hook
-``LAVIS_EXT_TEST_SLOW_SAVE`` pauses each write half-way). The run is then resumed with
+relative paths everywhere) and killed with SIGKILL in the middle of a checkpoint write (the test hook point
+``atomic-write:half-written`` of ``vlext.test_hooks`` pauses each write half-way). The run is then resumed with
 ``run.resume_ckpt_path=latest`` and compared with an uninterrupted run of the same config.
 """
 
@@ -68,6 +68,7 @@ def train_losses(job):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from lavis_ext.train import main
+    from vlext.test_hooks import arm
     from vlext.toyworld import write_cirr
 
     cwd = tmp_path_factory.mktemp("user")
@@ -78,14 +79,18 @@ def runs(tmp_path_factory):
     # 1. killed run: SIGKILL while it writes its first checkpoint of epoch 1
     log = open(cwd / "killed.log", "w")
     process = subprocess.Popen(
-        command(), cwd=cwd, env={**env, "LAVIS_EXT_TEST_SLOW_SAVE": "3"}, stdout=log, stderr=subprocess.STDOUT
+        command(),
+        cwd=cwd,
+        env={**env, **arm("atomic-write:half-written", "sleep:3")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         last = wait_for(lambda: next(cwd.glob("runs/*/checkpoint_last.pth"), None), process)
         job = last.parent
         # the hook writes half of the bytes, then pauses: kill once they are on disk
         temp = wait_for(
-            lambda: next((p for p in job.glob(".checkpoint_*.tmp-*") if p.stat().st_size), None), process
+            lambda: next((p for p in job.glob(".checkpoint_*.pth.*.tmp") if p.stat().st_size), None), process
         )
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)

@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
+from vlext.atomic_files import atomic_write_text
 from vlext.manifest import load_demos
 
 RESULT_FILE = "result.json"  # each part writes <out>/<package>/result.json, the driver collects them
@@ -42,12 +43,7 @@ def _load(run: str):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def extension_demo_command(package: str, run, description: str, argv: list[str] | None = None) -> None:

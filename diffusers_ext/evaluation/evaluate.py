@@ -24,13 +24,14 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
+from vlext.atomic_files import atomic_write_bytes as _atomic_write
+from vlext.atomic_files import atomic_write_json
+
 __all__ = ["main", "read_layouts"]
 
-ROW_KEYS = ("image", "caption", "boxes", "phrases")
 OPTIONAL_KEYS = ("phrases_en",)
 GRID_COLUMNS = 8
 GRID_TILE = 256
@@ -115,46 +116,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def read_layouts(jsonl: Path, image_dir: Path | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of ``jsonl`` checked strictly (evaluation never clamps or drops a box): each box 4 finite numbers
-    with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, one per phrase, the image present. Errors name file:line."""
-    from diffusers_ext.layout_rows import ROW_HINT, CleaningReport, clean_layout
-    from vlext.jsonl import read_jsonl_objects
+    """Rows of ``jsonl`` read by :func:`diffusers_ext.layout_rows.read_grounding_rows` with ``strict=True``
+    (evaluation never clamps or drops a box: each obeys the box rule, one per phrase), then the evaluation's
+    own checks: ``phrases_en`` one per phrase, the image present. Errors name file:line."""
+    from diffusers_ext.layout_rows import read_grounding_rows
 
     jsonl = Path(jsonl)
-    if not jsonl.is_file():
-        raise FileNotFoundError(f"--data {jsonl} does not exist (a JSONL of {ROW_HINT} rows)")
     image_dir = jsonl.parent if image_dir is None else Path(image_dir)
+    read, _ = read_grounding_rows(jsonl, strict=True, optional_keys=OPTIONAL_KEYS, limit=limit, flag="--data")
     rows = []
-    for where, row in read_jsonl_objects(jsonl, ROW_HINT):
-        if limit is not None and len(rows) >= limit:
-            break
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing keys {missing}; each line must be {ROW_HINT}")
-        unknown = sorted(set(row) - set(ROW_KEYS) - set(OPTIONAL_KEYS))
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown keys {unknown}; accepted: {', '.join(ROW_KEYS + OPTIONAL_KEYS)}"
-            )
-        boxes, phrases = row["boxes"], row["phrases"]
-        if not isinstance(boxes, list) or not isinstance(phrases, list) or not phrases:
-            raise ValueError(f"{where}: boxes and phrases must be non-empty lists of the same length")
-        clean_layout(
-            boxes,
-            phrases,
-            min_area=0.0,
-            min_side=0.0,
-            max_objs=len(boxes),
-            report=CleaningReport(),
-            where=where,
-        )
-        for i, b in enumerate(boxes):
-            if not (0.0 <= b[0] < b[2] <= 1.0 and 0.0 <= b[1] < b[3] <= 1.0):
-                raise ValueError(
-                    f"{where}: box {i} = {b} is outside [0, 1] or empty; boxes are xyxy normalized to the image "
-                    "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
-                )
-        english = row.get("phrases_en")
+    for row in read:
+        where, phrases, english = row["where"], row["phrases"], row.get("phrases_en")
         if english is not None and (
             not isinstance(english, list)
             or len(english) != len(phrases)
@@ -163,8 +135,6 @@ def read_layouts(jsonl: Path, image_dir: Path | None = None, limit: int | None =
             raise ValueError(
                 f"{where}: phrases_en must be a list of {len(phrases)} non-empty strings, one per phrase"
             )
-        if not isinstance(row["caption"], str) or not row["caption"].strip():
-            raise ValueError(f"{where}: caption must be a non-empty string")
         image = image_dir / str(row["image"])
         if not image.is_file():
             raise FileNotFoundError(
@@ -175,7 +145,7 @@ def read_layouts(jsonl: Path, image_dir: Path | None = None, limit: int | None =
                 "where": where,
                 "image": str(image),
                 "caption": row["caption"],
-                "boxes": [[float(v) for v in b] for b in boxes],
+                "boxes": row["boxes"],
                 "phrases": list(phrases),
                 "detector_phrases": list(english) if english is not None else list(phrases),
             }
@@ -254,19 +224,8 @@ def _schedule_kwargs(args) -> dict:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary name, flush, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_write(path, (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(path, data, indent=2)
 
 
 def _load_record(path: Path) -> dict | None:

@@ -7,16 +7,27 @@ place; a reader therefore sees a whole folder or none. A SIGKILL during a save l
 takes the newest ``checkpoint-<int>`` whose marker lists every file at its recorded size, and names each
 newer folder it skips and why (a folder copied or damaged by hand, a run from an older version without
 markers). A second run into a used folder is refused instead of overwriting checkpoints and appending
-duplicate steps to ``metrics.jsonl``. Standard library only: the CLI imports it before torch.
+duplicate steps to ``metrics.jsonl``. The atomic writes, the folder publishing and the newest-complete
+search are :mod:`vlext.atomic_files`; this module adds the trainer's rules (folder names, ``trainer_state.json``,
+``--overwrite``). Standard library only: the CLI imports it before torch.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
+
+from vlext.atomic_files import (
+    MARKER,
+    atomic_write_json,
+    atomic_write_text,
+    folder_problem,
+    newest_complete,
+    publish_folder,
+    staging_folder,
+)
 
 __all__ = [
     "MARKER",
@@ -30,7 +41,6 @@ __all__ = [
     "write_json_atomic",
 ]
 
-MARKER = "checkpoint_complete.json"
 STATE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # Everything a run of train_spatial_adapter writes; --overwrite removes these and nothing else.
@@ -72,60 +82,9 @@ def clear_previous_run(output_dir: Path) -> list[str]:
     return removed
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``path`` under a temporary name, flush, fsync, then ``os.replace``: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, ensure_ascii=False))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def staging_folder(final: Path) -> Path:
-    """The empty hidden folder ``final`` is written into before ``publish_folder`` renames it."""
-    staging = final.with_name(f".{final.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)  # what a killed run left behind
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _files(folder: Path) -> dict[str, int]:
-    return {
-        p.relative_to(folder).as_posix(): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
-    }
-
-
-def publish_folder(staging: Path, final: Path, marker: dict | None = None) -> None:
-    """fsync every file in ``staging``, write ``marker`` (plus the file list with sizes) last, then rename
-    ``staging`` to ``final``, replacing an older ``final`` only once the new one is complete."""
-    files = _files(staging)
-    for name in files:
-        _fsync_path(staging / name)
-    if marker is not None:
-        write_json_atomic(staging / MARKER, {**marker, "files": files})
-    _fsync_path(staging)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync_path(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    atomic_write_json(path, obj)
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -143,13 +102,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{MARKER} says step {step}, the folder name says {match.group(1)}"
     if STATE not in files:
         return f"{STATE} is not among its files"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or changed)"
-    return None
+    return folder_problem(folder, MARKER)
 
 
 def find_latest_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -158,18 +111,10 @@ def find_latest_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Pa
     checkpoints of this trainer and are ignored."""
     if not output_dir.is_dir():
         return None, []
-    found = [
-        (int(m.group(1)), p)
-        for p in output_dir.iterdir()
-        if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))
-    ]
-    skipped = []
-    for _, folder in sorted(found, reverse=True):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder, skipped
-        skipped.append((folder, problem))
-    return None, skipped
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+    return newest_complete(
+        found, checkpoint_problem, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1))
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> int:
@@ -189,7 +134,5 @@ def truncate_metrics(path: Path, step: int) -> int:
         else:
             removed += bool(line.strip())
     if removed:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
     return removed

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -47,12 +45,14 @@ from diffusers_ext.training.run_folder import (
     truncate_metrics,
     write_json_atomic,
 )
+from vlext.atomic_files import atomic_write_bytes, staging_name
+from vlext.test_hooks import hook
 
 __all__ = ["build_parser", "main", "train"]
 
-# Test hook: SIGKILL this process in the middle of writing checkpoint-<value> (after its first file), the
-# way a preempted job dies; tests/test_diffusers_train_crash.py uses it to check that resume survives.
-KILL_HOOK_ENV = "DIFFUSERS_EXT_TEST_KILL_IN_CHECKPOINT"
+# Test hook point (vlext.test_hooks): checkpoint-<step>'s first file written, the others not;
+# tests/test_diffusers_train_crash.py SIGKILLs the trainer there to check that resume survives.
+CHECKPOINT_HOOK = "diffusers-train:checkpoint-first-file"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,13 +229,6 @@ def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, a
     return boxes.to(device), feats.to(device), masks.to(device)
 
 
-def _kill_if_testing(folder: Path) -> None:
-    """The test hook (``KILL_HOOK_ENV``): die here, between two files of ``checkpoint-<step>``."""
-    step = os.environ.get(KILL_HOOK_ENV)
-    if step is not None and folder.name == f".checkpoint-{step}.tmp":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _resume_folder(args, output_dir: Path, say) -> Path:
     """The checkpoint ``--resume`` names: 'latest' is the newest complete one in ``--output-dir``; an
     explicit folder must be complete too."""
@@ -288,12 +281,13 @@ def train(argv: list[str] | None = None) -> dict:
     from diffusers import DDPMScheduler, DiffusionPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save, save_file
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import phrase_dim, pipeline_kind
-    from diffusers_ext.layout_rows import GroundingRows, read_grounding_rows, verify_images
+    from diffusers_ext.layout_rows import read_grounding_rows
     from diffusers_ext.spatial_adapter import SpatialAdapter
+    from diffusers_ext.training.dataset import GroundingRows, verify_images
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
 
     accelerator = Accelerator(
@@ -414,7 +408,7 @@ def train(argv: list[str] | None = None) -> dict:
     def save_hook(models, weights, out_dir):
         if accelerator.is_main_process:
             save_file(trainable_state(), str(Path(out_dir) / "trainable.safetensors"))
-            _kill_if_testing(Path(out_dir))
+            hook(CHECKPOINT_HOOK, Path(out_dir).name.removeprefix(".").removesuffix(".tmp"))
         weights.clear()
 
     def load_hook(models, in_dir):
@@ -461,7 +455,7 @@ def train(argv: list[str] | None = None) -> dict:
         """Every process writes into ``.checkpoint-<step>.tmp``; the main one seals it (marker last) and
         renames it to ``checkpoint-<step>``."""
         final = output_dir / f"checkpoint-{step}"
-        staging = final.with_name(f".{final.name}.tmp")
+        staging = staging_name(final)
         if accelerator.is_main_process:
             staging_folder(final)
         accelerator.wait_for_everyone()
@@ -491,11 +485,7 @@ def train(argv: list[str] | None = None) -> dict:
             lora = {
                 n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n
             }
-            tmp = folder / ".unet_lora.safetensors.tmp"
-            save_file(lora, str(tmp))
-            with tmp.open("rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / "unet_lora.safetensors")
+            atomic_write_bytes(folder / "unet_lora.safetensors", save(lora))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     scaling = pipe.vae.config.scaling_factor

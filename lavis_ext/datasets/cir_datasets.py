@@ -4,8 +4,8 @@ Training items are (reference image, target image, caption) triplets. Evaluation
 (reference image, caption) and carry the gallery separately (:attr:`CirEvalDataset.gallery`), so the task
 encodes each gallery image once instead of once per query.
 
-Every image path is checked when the dataset is built, and an unreadable image raises an error naming the
-file: SPRC silently drops a missing image and then fails much later, in validation, with an index error.
+Every image path is checked when the dataset is built, and an unreadable image raises
+:class:`vlext.images.BadImageError` naming the file (:func:`vlext.images.load_image`): SPRC silently drops a missing image and then fails much later, in validation, with an index error.
 Every annotation row is checked when the dataset is built (:class:`AnnotationError` names the file and the
 row index); none is dropped silently.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
+
+from vlext.images import load_image
 
 __all__ = [
     "AnnotationError",
@@ -28,21 +29,6 @@ __all__ = [
 ]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode the whole file; a missing, non-image or truncated file raises an error naming it.
-
-    Truncated files are caught because :mod:`lavis_ext.compat` restores PIL's ``LOAD_TRUNCATED_IMAGES =
-    False`` after LAVIS turned it on process-wide (it would pad a half-written PNG with grey and train on it).
-    """
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"image file not found: {path}") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"image file is not a readable image: {path} ({error})") from error
 
 
 class AnnotationError(ValueError):

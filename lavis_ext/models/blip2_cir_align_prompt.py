@@ -36,6 +36,8 @@ from lavis_ext.models.sprc_qformer import to_sprc_qformer
 
 __all__ = ["Blip2QformerCirAlignPrompt"]
 
+logger = logging.getLogger(__name__)
+
 _CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 # Config keys read by from_config and the types they accept (bad types fail before anything is built).
@@ -153,7 +155,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
                 param.requires_grad = False
             self.visual_encoder = self.visual_encoder.eval()
             self.visual_encoder.train = disabled_train
-            logging.info("freeze vision encoder")
+            logger.info("freeze vision encoder")
         self.Qformer, self.query_tokens = self._init_qformer(
             bert_base, num_query_token, self.visual_encoder.num_features, cross_attention_freq
         )
@@ -357,6 +359,22 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
     ) -> torch.Tensor:
         """Max over the target's query tokens of the cosine similarity: (B, D), (N, Q, D) -> (B, N).
 
+        Args:
+            query_feats: composed query features (B, D), normalized (:meth:`extract_composed_features`).
+            target_feats: target query-token features (N, Q, D), normalized (:meth:`extract_target_features`).
+            query_chunk: score this many queries at a time (None: all at once).
+            gallery_chunk: score this many targets at a time (None: all at once).
+
+        Returns:
+            Similarities (B, N): for each query and target, the best of the target's Q tokens.
+
+        Example:
+            >>> import torch
+            >>> q = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+            >>> t = torch.nn.functional.normalize(torch.randn(5, 3, 8), dim=-1)
+            >>> Blip2QformerCirAlignPrompt.similarity(q, t, gallery_chunk=2).shape
+            torch.Size([2, 5])
+
         Scoring makes a (B, N, Q) temporary before the max; ``query_chunk`` / ``gallery_chunk`` score that many
         queries / targets at a time, so evaluation memory is query_chunk x gallery_chunk x Q instead of
         B x N x Q (13 GB for 1024 queries over a 100k gallery). The scores are the same bits chunked or not:
@@ -443,7 +461,20 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
 
     @torch.no_grad()
     def extract_target_features(self, images: torch.Tensor, fp16: bool = False) -> torch.Tensor:
-        """Normalized target query features (N, Q, D), the gallery cache (fp16 halves its memory)."""
+        """Normalized target query features (N, Q, D), the gallery cache (fp16 halves its memory).
+
+        Args:
+            images: target images (N, 3, H, W), processed as the model's ``vis_processor`` does.
+            fp16: return half precision (the cache of a large gallery).
+
+        Returns:
+            (N, Q, D) features, Q = the Q-Former's query tokens; pass them to :meth:`inference`.
+
+        Example:
+            >>> from lavis.models import load_model  # doctest: +SKIP
+            >>> model = load_model("blip2_cir_align_prompt", "pretrain", is_eval=True)  # doctest: +SKIP
+            >>> gallery = model.extract_target_features(images)  # doctest: +SKIP
+        """
         self._check_images(images, "target images")
         feats = self._target_query_features(self._vision_tokens(images))
         return feats.half() if fp16 else feats
@@ -463,7 +494,20 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
 
     @torch.no_grad()
     def inference(self, reference: torch.Tensor, target_feats: torch.Tensor, texts) -> torch.Tensor:
-        """Similarity (B, N) of each (reference, caption) query with each cached target (N, Q, D)."""
+        """Similarity (B, N) of each (reference, caption) query with each cached target (N, Q, D).
+
+        Args:
+            reference: reference-image ViT tokens (B, T, Dv) from :meth:`extract_reference_features`.
+            target_feats: the gallery cache (N, Q, D) from :meth:`extract_target_features`.
+            texts: B modification captions.
+
+        Returns:
+            Scores (B, N); ``scores.argsort(dim=1, descending=True)`` ranks the gallery for each query.
+
+        Example:
+            >>> reference = model.extract_reference_features(reference_images)  # doctest: +SKIP
+            >>> scores = model.inference(reference, gallery, ["make it red", "remove the dog"])  # doctest: +SKIP
+        """
         if target_feats.dim() != 3:
             raise ValueError(
                 f"target_feats must be (N, Q, D) from extract_target_features, got {tuple(target_feats.shape)}"
@@ -574,7 +618,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         state_dict, meta = read_state_dict(url_or_filename)
         self._check_vit_depth(state_dict, meta, exact=False)
         result = super().load_state_dict(state_dict, strict=False)
-        logging.info(
+        logger.info(
             "loaded pretrained %s (%s layout): %d keys not in the file keep their init, %d keys of the file unused",
             meta["path"],
             meta["format"],
@@ -582,7 +626,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
             len(result.unexpected_keys),
         )
         if result.unexpected_keys:
-            logging.warning(
+            logger.warning(
                 "pretrained %s: %d key(s) this model does not have, unused: %s",
                 meta["path"],
                 len(result.unexpected_keys),
@@ -593,7 +637,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
     def _load_finetuned(self, state_dict: dict, meta: dict):
         self._check_vit_depth(state_dict, meta, exact=True)
         result = self.load_state_dict(state_dict, strict=True)
-        logging.info("loaded checkpoint %s (%s layout)", meta["path"], meta["format"])
+        logger.info("loaded checkpoint %s (%s layout)", meta["path"], meta["format"])
         return result
 
     def _check_vit_depth(self, state_dict: dict, meta: dict, exact: bool) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 
 __all__ = ["CLIP_VIT_L_WEIGHTS", "SPRC_VIT_L_DEPTH", "LAVIS_VIT_L_DEPTH", "build_clip_vit_l", "vit_depth_of"]
 
+logger = logging.getLogger(__name__)
+
 CLIP_VIT_L_WEIGHTS = (
     "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/clip_vit_L.pth"
 )
@@ -76,7 +78,7 @@ def build_clip_vit_l(
         if result.missing_keys:
             raise ValueError(f"ViT-L weights {meta['path']} lack {result.missing_keys[:8]}")
         if in_file > depth:
-            logging.info(
+            logger.info(
                 "clip_L: using %d of the %d blocks in %s (vit_depth=%d)", depth, in_file, meta["path"], depth
             )
     if precision == "fp16":

@@ -25,6 +25,8 @@ from lavis_ext.tasks.recall import cirr_metrics, fashioniq_metrics, subset_ranks
 
 __all__ = ["ComposedImageRetrievalTask"]
 
+logger = logging.getLogger(__name__)
+
 
 def _gather(indices: list[int], feats: torch.Tensor) -> torch.Tensor:
     """Rows from every rank, put back in dataset order (each rank holds some (index, row) pairs)."""
@@ -172,7 +174,7 @@ class ComposedImageRetrievalTask(BaseTask):
         if is_main_process():
             with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
                 f.write(json.dumps({"split": split_name, "epoch": epoch, **metrics}) + "\n")
-        logging.info(f"{split_name} {metrics}")
+        logger.info(f"{split_name} {metrics}")
         return metrics
 
     def _write_cirr_submission(self, result, dataset, split_name):

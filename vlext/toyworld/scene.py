@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlext.boxes import check_box
 from vlext.toyworld._validation import check_choice, check_image_size, check_lang, check_seed
 from vlext.toyworld.palette import (
     BACKGROUND_GREYS,
@@ -46,9 +47,7 @@ class ToyObject:
         check_choice("shape", self.shape, SHAPES)
         check_choice("color", self.color, COLORS)
         check_choice("size", self.size, SIZES)
-        x0, y0, x1, y1 = self.box
-        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-            raise ValueError(f"box must be xyxy with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {self.box}")
+        check_box(self.box, "ToyObject")
 
     @property
     def rgb(self) -> tuple[int, int, int]:

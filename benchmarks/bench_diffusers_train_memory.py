@@ -24,13 +24,15 @@ tokens) and extrapolated to the training resolution (512 px = 64x64 latent for S
 SDXL and Kolors). They are measured in fp32; with bf16/fp16 autocast the saved activations are taken as half
 (an assumption, stated in the table). Gradient checkpointing (``--gradient-checkpointing``, diffusers'
 per-block checkpointing) is measured the same way: it keeps only each block's input and recomputes the
-rest in the backward pass.
+rest in the backward pass. The activations are measured with every block adapted; the mid/up subset's
+(``--layers mid_block up_blocks``, fewer fusers) are bounded by those unless ``--measure-subset`` measures
+them too.
 
 A configuration "fits" when parameters + gradients + AdamW states + activations stay within 90 % of the GPU
 (the rest for the CUDA context, cuDNN workspaces and allocator fragmentation, which this plan does not
 measure). GPU figures (``benchmarks/gpu/run.sh``) are the check of this plan.
 
-Usage: ``python -m benchmarks.bench_diffusers_train_memory [--models sd15 sdxl kolors] [--latents 8 16]``;
+Usage: ``python -m benchmarks.bench_diffusers_train_memory [--models sd15 sdxl kolors] [--latents 8 16] [--measure-subset]``;
 ``--tiny`` runs the same code on tiny configs in seconds (a check that it runs, not a plan).
 """
 
@@ -249,6 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     p.add_argument("--latents", type=int, nargs="+", default=[8, 16], help="latent sides measured on CPU")
     p.add_argument("--tiny", action="store_true", help="tiny configs: a check that the script runs")
+    p.add_argument(
+        "--measure-subset",
+        action="store_true",
+        help="also measure the activations with --layers mid_block up_blocks (default: bounded by all layers)",
+    )
     args = p.parse_args(argv)
     if any(s < 8 or s % 8 for s in args.latents):
         p.error(f"--latents {args.latents}: each must be a multiple of 8 (the UNets downsample 3 times)")
@@ -261,7 +268,10 @@ def main(argv=None) -> int:
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}"
     )
-    print(f"--layers subset = {' '.join(SUBSET)}; activations measured at latents {args.latents}, batch 1")
+    print(
+        f"--layers subset = {' '.join(SUBSET)}; activations measured at latents {args.latents}, batch 1",
+        flush=True,
+    )
     all_rows = []
     for name, spec in models.items():
         counts = parameter_counts(spec)
@@ -269,13 +279,13 @@ def main(argv=None) -> int:
         print("| part | parameters | fp32 GB | bf16/fp16 GB |")
         print("|---|---|---|---|")
         for part, n in counts.items():
-            print(f"| {part} | {n:,} | {_g(4 * n)} | {_g(2 * n)} |")
+            print(f"| {part} | {n:,} | {_g(4 * n)} | {_g(2 * n)} |", flush=True)
         act = {}
         print(f"\n## {name}: activations of one step (fp32, CPU, measured), fitted a + b * latent pixels")
         print("| layers | checkpointing | " + " | ".join(f"latent {s} MB" for s in args.latents)
               + f" | a MB | b bytes/pixel | at {spec['latent']}x{spec['latent']} b1 GB |")  # fmt: skip
         print("|---|---|" + "---|" * (len(args.latents) + 3))
-        for layers in ("all", "subset"):
+        for layers in ("all", "subset") if args.measure_subset else ("all",):
             for ckpt in (False, True):
                 measured = [
                     (s * s, activation_bytes(spec, None if layers == "all" else SUBSET, s, 1, ckpt))
@@ -286,8 +296,15 @@ def main(argv=None) -> int:
                 cells = " | ".join(f"{m / 1e6:.1f}" for _, m in measured)
                 full = a + b * spec["latent"] ** 2
                 print(
-                    f"| {layers} | {'yes' if ckpt else 'no'} | {cells} | {a / 1e6:.1f} | {b:,.0f} | {_g(full)} |"
+                    f"| {layers} | {'yes' if ckpt else 'no'} | {cells} | {a / 1e6:.1f} | {b:,.0f} | {_g(full)} |",
+                    flush=True,
                 )
+        if not args.measure_subset:  # fewer fusers save less: the all-layer figures bound the subset's
+            for ckpt in (False, True):
+                act[("subset", ckpt)] = act[("all", ckpt)]
+            print(
+                "(subset activations: the all-layers figures, an upper bound; --measure-subset measures them)"
+            )
         all_rows += plan_rows(name, spec, counts, act)
 
     print("\n## bytes on the GPU (GB) and what fits (activations at the training resolution; bf16/fp16 "

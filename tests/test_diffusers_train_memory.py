@@ -57,3 +57,22 @@ def test_measured_activations_grow_with_latent_pixels_and_checkpointing_cuts_the
     checkpointed = plan.activation_bytes(spec, None, 16, 1, checkpointing=True)
     assert small > 0 and large > 2 * small
     assert checkpointed < 0.6 * large
+
+
+def test_it_starts_by_path_from_another_directory_and_run_all_lists_it(tmp_path):
+    """Started by path, fairscale's top-level `benchmarks` package must not shadow ours (see
+    tests/test_bench_entry_points.py); `make bench` (benchmarks/run_all.py) finds it by its bench_ name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "bench_diffusers_train_memory.py"
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--measure-subset" in run.stdout and "24 / 48 / 80 GB" in run.stdout
+    listed = subprocess.run([sys.executable, str(repo / "benchmarks" / "run_all.py"), "--help"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "bench_diffusers_train_memory" in listed.stdout

@@ -22,7 +22,7 @@ for arg in "$@"; do
   esac
 done
 # on a GPU the sections fit in 450 s; --tiny on a shared CPU spends its time importing, so it gets more
-if [ -n "$TINY" ]; then SCALE=4; else SCALE=1; fi
+if [ -n "$TINY" ]; then SCALE=4; export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; else SCALE=1; fi
 BUDGET="${GPU_BENCH_BUDGET_S:-$((450 * SCALE))}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 START=$(date +%s)

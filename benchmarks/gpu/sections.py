@@ -81,7 +81,9 @@ def _train(model: str, tiny: bool) -> None:
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(**spec["unet"])
-    unet.requires_grad_(False).to(torch.bfloat16)
+    # bf16 as --mixed-precision bf16 on the GPU; --tiny stays fp32 (CPU bf16 kernels take seconds per tiny step)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    unet.requires_grad_(False).to(dtype)
     with torch.device(device):
         adapter = SpatialAdapter.for_unet(unet, phrase_dim=spec["phrase_dim"])  # fp32, as the trainer's
     adapter.install(unet)
@@ -92,13 +94,14 @@ def _train(model: str, tiny: bool) -> None:
     n_adapter = sum(p.numel() for p in adapter.parameters())
     cross = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
     side = latent * 8
-    print(f"{model}: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M (bf16, frozen), adapter "
-          f"{n_adapter / 1e6:.1f} M (fp32), {side} px, bf16 autocast, gradient checkpointing")  # fmt: skip
+    frozen = str(dtype).removeprefix("torch.")
+    print(f"{model}: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M (frozen, {frozen}), adapter "
+          f"{n_adapter / 1e6:.1f} M (fp32), {side} px, {'fp32' if tiny else 'bf16 autocast'}, gradient checkpointing")  # fmt: skip
     for batch in (1, 4):
         inputs = _train_inputs(spec, batch, latent, cross, device)
 
         def step(inputs=inputs):
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=not tiny):
                 out = denoiser(*inputs["args"], added_cond_kwargs=inputs["added"])
             loss = torch.nn.functional.mse_loss(out.float(), inputs["target"])
             loss.backward()

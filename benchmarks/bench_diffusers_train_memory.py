@@ -32,7 +32,7 @@ A configuration "fits" when parameters + gradients + AdamW states + activations 
 (the rest for the CUDA context, cuDNN workspaces and allocator fragmentation, which this plan does not
 measure). GPU figures (``benchmarks/gpu/run.sh``) are the check of this plan.
 
-Usage: ``python -m benchmarks.bench_diffusers_train_memory [--models sd15 sdxl kolors] [--latents 8 16] [--measure-subset]``;
+Usage: ``python -m benchmarks.bench_diffusers_train_memory [--models sd15 sdxl kolors] [--latents 8 16] [--measure-subset] [--no-activations]``;
 ``--tiny`` runs the same code on tiny configs in seconds (a check that it runs, not a plan).
 """
 
@@ -228,9 +228,12 @@ def plan_rows(name: str, spec: dict, counts: dict, act: dict) -> list[dict]:
     return rows
 
 
-def _fits(row: dict, gb: int) -> str:
-    """The largest setting within HEADROOM of the GPU: batch 4, then batch 1, without then with checkpointing."""
+def _fits(row: dict, gb: int, activations: bool = True) -> str:
+    """The largest setting within HEADROOM of the GPU: batch 4, then batch 1, without then with checkpointing.
+    Without measured activations only whether the parameters and their states fit ("params only") is known."""
     budget = HEADROOM * gb * GB
+    if not activations:
+        return "params only" if row["static"] <= budget else "no"
     for batch, ckpt in ((4, False), (4, True), (1, False), (1, True)):
         if row["totals"][(batch, ckpt)] <= budget:
             return f"b{batch}" + ("+ckpt" if ckpt else "")
@@ -239,6 +242,20 @@ def _fits(row: dict, gb: int) -> str:
 
 def _g(v: float) -> str:
     return f"{v / GB:.2f}"
+
+
+def _print_plan(rows: list[dict], activations: bool = True) -> None:
+    print(f"\n## {rows[0]['model']}: bytes on the GPU (GB) and what fits (activations at the training resolution; "
+          "bf16/fp16 activations = half the fp32 measurement)")  # fmt: skip
+    print("| model | precision | layers | cache | UNet | text enc. | VAE | adapter | grads | AdamW | "
+          "b1 | b1+ckpt | b4 | b4+ckpt | 24 GB | 48 GB | 80 GB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["totals"]
+        print(f"| {r['model']} | {r['precision']} | {r['layers']} | {r['cache']} | {_g(r['unet'])} | "
+              f"{_g(r['text_encoders'])} | {_g(r['vae'])} | {_g(r['adapter'])} | {_g(r['grads'])} | "
+              f"{_g(r['adamw'])} | {_g(t[(1, False)])} | {_g(t[(1, True)])} | {_g(t[(4, False)])} | "
+              f"{_g(t[(4, True)])} | " + " | ".join(_fits(r, gb, activations) for gb in GPUS_GB) + " |", flush=True)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -251,6 +268,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     p.add_argument("--latents", type=int, nargs="+", default=[8, 16], help="latent sides measured on CPU")
     p.add_argument("--tiny", action="store_true", help="tiny configs: a check that the script runs")
+    p.add_argument(
+        "--no-activations",
+        action="store_true",
+        help="skip the CPU measurement: parameters, gradients and AdamW states only (seconds)",
+    )
     p.add_argument(
         "--measure-subset",
         action="store_true",
@@ -272,7 +294,6 @@ def main(argv=None) -> int:
         f"--layers subset = {' '.join(SUBSET)}; activations measured at latents {args.latents}, batch 1",
         flush=True,
     )
-    all_rows = []
     for name, spec in models.items():
         counts = parameter_counts(spec)
         print(f"\n## {name}: parameters (meta device)")
@@ -285,7 +306,10 @@ def main(argv=None) -> int:
         print("| layers | checkpointing | " + " | ".join(f"latent {s} MB" for s in args.latents)
               + f" | a MB | b bytes/pixel | at {spec['latent']}x{spec['latent']} b1 GB |")  # fmt: skip
         print("|---|---|" + "---|" * (len(args.latents) + 3))
-        for layers in ("all", "subset") if args.measure_subset else ("all",):
+        if args.no_activations:
+            act = {(layers, ckpt): (0.0, 0.0) for layers in ("all", "subset") for ckpt in (False, True)}
+            print("(--no-activations: activations counted as 0; parameters, gradients and AdamW states only)")
+        for layers in () if args.no_activations else ("all", "subset") if args.measure_subset else ("all",):
             for ckpt in (False, True):
                 measured = [
                     (s * s, activation_bytes(spec, None if layers == "all" else SUBSET, s, 1, ckpt))
@@ -299,25 +323,16 @@ def main(argv=None) -> int:
                     f"| {layers} | {'yes' if ckpt else 'no'} | {cells} | {a / 1e6:.1f} | {b:,.0f} | {_g(full)} |",
                     flush=True,
                 )
-        if not args.measure_subset:  # fewer fusers save less: the all-layer figures bound the subset's
+        if (
+            not args.measure_subset and not args.no_activations
+        ):  # fewer fusers save less: the all-layer figures bound the subset's
             for ckpt in (False, True):
                 act[("subset", ckpt)] = act[("all", ckpt)]
             print(
                 "(subset activations: the all-layers figures, an upper bound; --measure-subset measures them)"
             )
-        all_rows += plan_rows(name, spec, counts, act)
-
-    print("\n## bytes on the GPU (GB) and what fits (activations at the training resolution; bf16/fp16 "
-          "activations = half the fp32 measurement)")  # fmt: skip
-    print("| model | precision | layers | cache | UNet | text enc. | VAE | adapter | grads | AdamW | "
-          "b1 | b1+ckpt | b4 | b4+ckpt | 24 GB | 48 GB | 80 GB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in all_rows:
-        t = r["totals"]
-        print(f"| {r['model']} | {r['precision']} | {r['layers']} | {r['cache']} | {_g(r['unet'])} | "
-              f"{_g(r['text_encoders'])} | {_g(r['vae'])} | {_g(r['adapter'])} | {_g(r['grads'])} | "
-              f"{_g(r['adamw'])} | {_g(t[(1, False)])} | {_g(t[(1, True)])} | {_g(t[(4, False)])} | "
-              f"{_g(t[(4, True)])} | " + " | ".join(_fits(r, gb) for gb in GPUS_GB) + " |")  # fmt: skip
+        # after each model: a partial run still gives its plan
+        _print_plan(plan_rows(name, spec, counts, act), activations=not args.no_activations)
     print(f"\nfits: the largest of b4, b4+ckpt, b1, b1+ckpt within {HEADROOM:.0%} of the GPU; "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     return 0

@@ -302,13 +302,16 @@ def main(argv=None) -> int:
         for part, n in counts.items():
             print(f"| {part} | {n:,} | {_g(4 * n)} | {_g(2 * n)} |", flush=True)
         act = {}
-        print(f"\n## {name}: activations of one step (fp32, CPU, measured), fitted a + b * latent pixels")
-        print("| layers | checkpointing | " + " | ".join(f"latent {s} MB" for s in args.latents)
-              + f" | a MB | b bytes/pixel | at {spec['latent']}x{spec['latent']} b1 GB |")  # fmt: skip
-        print("|---|---|" + "---|" * (len(args.latents) + 3))
         if args.no_activations:
             act = {(layers, ckpt): (0.0, 0.0) for layers in ("all", "subset") for ckpt in (False, True)}
-            print("(--no-activations: activations counted as 0; parameters, gradients and AdamW states only)")
+            print(
+                "\n(--no-activations: activations counted as 0; parameters, gradients and AdamW states only)"
+            )
+        else:
+            print(f"\n## {name}: activations of one step (fp32, CPU, measured), fitted a + b * latent pixels")
+            print("| layers | checkpointing | " + " | ".join(f"latent {s} MB" for s in args.latents)
+                  + f" | a MB | b bytes/pixel | at {spec['latent']}x{spec['latent']} b1 GB |")  # fmt: skip
+            print("|---|---|" + "---|" * (len(args.latents) + 3))
         for layers in () if args.no_activations else ("all", "subset") if args.measure_subset else ("all",):
             for ckpt in (False, True):
                 measured = [

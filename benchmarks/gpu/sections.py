@@ -194,7 +194,7 @@ def section_generate(tiny: bool) -> None:
     import torch
 
     from diffusers_ext.generation import generate, phrase_dim
-    from diffusers_ext.spatial_adapter import SpatialAdapter
+    from diffusers_ext.spatial_adapter import SpatialAdapter, installed_adapter
 
     device = _device(tiny)
     pipe = _sd15_pipeline(tiny, device)
@@ -206,10 +206,14 @@ def section_generate(tiny: bool) -> None:
     boxes = [[[0.1, 0.2, 0.45, 0.6], [0.55, 0.3, 0.9, 0.8]]] * batch
     common = {"num_inference_steps": steps, "output_type": "pil"}
 
-    def plain():
+    def plain():  # the pipeline alone, as evaluate's baseline row
+        if installed_adapter(pipe) is not None:
+            adapter.remove()
         return pipe(prompt=prompts, generator=torch.Generator(device).manual_seed(0), **common).images
 
     def grounded():
+        if installed_adapter(pipe) is None:
+            adapter.install(pipe)
         gen = torch.Generator(device).manual_seed(0)
         return generate(pipe, adapter, prompts, phrases, boxes, generator=gen, **common).images
 

@@ -21,6 +21,7 @@ See docs/layout_evaluation.md for a real run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
@@ -242,20 +243,130 @@ def _load_record(path: Path) -> dict | None:
 
 
 def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Refuse to resume into ``out`` when the settings or the content of the inputs differ from the run that
+    wrote it (a retrained adapter under the same path would mix old images and records with new ones)."""
     path = out / "run.json"
+    old = None
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is corrupt ({e}); remove it or use another --out") from None
-        diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+        settings = {k: v for k, v in fingerprint.items() if k != "content"}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        lines = [f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items()]
+        lines += _content_changes(old.get("content"), fingerprint["content"])
+        if lines:
             raise ValueError(
-                f"--out {out} holds results of a different run ({lines}); resuming would mix them. Use another "
-                "--out, or the same settings (--gate-scales, --seeds and --limit may change)"
+                f"--out {out} holds results of a different run ({'; '.join(lines)}); resuming would mix them. "
+                "Use another --out, or the same settings and inputs (--gate-scales, --seeds and --limit may "
+                "change)"
             )
+        # rows beyond this run's --limit keep the digests their stored records were made from
+        layouts = {**old["content"]["layouts"], **fingerprint["content"]["layouts"]}
+        fingerprint = {**fingerprint, "content": {**fingerprint["content"], "layouts": layouts}}
     _write_json(path, fingerprint)
+
+
+# The content of every input a stored image or record depends on. Files up to FULL_HASH_BYTES are hashed
+# whole; larger ones (UNet and text-encoder weights, GBs each) by their size and SAMPLE_CHUNKS evenly spaced
+# chunks: retraining or replacing weights changes bytes everywhere, and hashing a 12 GB ChatGLM3 in full at
+# every start would cost more than it guards. Modification times are not used: a copy is the same content.
+FULL_HASH_BYTES = 64 << 20
+SAMPLE_CHUNKS = 64
+SAMPLE_BYTES = 1 << 20
+CONTENT_LABELS = {
+    "adapter": "--adapter",
+    "pretrained_model": "--pretrained-model",
+    "detector": "--detector",
+    "clip_model": "--clip-model",
+}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return f"sha256:{h.hexdigest()}"
+        h.update(str(size).encode())
+        step = (size - SAMPLE_BYTES) // (SAMPLE_CHUNKS - 1)
+        for i in range(SAMPLE_CHUNKS):
+            f.seek(i * step)
+            h.update(f.read(SAMPLE_BYTES))
+    return f"sampled-sha256:{size}:{h.hexdigest()}"
+
+
+def _tree_digests(path: Path) -> dict[str, str]:
+    """{relative path: digest} of a file, or of every file in a folder (hidden entries, such as a hub
+    download's .cache, and temporary files are skipped)."""
+    if path.is_file():
+        return {path.name: _file_digest(path)}
+    found = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            found[rel.as_posix()] = _file_digest(p)
+    return found
+
+
+def _content(args, rows: list[dict]) -> dict:
+    """Digests of the adapter, pipeline, detector and CLIP folders, and of each layout row with its image."""
+    content = {}
+    adapter = Path(args.adapter)
+    if not adapter.exists():  # a hub id: attach_adapter loaded it, so its snapshot is in the local cache
+        from diffusers_ext.loaders import _hub_folder
+
+        adapter = _hub_folder(args.adapter, None, None, {"local_files_only": True})
+    content["adapter"] = _tree_digests(adapter)
+    content["pretrained_model"] = _tree_digests(Path(args.pretrained_model))
+    content["detector"] = _tree_digests(Path(args.detector)) if Path(args.detector).is_dir() else {}
+    content["clip_model"] = _tree_digests(Path(args.clip_model)) if args.clip_model else {}
+    images: dict[str, str] = {}
+    layouts = {}
+    for i, row in enumerate(rows):
+        fields = {k: row[k] for k in ("caption", "boxes", "phrases", "detector_phrases")}
+        if row["image"] not in images:
+            images[row["image"]] = _file_digest(Path(row["image"]))
+        layouts[str(i)] = {
+            "where": row["where"],
+            "layout": hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode("utf-8")).hexdigest(),
+            "image": images[row["image"]],
+        }
+    content["layouts"] = layouts
+    return content
+
+
+def _content_changes(old: dict | None, new: dict, shown: int = 5) -> list[str]:
+    """What differs between two ``_content`` results, named by flag and file (or by row)."""
+    if not old:
+        return ["content: not recorded (the run in --out was made before evaluate fingerprinted contents)"]
+
+    def listed(items):
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    changes = []
+    for name, label in CONTENT_LABELS.items():
+        before, now = old.get(name, {}), new[name]
+        changed = [f for f in sorted(set(before) | set(now)) if before.get(f) != now.get(f)]
+        if changed:
+            what = [
+                f"{f} {'added' if f not in before else 'removed' if f not in now else 'changed'}"
+                for f in changed
+            ]
+            changes.append(f"{label} content changed: {listed(what)}")
+    before, now = old.get("layouts", {}), new["layouts"]
+    rows = []
+    for i in sorted(set(before) & set(now), key=int):
+        parts = [k for k in ("layout", "image") if before[i][k] != now[i][k]]
+        if parts:
+            rows.append(f"row {i} ({now[i]['where']}) {' and '.join(parts)}")
+    if rows:
+        changes.append(f"--data content changed: {listed(rows)}")
+    return changes
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -514,6 +625,24 @@ def _generate(pipe, adapter, rows, jobs, gate_scale, steps, guidance, sched):
     ).images
 
 
+def _processes(device: str | None):
+    """(rank, world size, accelerate PartialState) under ``accelerate launch`` / ``torchrun`` with several
+    processes (gloo on CPU, NCCL on GPUs); (0, 1, None) for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import atexit
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState, unlike Accelerator, does not read `accelerate launch --cpu`'s variable itself
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    atexit.register(state.destroy_process_group)
+    return state.process_index, state.num_processes, state
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -531,14 +660,16 @@ def _run(args) -> int:
 
     import numpy as np
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from diffusers_ext.evaluation.detectors import load_detector
-    from diffusers_ext.evaluation.layout_scoring import score_image, summarize
+    from diffusers_ext.evaluation.layout_scoring import score_image
     from diffusers_ext.spatial_adapter import installed_adapter
 
+    rank, world, state = _processes(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if state is not None and device == "cuda":
+        device = str(state.device)  # accelerate gives each process its own GPU
     dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
     detector = load_detector(args.detector, device=device)
     if not args.allow_non_english_detector_phrases:
@@ -577,37 +708,54 @@ def _run(args) -> int:
         "guidance_scale": guidance,
         "schedule": sched["schedule"],
         "beta": sched["beta"],
-        "device": device,
+        "device": torch.device(device).type,  # cuda:3 on process 3 of 8 makes the images cuda:0 makes
         "dtype": str(dtype).removeprefix("torch."),
         "clip_model": str(Path(args.clip_model).resolve()) if args.clip_model else None,
     }
     out = args.out
-    _check_fingerprint(out, fingerprint)
+    # the main process hashes the inputs and checks --out; every process stops if it refuses
+    refusal = None
+    if rank == 0:
+        try:
+            _check_fingerprint(out, {**fingerprint, "content": _content(args, rows)})
+        except ValueError as e:
+            refusal = str(e)
+    if state is not None:
+        shared = [refusal]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise ValueError(refusal)
 
     jobs = [(i, seed) for i in range(len(rows)) for seed in args.seeds]
+    keys = [f"{i:06d}_s{seed}" for i, seed in jobs]
     settings = [None, *args.gate_scales]
-    summary_rows, all_records, grid_images, grid_records = [], [], {}, {}
-    for gate_scale in settings:
+    # fixed batches over the full job list: a resumed run, or one with another number of processes,
+    # computes each image in the same batch as one uninterrupted process, so its pixels (and scores) are the
+    # same. Process r takes every world-th (setting, batch) pair.
+    batches = [range(s, min(s + args.batch_size, len(jobs))) for s in range(0, len(jobs), args.batch_size)]
+    generated = skipped = 0
+    for s_index, gate_scale in enumerate(settings):
         name = _setting_name(gate_scale)
         if gate_scale is None:
             adapter.remove()
         elif installed_adapter(pipe) is None:
             adapter.install(pipe)
-        keys = [f"{i:06d}_s{seed}" for i, seed in jobs]
-        records = {k: _load_record(out / "records" / name / f"{k}.json") for k in keys}
+        mine = [b for b_index, b in enumerate(batches) if (s_index * len(batches) + b_index) % world == rank]
+        my_keys = [keys[j] for b in mine for j in b]
+        records = {k: _load_record(out / "records" / name / f"{k}.json") for k in my_keys}
         records = {
             k: r
             for k, r in records.items()
             if r is not None and (out / "images" / name / f"{k}.png").is_file()
         }
-        bar = tqdm(total=len(jobs), desc=name, unit="img", initial=len(records))
-
+        skipped += len(records)
+        desc = name if world == 1 else f"{name} [process {rank}/{world}]"
+        bar = tqdm(total=len(my_keys), desc=desc, unit="img", initial=len(records), position=rank)
         bar.set_postfix(mean_iou=f"{_running_iou(records):.3f}")
-        # fixed batches over the full job list: a resumed run computes each image in the same batch as
-        # an uninterrupted one, so its pixels (and scores) are the same
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start : start + args.batch_size]
-            batch_keys = keys[start : start + args.batch_size]
+        for b in mine:
+            batch = [jobs[j] for j in b]
+            batch_keys = [keys[j] for j in b]
             if all(k in records for k in batch_keys):
                 continue
             images = _generate(pipe, adapter, rows, batch, gate_scale, steps, guidance, sched)
@@ -636,9 +784,44 @@ def _run(args) -> int:
                 _atomic_write(out / "images" / name / f"{key}.png", buf.getvalue())
                 _write_json(out / "records" / name / f"{key}.json", record)
                 records[key] = record
+                generated += 1
                 bar.update(1)
             bar.set_postfix(mean_iou=f"{_running_iou(records):.3f}")
         bar.close()
+    print(
+        f"evaluate: process {rank} of {world}: {generated} images generated, {skipped} already done",
+        file=sys.stderr,
+        flush=True,
+    )
+    if state is not None:
+        state.wait_for_everyone()  # every process has written its records: the main process merges them
+        # alone; without a process group, torchmetrics' box AP and FID do not try to sync with the others
+        state.destroy_process_group()
+        if rank != 0:
+            return 0
+    _merge(out, rows, jobs, keys, settings, fingerprint, detector.name, args.seeds, notes, fid_module)
+    return 0
+
+
+def _merge(out, rows, jobs, keys, settings, fingerprint, detector_name, seeds, notes, fid_module) -> None:
+    """results.jsonl, summary.json, summary.md and grid.png from the records on disk, whichever process (or
+    earlier run) wrote them."""
+    from PIL import Image
+
+    from diffusers_ext.evaluation.layout_scoring import summarize
+
+    summary_rows, all_records, grid_images, grid_records = [], [], {}, {}
+    for gate_scale in settings:
+        name = _setting_name(gate_scale)
+        records = {k: _load_record(out / "records" / name / f"{k}.json") for k in keys}
+        missing = [
+            k for k, r in records.items() if r is None or not (out / "images" / name / f"{k}.png").is_file()
+        ]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} {name} images are missing after every process finished (first: {missing[0]}); "
+                "re-run the same command to generate them"
+            )
         ordered = [records[k] for k in keys]
         row_summary = summarize(ordered)
         fake = [out / "images" / name / f"{k}.png" for k in keys]
@@ -668,8 +851,8 @@ def _run(args) -> int:
     summary = {
         "rows": summary_rows,
         "run": fingerprint,
-        "detector": detector.name,
-        "seeds": args.seeds,
+        "detector": detector_name,
+        "seeds": seeds,
         "n_layouts": len(rows),
         "notes": notes,
     }
@@ -679,7 +862,6 @@ def _run(args) -> int:
     _grid([_setting_name(g) for g in settings], grid_images, grid_records, out / "grid.png")
     print(table)
     print(f"wrote {out / 'summary.json'}, {out / 'results.jsonl'}, {out / 'summary.md'}, {out / 'grid.png'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""GPU figures: ``bash benchmarks/gpu/run.sh`` (see its header)."""

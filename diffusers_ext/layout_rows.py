@@ -50,6 +50,8 @@ class CleaningReport:
     boxes_dropped_small: int = 0
     boxes_dropped_over_max_objs: int = 0
     rows_skipped_bad_image: int = 0
+    boxes_left_crop: int = 0  # training crop (diffusers_ext.training.dataset): nothing of the box inside it
+    boxes_small_after_crop: int = 0  # large enough in the image, under --min-area / --min-side in the crop
 
     def summary(self) -> str:
         d = asdict(self)

@@ -67,9 +67,10 @@ def plan_crop(width: int, height: int, resolution: int, mode: str, rng: np.rando
     flipped = bool(rng.random() < 0.5) and flip
     if mode == "none":
         return CropPlan((height, width), (resolution, resolution), 0, 0, flipped)
-    scale = resolution / min(width, height)
-    new_w = max(resolution, round(width * scale))
-    new_h = max(resolution, round(height * scale))
+    # torchvision's Resize(resolution), which the SDXL script uses: shorter side = resolution, longer floored
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)
+    new_w, new_h = (resolution, new_long) if width <= height else (new_long, resolution)
     if mode == "center":
         top, left = round((new_h - resolution) / 2), round((new_w - resolution) / 2)
     else:

@@ -212,7 +212,7 @@ def fill_cache(
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import encode_phrases
-    from diffusers_ext.training.dataset import _transform
+    from diffusers_ext.training.dataset import _transform, to_unit_range
 
     captions = sorted({"", *(r["caption"] for r in dataset.rows)})
     phrases = sorted({p for r in dataset.rows for p in r["phrases"]})
@@ -246,7 +246,7 @@ def fill_cache(
                     [_transform_row(dataset, row, plan, _transform) for row, plan in (j[2] for j in chunk)]
                 )
                 with torch.no_grad():
-                    dist = pipe.vae.encode(pixels.to(device, dtype)).latent_dist
+                    dist = pipe.vae.encode(to_unit_range(pixels.to(device)).to(dtype)).latent_dist
                 outs = [{"mean": m, "std": sd} for m, sd in zip(dist.mean, dist.std, strict=True)]
             for (k, content, _), tensors in zip(chunk, outs, strict=True):
                 cache.write(k, content, tensors)

@@ -35,6 +35,7 @@ __all__ = [
     "collate_samples",
     "crop_boxes",
     "plan_crop",
+    "to_unit_range",
 ]
 
 # "none": resize to a square without cropping (non-square images are squashed), the trainer's old behaviour
@@ -141,7 +142,13 @@ def _transform(image: Image.Image, plan: CropPlan, resolution: int) -> torch.Ten
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if (new_h, new_w) != (resolution, resolution):
         image = image.crop((plan.left, plan.top, plan.left + resolution, plan.top + resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    # uint8 across the worker boundary (a quarter of float32's bytes); ``to_unit_range`` scales on the device
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], the VAE's input range (the same numbers as scaling in numpy)."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -153,7 +160,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 class GroundingCrops(torch.utils.data.Dataset):
     """Grounding rows as training samples in GLIGEN's recipe, indexed by ``(epoch, index)`` keys.
 
-    A sample is ``pixels`` (3, res, res) in [-1, 1] (absent when ``cache`` holds its latents: then
+    A sample is ``pixels`` (3, res, res) uint8 (``to_unit_range`` maps them to [-1, 1]; absent when ``cache`` holds its latents: then
     ``latent_mean``/``latent_std``), ``caption``, the ``boxes`` and ``phrases`` left in the crop,
     ``original_size`` and ``crop_top_left`` for SDXL's micro-conditioning, and, with a ``cache``, the
     cached ``prompt_embeds`` (+ ``pooled``) and ``phrase_feats``. Rows must carry ``size`` (w, h):

@@ -7,9 +7,17 @@ learns the null condition that classifier-free guidance uses. ``--pretrained-mod
 Kolors folder; the text conditioning comes from the pipeline's own ``encode_prompt`` and the phrase
 features from its text encoder (``diffusers_ext.generation.encode_phrases``).
 
-Exact resume. Data order is a permutation seeded by (seed, epoch) and every random draw of a step (noise,
-timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a run resumed
-from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
+Data recipe (``training.dataset``): GLIGEN's aspect-preserving resize + centre crop (``--random-crop``,
+``--no-crop``), ``--random-flip`` with the boxes, boxes recomputed and cleaned in the crop, at most 30;
+SDXL/Kolors get each sample's true ``original_size`` and ``crop_top_left``. Images are decoded and cropped
+in ``--dataloader-num-workers`` loader processes. ``--cache-dir`` (``training.conditioning_cache``)
+computes the prompt embeddings, phrase features and, with ``--cache-latents``, the VAE latents once; the
+text encoders (and the VAE) then stay off the accelerator. docs/diffusers_training_at_scale.md has it all.
+
+Exact resume. Data order is a permutation seeded by (seed, epoch), each sample's crop and flip come from
+(seed, epoch, index) (so any number of loader workers gives the same samples), and every random draw of a
+step (noise, timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a
+run resumed from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
 ``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
 the trainable weights (adapter, LoRA), not the frozen base model.
 
@@ -64,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder the rows' image paths are relative to (default: the JSONL's)",
     )
     data.add_argument(
-        "--min-area", type=float, default=0.01, help="drop boxes under this area fraction (GLIGEN: 1%%)"
+        "--min-area",
+        type=float,
+        default=0.01,
+        help="drop boxes under this area fraction of the crop (GLIGEN: 1%%)",
     )
     data.add_argument(
         "--min-side", type=float, default=0.0, help="drop boxes with a side under this fraction"
@@ -371,6 +382,7 @@ def train(argv: list[str] | None = None) -> dict:
         GroundingCrops,
         collate_samples,
         prepare_rows,
+        to_unit_range,
     )
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
 
@@ -481,6 +493,11 @@ def train(argv: list[str] | None = None) -> dict:
             ),
         )
         accelerator.wait_for_everyone()
+        accelerator.print(
+            f"conditioning cache {args.cache_dir}: {cache_counts['entries']} entries, "
+            f"{cache_counts['found']} found, {cache_counts['written']} computed"
+            + (f" by process {rank}" if world > 1 else "")
+        )
         empty_prompt = cache.read("prompt", {"text": ""})
         dataset.cache = cache
         # the encoders are not needed any more: free them (the VAE too when its latents are cached)
@@ -660,7 +677,8 @@ def train(argv: list[str] | None = None) -> dict:
                     mean = batch["latent_mean"].to(device, weight_dtype)
                     std = batch["latent_std"].to(device, weight_dtype)
                 else:
-                    dist = pipe.vae.encode(batch["pixels"].to(device, weight_dtype)).latent_dist
+                    pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(weight_dtype)
+                    dist = pipe.vae.encode(pixels).latent_dist
                     mean, std = dist.mean, dist.std
                 latents = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * scaling
                 text, added = _encode_text(pipe, kind, captions, device, batch, resolution, empty_prompt)

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  to feed: {name} UNet forward at {res} px = {tflops:.2f} TFLOP/sample; an adapter step ~ 2 "
                 f"forwards; at {args.mfu:.0%} of {args.gpu_tflops:.0f} TFLOP/s a GPU consumes {need:.1f} "
-                f"samples/s = {need / rates[args.workers]:.1f}x this {args.workers}-worker loader"
+                f"samples/s = {need / rates[args.workers]:.1f}x this {args.workers}-worker loader, "
+                f"{need / rates[0]:.1f} cores at the in-process rate of one core"
             )
     return 0
 

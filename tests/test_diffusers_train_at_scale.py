@@ -277,3 +277,13 @@ def test_cache_and_loader_misconfigurations_are_refused_before_work(toy, models,
     with pytest.raises(SystemExit, match=match):
         train(_args(toy["jsonl"], models["sd"], tmp_path / "bad", *extra))
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_loader_benchmark_prints_both_rates_at_a_small_size(capsys):
+    from benchmarks.bench_diffusers_input_pipeline import main
+
+    assert main(["--images", "4", "--resolutions", "64", "--workers", "1", "--batch", "2", "--no-feed"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("loader 64 px"))
+    plain = float(line.split(": ")[1].split()[0])
+    workers = float(line.split(", ")[1].split()[0])
+    assert plain > 0 and workers > 0 and "with 1 workers" in line

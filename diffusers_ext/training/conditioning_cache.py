@@ -19,8 +19,8 @@ everything that determines the entry, stored again in the file's metadata and co
 
 A changed caption, phrase or image file gets a new key, so exactly its entries are recomputed. Entries are
 written as databases write them: a temporary name in the same folder, fsync, atomic rename; a reader only
-opens final names, and a file whose header or metadata does not match its key is treated as absent and
-rewritten (with a warning), so a half-written entry is never read.
+opens final names, and a file whose header, metadata or size does not match its key is treated as absent
+and rewritten (with a warning), so a half-written entry is never read.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class ConditioningCache:
         text_id = component_fingerprint(model, TEXT_COMPONENTS)
         self.identity = {
             "prompt": {"model": str(model), "text_encoders": text_id, "kind": kind, "dtype": dtype},
-            "phrase": {"model": str(model), "text_encoders": text_id, "kind": kind},
+            "phrase": {"model": str(model), "text_encoders": text_id, "kind": kind, "dtype": dtype},
             "latent": {
                 "model": str(model),
                 "vae": component_fingerprint(model, ("vae",)),
@@ -114,22 +114,43 @@ class ConditioningCache:
         key = hashlib.sha256(text.encode()).hexdigest()
         return self.root / kind / key[:2] / f"{key}.safetensors", text
 
-    def read(self, kind: str, content: dict) -> dict | None:
-        path, text = self._content(kind, content)
+    def _check(self, path: Path, text: str) -> None:
+        """Raise unless ``path`` is a whole safetensors file for ``text``: its header parses, its metadata is
+        the key's content and its size is the header's size plus the end of the last tensor. Reads the
+        header only, so the cache pass checks every entry without loading the tensors."""
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        if header.get("__metadata__", {}).get("content") != text:
+            raise ValueError("its metadata does not match the key")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + n + end:
+            raise ValueError(f"{size} bytes, the header describes {8 + n + end}")
+
+    def _whole(self, path: Path, text: str) -> bool:
         if not path.is_file():
-            return None
+            return False
         try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("content") != text:
-                    raise ValueError("metadata does not match the key")
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # a damaged file (not ours: ours are renamed only when complete)
-            warnings.warn(f"conditioning cache: {path} is unreadable ({e}); computing it again", stacklevel=2)
+            self._check(path, text)
+            return True
+        except Exception as e:  # damaged outside the trainer: ours are renamed only when complete
+            warnings.warn(f"conditioning cache: {path} is unreadable ({e}); computing it again", stacklevel=3)
             self.rewritten_bad += 1
-            return None
+            return False
 
     def has(self, kind: str, content: dict) -> bool:
-        return self.read(kind, content) is not None
+        return self._whole(*self._content(kind, content))
+
+    def read(self, kind: str, content: dict) -> dict | None:
+        path, text = self._content(kind, content)
+        if not self._whole(path, text):
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
 
     def write(self, kind: str, content: dict, tensors: dict) -> None:
         path, text = self._content(kind, content)
@@ -204,11 +225,11 @@ def fill_cache(
     batch_size=16,
     on_encoders=None,
 ) -> dict:
-    """Compute this rank's share of the missing entries (the empty prompt, every caption and phrase of
+    """Compute the missing entries of this rank's share (every ``world``-th one) (the empty prompt, every caption and phrase of
     ``dataset.rows`` and, with latents, every image in each orientation its crop can take). Entries that
     exist are skipped, so an interrupted pass resumes where it stopped. ``on_encoders(names)`` is called
     before the first encoding that needs modules on ``device`` (the trainer moves them there).
-    Returns counts of entries found and written."""
+    Returns counts of this rank's share: entries, found, written."""
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import encode_phrases
@@ -224,9 +245,11 @@ def fill_cache(
             for f in flips:
                 plan = replace(base, flip=f)
                 jobs.append(("latent", cache.latent_content(row, plan), (row, plan)))
-    missing = [j for j in jobs if not cache.has(j[0], j[1])]
-    mine = missing[rank::world]
-    counts = {"entries": len(jobs), "found": len(jobs) - len(missing), "written": 0}
+    # a fixed share per rank, checked by that rank only: ranks that check while others write still
+    # split the work without gaps
+    share = jobs[rank::world]
+    mine = [j for j in share if not cache.has(j[0], j[1])]
+    counts = {"entries": len(share), "found": len(share) - len(mine), "written": 0}
     if not mine:
         return counts
     needed = sorted({"text" if k != "latent" else "vae" for k, _, _ in mine})

@@ -496,7 +496,7 @@ def train(argv: list[str] | None = None) -> dict:
         accelerator.print(
             f"conditioning cache {args.cache_dir}: {cache_counts['entries']} entries, "
             f"{cache_counts['found']} found, {cache_counts['written']} computed"
-            + (f" by process {rank}" if world > 1 else "")
+            + (f" (process {rank}'s share)" if world > 1 else ""),
         )
         empty_prompt = cache.read("prompt", {"text": ""})
         dataset.cache = cache

@@ -22,7 +22,14 @@ from pathlib import Path
 from vlext.boxes import check_box
 from vlext.jsonl import read_jsonl_objects
 
-__all__ = ["CleaningReport", "ROW_HINT", "ROW_KEYS", "check_layout_shape", "clean_layout", "read_grounding_rows"]
+__all__ = [
+    "CleaningReport",
+    "ROW_HINT",
+    "ROW_KEYS",
+    "check_layout_shape",
+    "clean_layout",
+    "read_grounding_rows",
+]
 
 ROW_KEYS = ("image", "caption", "boxes", "phrases")
 ROW_HINT = '{"image": "<path>", "caption": "...", "boxes": [[x0, y0, x1, y1], ...], "phrases": ["...", ...]}'
@@ -37,6 +44,8 @@ class CleaningReport:
     boxes_dropped_small: int = 0
     boxes_dropped_over_max_objs: int = 0
     rows_skipped_bad_image: int = 0
+    boxes_left_crop: int = 0  # training crop (diffusers_ext.training.dataset): nothing of the box inside it
+    boxes_small_after_crop: int = 0  # large enough in the image, under --min-area / --min-side in the crop
 
     def summary(self) -> str:
         d = asdict(self)

@@ -44,7 +44,12 @@ def test_two_process_training_and_resume_continue_exactly(tmp_path):
     full = tmp_path / "full"
     _launch([*common, "--output-dir", str(full), "--checkpointing-steps", "2"], port=29531)
     resumed = tmp_path / "resumed"
-    _launch([*common, "--output-dir", str(resumed), "--resume", str(full / "checkpoint-2")], port=29532)
+    # the resumed run also reads through 1 loader worker per process and a conditioning cache that the two
+    # processes fill in shares (prompt, phrase and latent entries): the same losses still
+    fast = ["--dataloader-num-workers", "1", "--cache-dir", str(tmp_path / "cache"), "--cache-latents"]
+    _launch(
+        [*common, "--output-dir", str(resumed), "--resume", str(full / "checkpoint-2"), *fast], port=29532
+    )
     expected, got = _losses(full), _losses(resumed)
     # 4 rows / (1 per process x 2 processes) x 2 epochs = 4 steps: two ranks ran; the resume starts epoch 2
     assert sorted(expected) == [1, 2, 3, 4]

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 

@@ -7,9 +7,17 @@ learns the null condition that classifier-free guidance uses. ``--pretrained-mod
 Kolors folder; the text conditioning comes from the pipeline's own ``encode_prompt`` and the phrase
 features from its text encoder (``diffusers_ext.generation.encode_phrases``).
 
-Exact resume. Data order is a permutation seeded by (seed, epoch) and every random draw of a step (noise,
-timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a run resumed
-from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
+Data recipe (``training.dataset``): GLIGEN's aspect-preserving resize + centre crop (``--random-crop``,
+``--no-crop``), ``--random-flip`` with the boxes, boxes recomputed and cleaned in the crop, at most 30;
+SDXL/Kolors get each sample's true ``original_size`` and ``crop_top_left``. Images are decoded and cropped
+in ``--dataloader-num-workers`` loader processes. ``--cache-dir`` (``training.conditioning_cache``)
+computes the prompt embeddings, phrase features and, with ``--cache-latents``, the VAE latents once; the
+text encoders (and the VAE) then stay off the accelerator. docs/diffusers_training_at_scale.md has it all.
+
+Exact resume. Data order is a permutation seeded by (seed, epoch), each sample's crop and flip come from
+(seed, epoch, index) (so any number of loader workers gives the same samples), and every random draw of a
+step (noise, timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a
+run resumed from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
 ``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
 the trainable weights (adapter, LoRA), not the frozen base model.
 
@@ -69,12 +77,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder the rows' image paths are relative to (default: the JSONL's)",
     )
     data.add_argument(
-        "--min-area", type=float, default=0.01, help="drop boxes under this area fraction (GLIGEN: 1%%)"
+        "--min-area",
+        type=float,
+        default=0.01,
+        help="drop boxes under this area fraction of the crop (GLIGEN: 1%%)",
     )
     data.add_argument(
         "--min-side", type=float, default=0.0, help="drop boxes with a side under this fraction"
     )
-    data.add_argument("--max-objs", type=int, default=30, help="keep the largest this many boxes per image")
+    data.add_argument(
+        "--max-objs", type=int, default=30, help="keep the largest this many boxes per image (GLIGEN: 30)"
+    )
+    crop = data.add_mutually_exclusive_group()
+    crop.add_argument(
+        "--center-crop",
+        dest="crop",
+        action="store_const",
+        const="center",
+        help="resize the shorter side to --resolution and crop the centre square (default; GLIGEN's "
+        "random_crop: False); boxes are recomputed in the crop and cleaned by --min-area/--min-side there",
+    )
+    crop.add_argument(
+        "--random-crop",
+        dest="crop",
+        action="store_const",
+        const="random",
+        help="crop a random square instead",
+    )
+    crop.add_argument(
+        "--no-crop",
+        dest="crop",
+        action="store_const",
+        const="none",
+        help="resize to a square without cropping (squashes non-square images; the behaviour before the crop)",
+    )
+    data.set_defaults(crop="center")
+    data.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mirror half of the images with their boxes (GLIGEN's default). The phrases and caption are "
+        "not changed, so words like 'left' and 'right' then mean the opposite side for those samples; "
+        "turn it off (--no-random-flip) for data whose text names sides",
+    )
+    data.add_argument(
+        "--dataloader-num-workers",
+        type=int,
+        default=0,
+        help="loader worker processes that decode and crop images (0: in the training process)",
+    )
+    data.add_argument(
+        "--cache-dir",
+        default=None,
+        help="precompute prompt embeddings and phrase features once into this folder (reused by later runs, "
+        "keyed by their content); the text encoders then stay off the accelerator",
+    )
+    data.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="with --cache-dir, also cache the VAE latents (both orientations with --random-flip; "
+        "not with --random-crop); the VAE then stays off the accelerator",
+    )
     data.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -167,6 +230,16 @@ def _check_args(args) -> None:
     for name in ("batch_size", "epochs", "max_objs", "save_epoch"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        raise SystemExit(f"--dataloader-num-workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.cache_latents and not args.cache_dir:
+        raise SystemExit("--cache-latents needs --cache-dir DIR (the folder the latents are cached in)")
+    if args.cache_latents and args.crop == "random":
+        raise SystemExit(
+            "--cache-latents with --random-crop: the crop offset is drawn anew every epoch, so the VAE "
+            "latents cannot be computed once; use --center-crop (or --no-crop) with --cache-latents, or "
+            "drop --cache-latents (prompt embeddings and phrase features are still cached)"
+        )
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
     if not args.lr > 0:  # 0 trains nothing; a negative lr used to fail only after the pipeline loaded
@@ -186,42 +259,74 @@ def _step_generator(seed: int, step: int, rank: int):
     return torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * rank)
 
 
-def _encode_text(pipe, kind: str, captions: list[str], device, resolution: int):
-    """Prompt embeddings (and SDXL/Kolors added conditions) from the pipeline's own ``encode_prompt``."""
+def _time_ids(pipe, batch: dict, resolution: int, dtype, projection_dim: int):
+    """SDXL micro-conditioning per sample, as diffusers' SDXL training script computes it: the image's
+    ``original_size`` (h, w) before the resize, the crop's ``(top, left)``, the target ``(res, res)``."""
+    import torch
+
+    return torch.cat(
+        [
+            pipe._get_add_time_ids(
+                tuple(size),
+                tuple(top_left),
+                (resolution, resolution),
+                dtype,
+                text_encoder_projection_dim=projection_dim,
+            )
+            for size, top_left in zip(batch["original_size"], batch["crop_top_left"], strict=True)
+        ]
+    )
+
+
+def _encode_text(pipe, kind: str, captions: list[str], device, batch: dict, resolution: int, empty=None):
+    """Prompt embeddings (and SDXL/Kolors added conditions) from the pipeline's own ``encode_prompt``, or
+    from the batch's cached ones (``empty``: the cached empty prompt, for dropped captions)."""
     import torch
 
     with torch.no_grad():
-        if kind == "sd":
+        if "prompt_embeds" in batch:
+            keep = torch.tensor([c != "" for c in captions])
+            text = torch.where(keep[:, None, None], batch["prompt_embeds"], empty["prompt_embeds"][None]).to(
+                device
+            )
+            pooled = None
+            if kind != "sd":
+                pooled = torch.where(keep[:, None], batch["pooled"], empty["pooled"][None]).to(device)
+        elif kind == "sd":
             text, _ = pipe.encode_prompt(captions, device, 1, False)
+        else:
+            text, _, pooled, _ = pipe.encode_prompt(
+                prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        if kind == "sd":
             return text, None
-        text, _, pooled, _ = pipe.encode_prompt(
-            prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        size = (resolution, resolution)
-        time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, text.dtype, text_encoder_projection_dim=pooled.shape[-1]
-        )
-        time_ids = time_ids.to(device).repeat(len(captions), 1)
+        time_ids = _time_ids(pipe, batch, resolution, text.dtype, pooled.shape[-1]).to(device)
         return text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def _batch_layouts(pipe, batch: list[dict], max_objs: int, phrase_dim: int, g, args, device):
-    """Boxes, phrase features and masks (B, max_objs, ...) with GLIGEN's object and layout dropout."""
+def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, device):
+    """Boxes, phrase features (the batch's cached ones, or encoded now) and masks (B, max_objs, ...) with
+    GLIGEN's object and layout dropout."""
     import torch
 
     from diffusers_ext.generation import encode_phrases
 
-    b = len(batch)
+    b = len(batch["phrases"])
     boxes = torch.zeros(b, max_objs, 4)
     feats = torch.zeros(b, max_objs, phrase_dim)
     masks = torch.zeros(b, max_objs)
-    phrases = [p for row in batch for p in row["phrases"]]
-    encoded = encode_phrases(pipe, phrases).cpu() if phrases else None
+    if "phrase_feats" in batch:
+        cached = [f for f in batch["phrase_feats"] if f is not None]
+        encoded = torch.cat(cached).float() if cached else None
+    else:
+        phrases = [p for row in batch["phrases"] for p in row]
+        encoded = encode_phrases(pipe, phrases).cpu() if phrases else None
     k = 0
-    for i, row in enumerate(batch):
-        n = len(row["phrases"])
-        boxes[i, :n] = torch.tensor(row["boxes"])
-        feats[i, :n] = encoded[k : k + n]
+    for i, row_boxes in enumerate(batch["boxes"]):
+        n = len(row_boxes)
+        if n:
+            boxes[i, :n] = torch.tensor(row_boxes)
+            feats[i, :n] = encoded[k : k + n]
         masks[i, :n] = 1
         k += n
     masks = masks * (torch.rand(b, max_objs, generator=g) >= args.phrase_dropout)
@@ -287,7 +392,14 @@ def train(argv: list[str] | None = None) -> dict:
     from diffusers_ext.generation import phrase_dim, pipeline_kind
     from diffusers_ext.layout_rows import read_grounding_rows
     from diffusers_ext.spatial_adapter import SpatialAdapter
-    from diffusers_ext.training.dataset import GroundingRows, verify_images
+    from diffusers_ext.training.dataset import (
+        EpochBatchSampler,
+        GroundingCrops,
+        collate_samples,
+        prepare_rows,
+        to_unit_range,
+        verify_images,
+    )
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
 
     accelerator = Accelerator(
@@ -315,9 +427,8 @@ def train(argv: list[str] | None = None) -> dict:
                 say(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
         accelerator.wait_for_everyone()
 
-    rows, report = read_grounding_rows(
-        args.mixed_data, min_area=args.min_area, min_side=args.min_side, max_objs=args.max_objs
-    )
+    # boxes are only checked here; --min-area, --min-side and --max-objs apply in the crop (prepare_rows)
+    rows, report = read_grounding_rows(args.mixed_data, min_area=0.0, min_side=0.0, max_objs=2**31)
     image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
     rows = verify_images(
         rows,
@@ -327,15 +438,26 @@ def train(argv: list[str] | None = None) -> dict:
         log=say,
         progress=accelerator.is_local_main_process,
     )
-    accelerator.print(f"data cleaning: {report.summary()}")
-    if not rows:
-        raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
 
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model)
     kind = pipeline_kind(pipe)
     unet = pipe.unet
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    dataset = GroundingRows(rows, image_dir, resolution)
+    dataset = GroundingCrops(
+        rows,
+        image_dir,
+        resolution,
+        crop=args.crop,
+        flip=args.random_flip,
+        seed=args.seed,
+        min_area=args.min_area,
+        min_side=args.min_side,
+        max_objs=args.max_objs,
+    )
+    prepare_rows(dataset, report)
+    accelerator.print(f"data cleaning: {report.summary()}")
+    if not dataset.rows:
+        raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
     global_batch = args.batch_size * world
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
@@ -347,11 +469,67 @@ def train(argv: list[str] | None = None) -> dict:
         total_steps = min(total_steps, args.max_train_steps)
 
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), unet):
-        if module is not None:
-            module.requires_grad_(False).to(device, weight_dtype)
-    pipe.vae.eval()
-    pipe.text_encoder.eval()
+    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    adapter_phrase_dim, scaling = phrase_dim(pipe), pipe.vae.config.scaling_factor
+    for module in (pipe.vae, *text_encoders, unet):
+        module.requires_grad_(False).eval()
+    on_device = []
+
+    def to_device(modules):
+        for module in modules:
+            module.to(device, weight_dtype)
+            on_device.append(type(module).__name__)
+
+    to_device([unet])
+    cache, cache_counts, empty_prompt = None, None, None
+    if args.cache_dir:
+        from diffusers_ext.training.conditioning_cache import ConditioningCache, fill_cache, model_folder
+
+        cache = ConditioningCache(
+            args.cache_dir,
+            model=model_folder(args.pretrained_model),
+            kind=kind,
+            dtype=str(weight_dtype),
+            cache_latents=args.cache_latents,
+            resolution=resolution,
+            crop=args.crop,
+        )
+        if args.cache_latents:
+            from diffusers_ext.training.conditioning_cache import file_digest
+
+            for row in dataset.rows:
+                row["sha256"] = file_digest(image_dir / row["image"])
+        cache_counts = fill_cache(
+            cache,
+            pipe,
+            kind,
+            dataset,
+            device=device,
+            dtype=weight_dtype,
+            rank=rank,
+            world=world,
+            progress=accelerator.is_local_main_process,
+            on_encoders=lambda needed: to_device(
+                (text_encoders if "text" in needed else []) + ([pipe.vae] if "vae" in needed else [])
+            ),
+        )
+        accelerator.wait_for_everyone()
+        accelerator.print(
+            f"conditioning cache {args.cache_dir}: {cache_counts['entries']} entries, "
+            f"{cache_counts['found']} found, {cache_counts['written']} computed"
+            + (f" (process {rank}'s share)" if world > 1 else ""),
+        )
+        empty_prompt = cache.read("prompt", {"text": ""})
+        dataset.cache = cache
+        # the encoders are not needed any more: free them (the VAE too when its latents are cached)
+        for name in ("text_encoder", "text_encoder_2") + (("vae",) if args.cache_latents else ()):
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        text_encoders = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        to_device([pipe.vae, *text_encoders])
 
     trainable_extra = []
     if args.lora_rank:
@@ -373,7 +551,7 @@ def train(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     adapter = SpatialAdapter.for_unet(
         unet,
-        phrase_dim=phrase_dim(pipe),
+        phrase_dim=adapter_phrase_dim,
         layers=args.layers,
         max_objs=args.max_objs,
         hidden_dim=args.hidden_dim,
@@ -488,38 +666,47 @@ def train(argv: list[str] | None = None) -> dict:
             atomic_write_bytes(folder / "unet_lora.safetensors", save(lora))
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    scaling = pipe.vae.config.scaling_factor
+    sampler = EpochBatchSampler(len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed)
+    workers = args.dataloader_num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_samples,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )
     losses = []
     bar = tqdm(
         total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
     )
     while global_step < total_steps:
         epoch = global_step // steps_per_epoch
-        order = torch.randperm(
-            len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)
-        ).tolist()
-        for local in range(global_step % steps_per_epoch, steps_per_epoch):
-            start = local * global_batch + rank * args.batch_size
-            batch = [dataset[i] for i in order[start : start + args.batch_size]]
+        sampler.set_epoch(epoch, global_step % steps_per_epoch)
+        for batch in loader:
             g = _step_generator(args.seed, global_step, rank)
             captions = [
-                "" if torch.rand(1, generator=g).item() < args.caption_dropout else r["caption"]
-                for r in batch
+                "" if torch.rand(1, generator=g).item() < args.caption_dropout else c
+                for c in batch["caption"]
             ]
-            pixels = torch.stack([r["pixels"] for r in batch]).to(device, weight_dtype)
             with torch.no_grad():
-                dist = pipe.vae.encode(pixels).latent_dist
-                latents = (
-                    dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)
-                ) * scaling
-                text, added = _encode_text(pipe, kind, captions, device, resolution)
+                if "latent_mean" in batch:
+                    mean = batch["latent_mean"].to(device, weight_dtype)
+                    std = batch["latent_std"].to(device, weight_dtype)
+                else:
+                    pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(weight_dtype)
+                    dist = pipe.vae.encode(pixels).latent_dist
+                    mean, std = dist.mean, dist.std
+                latents = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * scaling
+                text, added = _encode_text(pipe, kind, captions, device, batch, resolution, empty_prompt)
             boxes, feats, masks = _batch_layouts(
                 pipe, batch, args.max_objs, adapter.config.phrase_dim, g, args, device
             )
             noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(
-                device
-            )
+            t = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g
+            ).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, t)
@@ -588,6 +775,8 @@ def train(argv: list[str] | None = None) -> dict:
         "trainable": trainable_names,
         "unet_dtype": str(unet.dtype),
         "gradient_checkpointing": unet.is_gradient_checkpointing,
+        "on_device": on_device,
+        "cache": None if cache is None else {**cache_counts, "rewritten_bad": cache.rewritten_bad},
     }
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu" / "run.sh"
 SECTIONS = ["device", "train-sd15", "train-sdxl", "train-kolors", "processor-vs-native", "generate-sd15"]
@@ -25,6 +27,7 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_tiny_run_on_cpu_passes_every_section_with_its_figures():
     run = _run("--tiny")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -222,7 +222,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if is_csv(path, args.dataset_type):
             rows = check_csv(path, flag, args.csv_separator, args.csv_img_key, args.csv_caption_key)
             if flag == "--train-data" and args.memory_bank_size > rows and not args.memory_bank_dedup:
-                logging.warning(
+                # a named logger: the root-level logging.warning would configure the root logger before
+                # open_clip's setup_logging does, and every later line would then print twice
+                logging.getLogger(__name__).warning(
                     "--memory-bank-size %d is larger than --train-data's %d rows: after one epoch the bank holds "
                     "each sample's own earlier embedding, which the loss then counts as a negative. Pass "
                     "--memory-bank-dedup (masks a sample's own entries) or use a bank of at most %d",

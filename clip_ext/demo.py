@@ -19,13 +19,13 @@ QUICK = {"train_images": 32, "val_images": 16, "epochs": 1}
 LOSS_LINE = re.compile(r"Train Epoch: (\d+) .*Contrastive_loss: ([0-9.]+)")
 
 
-def _train(out: Path, data: Path, name: str, extra: list[str], epochs: int) -> dict:
+def _train(out: Path, data: Path, name: str, extra: list[str], epochs: int, seed: int = 0) -> dict:
     from clip_ext.train import main
 
     argv = [
         "--model", "clip-ext-tiny", "--train-data", str(data / "train.csv"), "--val-data", str(data / "val.csv"),
         "--dataset-type", "csv", "--batch-size", str(BATCH), "--epochs", str(epochs), "--lr", "1e-3",
-        "--warmup", "16", "--wd", "0.1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--seed", "0",
+        "--warmup", "16", "--wd", "0.1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--seed", str(seed),
         "--logs", str(out / "logs"), "--name", name, "--log-every-n-steps", "8", "--save-frequency", "0",
         *extra,
     ]  # fmt: skip
@@ -89,8 +89,15 @@ def _plot(curves: dict[str, list[float]], path: Path) -> None:
 _METRICS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
-    """Train the three runs, print and return the held-out recall table; ``quick`` shrinks the data."""
+SEED = 0
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = SEED) -> dict:
+    """Train the three runs, print and return the held-out recall table; ``quick`` shrinks the data.
+
+    ``seed`` is open_clip_train's ``--seed`` (weights, batch order) for all three runs; the toy data stays
+    the same (``python -m vlext.seeds --part clip_ext`` varies it to show the spread of the comparison).
+    """
     from vlext.toyworld import write_clip_csv
 
     sizes = QUICK if quick else {"train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "epochs": EPOCHS}
@@ -116,7 +123,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
          ["--memory-bank-size", "64", "--memory-bank-warmup-steps", str(warmups[1])]),
     ):  # fmt: skip
         print(f"clip_ext: training '{label}' ({steps} steps at batch {BATCH})", flush=True)
-        runs[label] = _train(out_dir, data, name, extra, epochs)
+        runs[label] = _train(out_dir, data, name, extra, epochs, seed)
     summary = {}
     print(f"\nheld-out retrieval on {n_val} toy images after {epochs} epochs at batch {BATCH}:")
     print(f"{'run':>22} | {'i2t R@1':>7} {'i2t R@5':>7} {'t2i R@1':>7} {'t2i R@5':>7} | final loss")
@@ -140,7 +147,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     return {
         **summary,
         "random": random,
-        "setup": {**sizes, "batch": BATCH, "steps": steps},
+        "setup": {**sizes, "batch": BATCH, "steps": steps, "seed": seed},
         "tables": [
             {
                 "title": f"clip_ext: held-out retrieval (%) on {n_val} toy images, {steps} steps at batch {BATCH}",
@@ -155,7 +162,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m clip_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
+    """``python -m clip_ext.demo [--out DIR] [--quick] [--seed S]``; torch and the host library load only once it runs."""
     from vlext.demo import extension_demo_command
 
     extension_demo_command("clip_ext", run, __doc__.split("\n")[0], argv)

@@ -56,7 +56,7 @@ def random_baseline(root: Path, split: str = "val") -> dict[str, float]:
     return metrics
 
 
-def _train(data: Path, out: Path, fusion: bool, epochs: int, batch_size: int):
+def _train(data: Path, out: Path, fusion: bool, epochs: int, batch_size: int, seed: int = 42):
     from lavis_ext.train import main
 
     # absolute paths: LAVIS 1.0.2's runner joined a relative run.output_dir onto its own package folder
@@ -70,6 +70,7 @@ def _train(data: Path, out: Path, fusion: bool, epochs: int, batch_size: int):
             f"run.max_epoch={epochs}",
             f"run.batch_size_train={batch_size}",
             f"model.use_gated_fusion={fusion}",
+            f"run.seed={seed}",
         ]
     )
     job = Path(runner.output_dir)
@@ -169,6 +170,7 @@ def draw_retrieval_panel(examples: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+SEED = 42  # cirr_tiny.yaml's run.seed
 QUICK = {"n_train": 256, "n_val": 30, "epochs": 1, "batch_size": 32}
 
 
@@ -179,8 +181,13 @@ def run(
     epochs: int = 15,
     batch_size: int = 32,
     quick: bool = False,
+    seed: int = SEED,
 ) -> dict:
-    """Train without and with gated fusion, print the recall table next to the random baseline."""
+    """Train without and with gated fusion, print the recall table next to the random baseline.
+
+    ``seed`` is LAVIS's ``run.seed`` (weights, batch order, dropout) for both runs; the toy data stays
+    seed 0's (``python -m vlext.seeds --part lavis_ext`` varies it to show the spread of the comparison).
+    """
     from vlext.toyworld import write_cirr
 
     if quick:
@@ -191,7 +198,7 @@ def run(
     runners = {}
     for name, fusion in (("sprc", False), ("sprc+gated_fusion", True)):
         print(f"lavis_ext: training {name} ({epochs} epochs of {n_train // batch_size} steps)", flush=True)
-        results[name], runners[name] = _train(data, out_dir / name, fusion, epochs, batch_size)
+        results[name], runners[name] = _train(data, out_dir / name, fusion, epochs, batch_size, seed)
     header = f"{'toy CIRR val (%)':<20}" + "".join(f"{label:>7}" for label, _ in _COLUMNS)
     lines = [header] + [
         f"{name:<20}" + "".join(f"{results[name][key]:7.1f}" for _, key in _COLUMNS) for name in results
@@ -210,7 +217,13 @@ def run(
         "table": lines,
         "results": table,
         "retrieval_examples": examples,
-        "setup": {"n_train": n_train, "n_val": n_val, "epochs": epochs, "batch_size": batch_size},
+        "setup": {
+            "n_train": n_train,
+            "n_val": n_val,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+        },
         "tables": [
             {
                 "title": f"lavis_ext: toy CIRR val recall (%), {n_val} queries, LAVIS's best epoch of {epochs}",
@@ -230,7 +243,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lavis_ext.demo [--out DIR] [--quick]``; torch and the host library load only once it runs."""
+    """``python -m lavis_ext.demo [--out DIR] [--quick] [--seed S]``; torch and the host library load only once it runs."""
     from vlext.demo import extension_demo_command
 
     extension_demo_command("lavis_ext", run, __doc__.split("\n")[0], argv)

@@ -63,3 +63,27 @@ def test_page_check_notices_a_missing_image(out):
     (out / "alpha" / "curves.png").unlink()
     with pytest.raises(AssertionError, match="curves.png"):
         check_page_matches_summary(out, SUMMARY)
+
+
+def test_without_timings_drops_every_seconds_key_and_nothing_else():
+    from vlext.report import without_timings
+
+    summary = {
+        "total_seconds": 9.0,
+        "parts": {"a": {"seconds": 1, "wall_seconds": 2, "result": {"x": [1.5]}}},
+    }
+    assert without_timings(summary) == {"parts": {"a": {"result": {"x": [1.5]}}}}
+
+
+def test_markdown_table_prints_the_summary_cells_as_the_page_does():
+    from vlext.report import markdown_table
+
+    table = SUMMARY["parts"]["alpha"]["result"]["tables"][0]
+    assert markdown_table(table) == [
+        "*recall <%> & more*",
+        "",
+        "| run | R@1 | loss |",
+        "|---|---|---|",
+        "| with bank | 12.5 | 0.855 |",
+        "| random | 1.6 |  |",
+    ]

@@ -1,12 +1,18 @@
 """``make demo``: run each extension's demo on the built-in toy world, then write one page to look at.
 
 Each demo is ``run(out_dir: Path, quick: bool) -> dict`` (registry.yaml's ``demos:`` lists them) and prints
-its own report. The driver runs every demo in its own process, ``--jobs`` at a time with the cores split
-between them (the demos are small, so two single-threaded demos on two cores finish sooner than two
-two-threaded ones in turn), prefixes their output with the part's name and elapsed time, and writes
-``<out>/summary.json`` and ``<out>/index.html`` (static, relative links). ``--quick`` runs the same functions
-with smaller numbers (minutes; the test of this command). A demo that raises fails the run (exit status 1);
-a demo whose package has not landed is reported as missing.
+its own report. The driver runs every demo in its own process, ``--jobs`` at a time, prefixes their output
+with the part's name and elapsed time, and writes ``<out>/summary.json`` and ``<out>/index.html`` (static,
+relative links). ``--quick`` runs the same functions with smaller numbers (minutes; the test of this
+command). A demo that raises fails the run (exit status 1); a demo whose package has not landed is reported
+as missing.
+
+Reproducible figures: every part runs with ``--threads`` torch threads (default 1) from its first operator
+to its last, whatever ``--jobs`` is and whenever the other parts finish. A float reduction split over two
+threads adds in another order than over one (``torch.randn(10**6).sum()`` differs in the last bits), and
+over hundreds of training steps such differences grow into different recalls; so the thread count is fixed
+per part, and ``--jobs`` only decides how many parts run side by side. Two runs on one machine with the
+same ``--threads`` write the same ``summary.json`` apart from its timings (tests/test_demo_command.py).
 """
 
 from __future__ import annotations
@@ -14,19 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlext.atomic_files import atomic_write_text
 from vlext.manifest import load_demos
 
 RESULT_FILE = "result.json"  # each part writes <out>/<package>/result.json, the driver collects them
-THREADS_DIR_ENV = "VLEXT_DEMO_THREADS_DIR"  # where the driver tells each part how many threads to use
+DEFAULT_THREADS = 1
 
 
 def _load(run: str):
@@ -47,10 +53,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def extension_demo_command(package: str, run, description: str, argv: list[str] | None = None) -> None:
-    """``python -m <package>.demo [--out DIR] [--quick]``: one extension's demo on its own, in this process.
+    """``python -m <package>.demo [--out DIR] [--quick] [--seed S]``: one extension's demo, in this process.
 
-    ``run(out_dir, quick=...)`` is the same function ``make demo`` runs; the extensions' ``main`` only parse
-    these two flags, so their ``--help`` answers before torch or the host library is imported.
+    ``run(out_dir, quick=..., seed=...)`` is the same function ``make demo`` runs; the extensions' ``main``
+    only parse these flags, so their ``--help`` answers before torch or the host library is imported.
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m {package}.demo", description=description, allow_abbrev=False
@@ -63,11 +69,14 @@ def extension_demo_command(package: str, run, description: str, argv: list[str] 
         action="store_true",
         help="the same path on a few samples for one epoch (a test of the command)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="training seed (default: the demo's own, as in make demo)"
+    )
     args = parser.parse_args(argv)
-    run(args.out, quick=args.quick)
+    run(args.out, quick=args.quick, **({} if args.seed is None else {"seed": args.seed}))
 
 
-def run_part(run: str, out_dir: Path, quick: bool) -> dict:
+def run_part(run: str, out_dir: Path, quick: bool, seed: int | None = None) -> dict:
     """Run one demo in this process; returns ``{"status", "seconds", "result"}`` and writes it to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     function = _load(run)
@@ -76,7 +85,7 @@ def run_part(run: str, out_dir: Path, quick: bool) -> dict:
     else:
         start = time.perf_counter()
         try:
-            result = function(out_dir, quick=quick)
+            result = function(out_dir, quick=quick, **({} if seed is None else {"seed": seed}))
             entry = {"status": "ok", "seconds": round(time.perf_counter() - start, 1), "result": result}
         except Exception:
             traceback.print_exc()
@@ -121,107 +130,62 @@ class _Relay:
         self._emit(buffer.decode(errors="replace"))
 
 
-def follow_thread_budget(folder: Path, package: str) -> None:
-    """In a part's process: use the thread count the driver writes to ``folder/<package>`` from now on.
+@dataclass(frozen=True)
+class PartJob:
+    """One demo part to run in its own process: ``python -m vlext.demo --part <package> --out <out>``."""
 
-    When the last parts run alone, the driver gives them the cores the finished ones used: it writes the
-    new count to ``folder/<package>`` and, once ``folder/<package>.ready`` exists, sends SIGUSR1. The
-    handler only calls ``torch.set_num_threads`` (it runs between bytecodes, so never inside an operator).
-    The marker is written after the handler is installed and the count read after the marker, so a count
-    written before the part was ready is still picked up.
-    """
-    if not hasattr(signal, "SIGUSR1"):
-        return
-    budget = folder / package
-
-    def apply(*_) -> None:
-        import torch
-
-        try:
-            threads = int(budget.read_text())
-        except (OSError, ValueError):
-            return
-        if threads >= 1 and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-
-    signal.signal(signal.SIGUSR1, apply)
-    signal.siginterrupt(signal.SIGUSR1, False)  # restart system calls it lands in (C code may not retry)
-    (folder / f"{package}.ready").touch()
-    apply()
+    name: str  # shown in the log prefix and used as the summary key
+    package: str
+    out: Path  # the part writes into out/<package>
+    what: str = ""
+    seed: int | None = None
 
 
-def stop_following_thread_budget() -> None:
-    """A part that is done ignores the driver's signal from now on.
-
-    While Python shuts down it resets a Python-level handler to the default action, and SIGUSR1's default
-    ends the process: a signal sent just as the part finished made the driver report a finished part as
-    killed. An ignored signal stays ignored through shutdown.
-    """
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-def _give_threads(folder: Path, package: str, proc: subprocess.Popen, threads: int) -> None:
-    """Driver side of :func:`follow_thread_budget`."""
-    tmp = folder / f"{package}.tmp"
-    tmp.write_text(str(threads))
-    os.replace(tmp, folder / package)
-    if hasattr(signal, "SIGUSR1") and (folder / f"{package}.ready").exists() and proc.poll() is None:
-        proc.send_signal(signal.SIGUSR1)
-
-
-def _launch(demo, out: Path, quick: bool, threads: int, threads_dir: Path) -> tuple:
+def _launch(job: PartJob, quick: bool, threads: int) -> tuple:
     env = {
         **os.environ,
-        THREADS_DIR_ENV: str(threads_dir),
+        # the part's thread count for its whole run (vlext.demo docstring); no process changes it later
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
+        "PYTHONHASHSEED": "0",  # set and dict-of-str order the same in every run
         "PYTHONUNBUFFERED": "1",
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"),
     }
-    cmd = [sys.executable, "-m", "vlext.demo", "--part", demo.package, "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd + (["--quick"] if quick else []), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
+    cmd = [sys.executable, "-m", "vlext.demo", "--part", job.package, "--out", str(job.out)]
+    cmd += ["--threads", str(threads)] + (["--quick"] if quick else [])
+    cmd += [] if job.seed is None else ["--seed", str(job.seed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     start = time.perf_counter()
-    return proc, _Relay(demo.package, proc.stdout, start), start
+    return proc, _Relay(job.name, proc.stdout, start), start
 
 
-def _run_all(demos, out: Path, quick: bool, jobs: int) -> dict[str, dict]:
-    import tempfile
+def run_parts(jobs: list[PartJob], quick: bool, parallel: int, threads: int) -> dict[str, dict]:
+    """Run ``jobs`` in their own processes, ``parallel`` at a time, each with ``threads`` torch threads.
 
-    with tempfile.TemporaryDirectory(prefix="vlext-demo-threads-") as threads_dir:
-        return _schedule(demos, out, quick, jobs, Path(threads_dir))
-
-
-def _schedule(demos, out: Path, quick: bool, jobs: int, threads_dir: Path) -> dict[str, dict]:
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)
-    pending, running, summary = list(demos), {}, {}
+    Returns each job's result entry (``status``, ``seconds``, ``wall_seconds``, ``result``) by name, in the
+    order of ``jobs``. Results do not depend on ``parallel`` or on the order in which jobs finish.
+    """
+    pending, running, summary = list(jobs), {}, {}
     while pending or running:
-        while pending and len(running) < jobs:
-            demo = pending.pop(0)
-            print(f"=== {demo.package}: {demo.what} (started, {threads} thread(s))", flush=True)
-            running[demo.package] = (demo, *_launch(demo, out, quick, threads, threads_dir))
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            what = f": {job.what}" if job.what else ""
+            print(f"=== {job.name}{what} (started, {threads} thread(s))", flush=True)
+            running[job.name] = (job, *_launch(job, quick, threads))
         time.sleep(0.2)
-        for package, (_, proc, relay, start) in list(running.items()):
+        for name, (job, proc, relay, start) in list(running.items()):
             if proc.poll() is None:
                 continue
             relay.thread.join()
-            del running[package]
-            if not pending and running and (share := max(1, cores // len(running))) > threads:
-                threads = share  # the last parts get the finished ones' cores
-                for other, (_, other_proc, *_) in running.items():
-                    _give_threads(threads_dir, other, other_proc, threads)
-                print(f"=== {', '.join(running)}: now {threads} thread(s) ({package} finished)", flush=True)
-            result_file = out / package / RESULT_FILE
+            del running[name]
+            result_file = job.out / job.package / RESULT_FILE
             entry = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "failed"}
             if proc.returncode != 0 and entry["status"] == "ok":
                 entry["status"] = "failed"
             entry["wall_seconds"] = round(time.perf_counter() - start, 1)  # with imports, as the user waits
-            summary[package] = entry
-            print(f"--- {package}: {entry['status']} after {time.perf_counter() - start:.0f} s", flush=True)
-    return {demo.package: summary[demo.package] for demo in demos}  # registry order
+            summary[name] = entry
+            print(f"--- {name}: {entry['status']} after {time.perf_counter() - start:.0f} s", flush=True)
+    return {job.name: summary[job.name] for job in jobs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,12 +203,25 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="the same demos with smaller numbers (a few minutes)"
     )
     parser.add_argument(
-        "--jobs", type=int, default=2, help="demos run at the same time, cores split between them (default 2)"
+        "--jobs",
+        type=int,
+        default=2,
+        help="demos run at the same time (default 2); results do not depend on it",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="torch threads of each demo for its whole run (default %(default)s); the figures depend on it, "
+        "so compare runs with the same value",
     )
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one demo in this process
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # internal, with --part (vlext.seeds)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     demos = load_demos()
     known = {demo.package for demo in demos}
     for name in [*(args.only or []), *([args.part] if args.part else [])]:
@@ -253,21 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.part:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        if os.environ.get(THREADS_DIR_ENV):
-            follow_thread_budget(Path(os.environ[THREADS_DIR_ENV]), args.part)
+        torch.set_num_threads(args.threads)
         (demo,) = [d for d in demos if d.package == args.part]
-        status = run_part(demo.run, args.out / demo.package, args.quick)["status"]
-        stop_following_thread_budget()
+        status = run_part(demo.run, args.out / demo.package, args.quick, args.seed)["status"]
         return 0 if status != "failed" else 1
     if args.only:
         demos = [demo for demo in demos if demo.package in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    summary = _run_all(demos, args.out, args.quick, min(args.jobs, len(demos)))
+    jobs = [PartJob(demo.package, demo.package, args.out, demo.what) for demo in demos]
+    summary = run_parts(jobs, args.quick, min(args.jobs, len(jobs)), args.threads)
     total = time.perf_counter() - started
     _write_json(
-        args.out / "summary.json", {"quick": args.quick, "total_seconds": round(total, 1), "parts": summary}
+        args.out / "summary.json",
+        {"quick": args.quick, "threads": args.threads, "total_seconds": round(total, 1), "parts": summary},
     )
 
     from vlext.report import write_index

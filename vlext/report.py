@@ -1,18 +1,43 @@
-"""The demo's one page: ``<out>/index.html`` from ``<out>/summary.json``, static, with relative links.
+"""The demo's page and the demo figures in the docs, both generated from a demo ``summary.json``.
 
+``write_index(out)`` writes ``<out>/index.html`` from ``<out>/summary.json``, static, with relative links.
 Every number on the page is read from summary.json (each demo returns ``tables``: title, columns, rows;
 and ``figures``: files relative to its own folder), so the page cannot disagree with the printed results.
 It needs no server: open the file in a browser, or copy the whole folder elsewhere.
+
+The figures quoted in README.md and docs/*.md come from committed results in ``docs/results/``: the
+``summary.json`` of a full ``make demo`` run (``demo_summary.json``) and ``python -m vlext.seeds`` outputs
+(``seeds_<part>.json``). Each quoted table sits between markers naming what it shows::
+
+    <!-- vlext.report demo lavis_ext -->
+    ... generated, do not edit ...
+    <!-- /vlext.report -->
+
+``python -m vlext.report update README.md docs/*.md`` regenerates every such block from docs/results/;
+``python -m vlext.report check ...`` exits 1 naming each block that differs (tests/test_readme.py runs it);
+``python -m vlext.report tables demo_out/summary.json`` prints a run's tables as Markdown;
+``python -m vlext.report page demo_out`` rewrites a run's index.html. Blocks: ``demo <part>`` (the part's
+tables), ``demo-details diffusers_ext`` (the adapter's training curve end points), ``demo-run`` (mode,
+threads and seconds of the run) and ``seeds <part>`` (mean and range over seeds).
 """
 
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
-__all__ = ["cell_text", "write_index"]
+__all__ = ["cell_text", "render_block", "update_text", "without_timings", "write_index"]
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+BLOCK = re.compile(
+    r"(?P<open><!-- vlext\.report (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /vlext\.report -->)",
+    re.S,
+)
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -33,6 +58,17 @@ def cell_text(value) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def without_timings(obj):
+    """``obj`` without its timings (keys ``seconds`` or ``*_seconds``): what two runs must agree on."""
+    if isinstance(obj, dict):
+        return {
+            k: without_timings(v) for k, v in obj.items() if not (k == "seconds" or k.endswith("_seconds"))
+        }
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
 
 
 def _table(table: dict) -> str:
@@ -88,3 +124,146 @@ def write_index(out: str | os.PathLike, what: dict[str, str] | None = None) -> P
     tmp.write_text("\n".join(parts))
     os.replace(tmp, path)
     return path
+
+
+def _md_cell(value) -> str:
+    return cell_text(value).replace("|", "\\|")
+
+
+def markdown_table(table: dict) -> list[str]:
+    """One demo table (``title``, ``columns``, ``rows``) as Markdown lines: its title, then the table."""
+    lines = [f"*{table['title']}*", ""]
+    lines.append("| " + " | ".join(_md_cell(c) for c in table["columns"]) + " |")
+    lines.append("|---" * len(table["columns"]) + "|")
+    lines.extend("| " + " | ".join(_md_cell(v) for v in row) + " |" for row in table["rows"])
+    return lines
+
+
+def _part(summary: dict, part: str) -> dict:
+    entry = summary["parts"].get(part)
+    if entry is None or entry.get("status") != "ok":
+        raise ValueError(
+            f"the demo summary has no finished part {part!r} (parts: {sorted(summary['parts'])})"
+        )
+    return entry
+
+
+def _details(result: dict) -> list[str]:
+    """The diffusers demo's training-curve end points, as the part returned them."""
+    rows = [
+        ("output-layer norm (zero-init): init, first log, last step", "output_layer_norm", "init"),
+        ("mean gate tanh(alpha): first log, last step", "gate_mean", None),
+        ("adapter-phase loss: first 25, last 25 steps (means)", "adapter_loss", None),
+    ]
+    lines = ["| adapter training | values |", "|---|---|"]
+    for label, key, first in rows:
+        values = ([result[f"{key}_{first}"]] if first else []) + [
+            result[f"{key}_start"],
+            result[f"{key}_end"],
+        ]
+        lines.append(f"| {label} | " + " -> ".join(format(float(v), ".4g") for v in values) + " |")
+    return lines
+
+
+def render_block(spec: str, results: Path = RESULTS) -> list[str]:
+    """The Markdown lines of one generated block (``demo <part>``, ``demo-details <part>``, ``demo-run``,
+    ``seeds <part>``) from the committed results in ``results``."""
+    kind, *args = spec.split()
+    if kind in ("demo", "demo-details", "demo-run"):
+        path = results / "demo_summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no demo results; copy a make demo run's summary.json there")
+        summary = json.loads(path.read_text())
+        if kind == "demo-run":
+            mode = (
+                "`make demo` with `--quick` (small numbers)" if summary.get("quick") else "a full `make demo`"
+            )
+            seconds = ", ".join(
+                f"{part} {entry.get('wall_seconds', '?')} s" for part, entry in summary["parts"].items()
+            )
+            return [
+                f"Run: {mode}, {summary.get('threads', '?')} thread(s) per part, "
+                f"{summary.get('total_seconds', '?')} s in all ({seconds}, each with its start-up)."
+            ]
+        (part,) = args
+        result = _part(summary, part)["result"]
+        if kind == "demo-details":
+            return _details(result)
+        lines = []
+        for table in result.get("tables", []):
+            lines += ([""] if lines else []) + markdown_table(table)
+        return lines
+    if kind == "seeds":
+        from vlext.seeds import seeds_markdown
+
+        (part,) = args
+        path = results / f"seeds_{part}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no seed results; run python -m vlext.seeds --part {part} --seeds 3 and copy its "
+                "seeds.json there"
+            )
+        data = json.loads(path.read_text())
+        mode = " (quick sizes)" if data.get("quick") else ""
+        return [
+            f"*{data['title']}{mode}; `{data['command']}`, seeds {', '.join(map(str, data['seeds']))}, "
+            f"{data.get('threads', '?')} thread(s) each*",
+            "",
+            *seeds_markdown(data),
+        ]
+    raise ValueError(
+        f"unknown block {spec!r}: expected demo <part>, demo-details <part>, demo-run, seeds <part>"
+    )
+
+
+def update_text(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """``text`` with every generated block regenerated; also the specs of the blocks that changed."""
+    changed = []
+
+    def replace(match: re.Match) -> str:
+        body = "\n".join(render_block(match["spec"], results)) + "\n"
+        if body != match["body"]:
+            changed.append(match["spec"])
+        return match["open"] + body + match["close"]
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("update", "regenerate the marked blocks of these Markdown files from --results"),
+        ("check", "exit 1 naming each marked block that differs from --results"),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("files", nargs="+", type=Path)
+        command.add_argument("--results", type=Path, default=RESULTS, help="default: %(default)s")
+    tables = sub.add_parser("tables", help="print a demo summary's tables as Markdown")
+    tables.add_argument("summary", type=Path, nargs="?", default=RESULTS / "demo_summary.json")
+    page = sub.add_parser("page", help="rewrite <out>/index.html from <out>/summary.json")
+    page.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "tables":
+        summary = json.loads(args.summary.read_text())
+        for entry in summary["parts"].values():
+            for table in (entry.get("result") or {}).get("tables", []):
+                print("\n".join(markdown_table(table)) + "\n")
+        return 0
+    if args.command == "page":
+        print(write_index(args.out))
+        return 0
+    stale = []
+    for path in args.files:
+        text = path.read_text(encoding="utf-8")
+        new, changed = update_text(text, args.results)
+        stale += [f"{path}: {spec}" for spec in changed]
+        if args.command == "update" and changed:
+            path.write_text(new, encoding="utf-8")
+    for line in stale:
+        print(("updated " if args.command == "update" else "differs from the results: ") + line)
+    return 1 if stale and args.command == "check" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

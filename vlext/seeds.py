@@ -1,0 +1,192 @@
+"""``python -m vlext.seeds --part lavis_ext --seeds 3``: one demo over N training seeds, mean and range.
+
+A demo compares two settings on one seed (lavis_ext: gated fusion vs plain SPRC; clip_ext: the memory bank
+vs none). How far such a lead is from noise shows only over several seeds, so this runs the part's demo
+(the same ``run`` function ``make demo`` runs, each seed in its own process with ``--threads`` torch threads,
+``--jobs`` at a time, as :mod:`vlext.demo` runs its parts) for the seeds ``first, first + 1, ...`` and prints
+each table row's mean and range over them, the treatment-minus-control difference per metric, and in how
+many seeds the treatment came out ahead. The first seed defaults to the demo's own, so ``make demo``'s run is
+one of them (and, with the same ``--threads``, gives the same numbers). The seed is the training seed
+(weights, batch order, dropout); the toy data stay the same. Not part of ``make demo``.
+
+Writes ``<out>/seeds.json`` (every seed's table and the statistics); ``python -m vlext.report`` renders it
+into the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+# part -> (treatment row, control row); a label ending in "*" matches the first row that starts with it
+COMPARISONS = {
+    "lavis_ext": ("sprc+gated_fusion", "sprc"),
+    "clip_ext": ("bank K=64, warmup*", "no bank"),
+}
+
+
+def _row(rows: dict[str, list], pattern: str) -> str:
+    for label in rows:
+        if label == pattern or (pattern.endswith("*") and label.startswith(pattern[:-1])):
+            return label
+    raise KeyError(f"no table row matches {pattern!r}; rows are {list(rows)}")
+
+
+def _decimals(values) -> int:
+    """How many decimals the demo printed (at most 3), so the statistics are shown as precisely."""
+    most = 0
+    for v in values:
+        text = repr(float(v))
+        if "e" not in text and "." in text:
+            most = max(most, len(text.split(".")[1].rstrip("0")))
+    return min(most, 3) or 1
+
+
+def seed_statistics(part: str, tables: dict[int, dict]) -> dict:
+    """Mean, min and max over seeds of every numeric cell of the demo's first table, and the comparison.
+
+    ``tables`` maps each seed to that run's ``tables[0]`` (``title``, ``columns``, ``rows``).
+    """
+    seeds = sorted(tables)
+    columns = tables[seeds[0]]["columns"]
+    by_seed = {s: {row[0]: row[1:] for row in tables[s]["rows"]} for s in seeds}
+    labels = list(by_seed[seeds[0]])
+    stats: dict[str, dict[str, dict]] = {}
+    for label in labels:
+        stats[label] = {}
+        for j, column in enumerate(columns[1:]):
+            values = [by_seed[s][label][j] for s in seeds]
+            if any(v is None for v in values):
+                continue
+            stats[label][column] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    result = {"part": part, "seeds": seeds, "columns": columns, "per_seed": by_seed, "stats": stats}
+    if part in COMPARISONS:
+        treatment, control = (_row(by_seed[seeds[0]], p) for p in COMPARISONS[part])
+        diff, ahead = {}, {}
+        for j, column in enumerate(columns[1:]):
+            deltas = [by_seed[s][treatment][j] - by_seed[s][control][j] for s in seeds]
+            if any(d is None or math.isnan(d) for d in deltas):
+                continue
+            diff[column] = {"mean": sum(deltas) / len(deltas), "min": min(deltas), "max": max(deltas)}
+            ahead[column] = sum(d > 0 for d in deltas)
+        result["comparison"] = {
+            "treatment": treatment,
+            "control": control,
+            "difference": diff,
+            "ahead": ahead,
+        }
+    return result
+
+
+def seeds_markdown(data: dict) -> list[str]:
+    """The statistics as a Markdown table: ``mean (min .. max)`` per cell, then the comparison rows."""
+    columns, stats, n = data["columns"], data["stats"], len(data["seeds"])
+    numeric = [c for c in columns[1:] if any(c in cells for cells in stats.values())]
+    places = {
+        c: _decimals(
+            row[j] for rows in data["per_seed"].values() for row in rows.values() if row[j] is not None
+        )
+        for j, c in enumerate(columns[1:])
+        if c in numeric
+    }
+
+    def cell(s: dict | None, c: str, sign: bool = False) -> str:
+        if s is None:
+            return ""
+        f = f"{{:{'+' if sign else ''}.{places[c]}f}}"
+        return f"{f.format(s['mean'])} ({f.format(s['min'])} .. {f.format(s['max'])})"
+
+    lines = [
+        f"| {columns[0]}, mean (min .. max) over {n} seeds | " + " | ".join(numeric) + " |",
+        "|---" * (len(numeric) + 1) + "|",
+    ]
+    for label, cells in stats.items():
+        lines.append(f"| {label} | " + " | ".join(cell(cells.get(c), c) for c in numeric) + " |")
+    comparison = data.get("comparison")
+    if comparison:
+        t, c0 = comparison["treatment"], comparison["control"]
+        diff, ahead = comparison["difference"], comparison["ahead"]
+        lines.append(f"| {t} minus {c0} | " + " | ".join(cell(diff.get(c), c, True) for c in numeric) + " |")
+        lines.append(
+            f"| seeds where {t} is higher | "
+            + " | ".join(f"{ahead[c]} of {n}" if c in ahead else "" for c in numeric)
+            + " |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--part", required=True, help="the demo to repeat: lavis_ext or clip_ext")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=None,
+        help="the first seed (default: the demo's own, as in make demo)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: demo_seeds/<part>)")
+    parser.add_argument("--jobs", type=int, default=2, help="seeds run at the same time (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per seed's process (default 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the demos' --quick sizes (a test of the command)"
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1 or args.threads < 1:
+        parser.error(
+            f"--seeds, --jobs and --threads must be >= 1, got {args.seeds}, {args.jobs}, {args.threads}"
+        )
+    from vlext.manifest import load_demos
+
+    demos = {demo.package: demo for demo in load_demos()}
+    if args.part not in demos:
+        parser.error(f"unknown --part {args.part!r}; registry.yaml lists {sorted(demos)}")
+    if args.part not in COMPARISONS:
+        parser.error(f"--part {args.part}: seeds run for {sorted(COMPARISONS)} (demos with a training seed)")
+    import inspect
+
+    from vlext.demo import PartJob, _load, run_parts
+
+    function = _load(demos[args.part].run)
+    if function is None:
+        parser.error(f"{demos[args.part].run} does not exist")
+    seed_parameter = inspect.signature(function).parameters.get("seed")
+    if seed_parameter is None:
+        parser.error(f"--part {args.part}: {demos[args.part].run} takes no seed argument")
+    first = seed_parameter.default if args.first_seed is None else args.first_seed
+    seeds = list(range(first, first + args.seeds))
+    out = args.out if args.out is not None else Path("demo_seeds") / args.part
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    jobs = [PartJob(f"{args.part} seed {s}", args.part, out / f"seed_{s}", seed=s) for s in seeds]
+    entries = run_parts(jobs, args.quick, min(args.jobs, len(jobs)), args.threads)
+    failed = [name for name, entry in entries.items() if entry["status"] != "ok"]
+    if failed:
+        print(f"failed: {', '.join(failed)} (their logs are above)")
+        return 1
+    tables = {s: entries[job.name]["result"]["tables"][0] for s, job in zip(seeds, jobs)}
+    data = seed_statistics(args.part, tables)
+    data.update(
+        quick=args.quick,
+        threads=args.threads,
+        title=tables[seeds[0]]["title"],
+        command=f"python -m vlext.seeds --part {args.part} --seeds {args.seeds}"
+        + (f" --first-seed {args.first_seed}" if args.first_seed is not None else "")
+        + (" --quick" if args.quick else ""),
+        total_seconds=round(time.perf_counter() - started, 1),
+    )
+    path = out / "seeds.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    print(f"\n=== {data['title']}: seeds {seeds}")
+    print("\n".join(seeds_markdown(data)))
+    print(f"total: {data['total_seconds']:.0f} s; results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

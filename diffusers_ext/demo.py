@@ -405,7 +405,9 @@ def _base(cfg: dict) -> tuple:
     path = Path(source)
     unet, table, metadata = load_base(path, cfg, sha256=cfg.get("base_sha256"))
     print(f"diffusers_ext: base UNet from {path} (made by: {metadata['command']})", flush=True)
-    return unet, table, {"source": str(path), "command": metadata["command"],
+    # the shipped base is named relative to the package, so summaries of two clones are equal
+    shown = f"diffusers_ext/assets/{path.name}" if path.resolve() == SHIPPED_BASE else str(path)
+    return unet, table, {"source": shown, "command": metadata["command"],
                          "loss_first_25": float(metadata["loss_first_25"]),
                          "loss_last_25": float(metadata["loss_last_25"])}  # fmt: skip
 

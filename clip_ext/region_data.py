@@ -91,6 +91,31 @@ def _norm(path: str) -> str:
     return os.path.normpath(str(path))
 
 
+def parse_region_list(regions: list, where: str, error: type[Exception], *, box_rule: bool = True):
+    """(boxes, captions, hard negatives) of one image's ``regions`` list, each entry's JSON shape checked and,
+    with ``box_rule``, each box against the box rule; errors are ``error`` naming ``where`` and the region.
+    The CSV path's JSONL and the webdataset path's shard members both read regions through this."""
+    boxes, captions, negatives = [], [], []
+    for k, region in enumerate(regions):
+        if not isinstance(region, dict) or "box" not in region or "caption" not in region:
+            raise error(f"{where}: region {k} must be an object with 'box' and 'caption'")
+        box, caption, hard = region["box"], region["caption"], region.get("hard_negatives", [])
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise error(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] normalized to [0, 1], "
+                        f"got {box!r}")  # fmt: skip
+        if box_rule:
+            check_box(box, where, k, error)
+        if not isinstance(caption, str) or not caption.strip():
+            raise error(f"{where}: region {k} caption must be a non-empty string, got {caption!r}")
+        if not (isinstance(hard, list) and all(isinstance(h, str) and h.strip() for h in hard)):
+            raise error(f"{where}: region {k} hard_negatives must be a list of non-empty caption strings, "
+                        f"got {hard!r}")  # fmt: skip
+        boxes.append(box)
+        captions.append(caption)
+        negatives.append(hard)
+    return boxes, captions, negatives
+
+
 def load_region_table(path, image_paths: list[str], min_area: float, min_side: float) -> RegionTable:
     """Read and check ``path``, filter its boxes, and order it like ``image_paths`` (the CSV rows)."""
     path = Path(path)
@@ -103,28 +128,7 @@ def load_region_table(path, image_paths: list[str], min_area: float, min_side: f
         if not isinstance(row.get("filepath"), str) or not isinstance(row.get("regions"), list):
             raise RegionDataError(f"{where}: expected an object with 'filepath' (string) and 'regions' "
                                   f"(list), i.e. {FORMAT_HINT}")  # fmt: skip
-        boxes, captions, negatives = [], [], []
-        for k, region in enumerate(row["regions"]):
-            if not isinstance(region, dict) or "box" not in region or "caption" not in region:
-                raise RegionDataError(f"{where}: region {k} must be an object with 'box' and 'caption'")
-            box, caption = region["box"], region["caption"]
-            if not (
-                isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-            ):
-                raise RegionDataError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] "
-                                      f"normalized to [0, 1], got {box!r}")  # fmt: skip
-            check_box(box, where, k, RegionDataError)
-            if not isinstance(caption, str) or not caption.strip():
-                raise RegionDataError(
-                    f"{where}: region {k} caption must be a non-empty string, got {caption!r}"
-                )
-            hard = region.get("hard_negatives", [])
-            if not (isinstance(hard, list) and all(isinstance(h, str) and h.strip() for h in hard)):
-                raise RegionDataError(f"{where}: region {k} hard_negatives must be a list of non-empty caption "
-                                      f"strings, got {hard!r}")  # fmt: skip
-            boxes.append(box)
-            captions.append(caption)
-            negatives.append(hard)
+        boxes, captions, negatives = parse_region_list(row["regions"], where, RegionDataError)
         key = _norm(row["filepath"])
         if key in by_image:
             raise RegionDataError(f"{where}: image {row['filepath']} is already listed at {by_image[key][3]}")

@@ -46,6 +46,7 @@ import logging
 import torch
 
 from clip_ext.region import filter_boxes, kept_box_mask
+from clip_ext.region_data import parse_region_list
 
 __all__ = [
     "RegionShardError",
@@ -89,23 +90,8 @@ def parse_regions(obj, member: str, where: str) -> tuple[list, list[str], list[l
     regions = obj["regions"]
     if not isinstance(regions, list):
         raise RegionShardError(f"{where}: 'regions' must be a list, got {type(regions).__name__}")
-    boxes, captions, negatives = [], [], []
-    for k, region in enumerate(regions):
-        if not isinstance(region, dict) or "box" not in region or "caption" not in region:
-            raise RegionShardError(f"{where}: region {k} must be an object with 'box' and 'caption'")
-        box, caption, hard = region["box"], region["caption"], region.get("hard_negatives", [])
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise RegionShardError(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] normalized to "
-                                   f"[0, 1], got {box!r}")  # fmt: skip
-        if not isinstance(caption, str) or not caption.strip():
-            raise RegionShardError(f"{where}: region {k} caption must be a non-empty string, got {caption!r}")
-        if not (isinstance(hard, list) and all(isinstance(h, str) and h.strip() for h in hard)):
-            raise RegionShardError(f"{where}: region {k} hard_negatives must be a list of non-empty caption "
-                                   f"strings, got {hard!r}")  # fmt: skip
-        boxes.append(box)
-        captions.append(caption)
-        negatives.append(hard)
-    return boxes, captions, negatives
+    # the box rule is checked a group of samples at a time in RegionStage.checked
+    return parse_region_list(regions, where, RegionShardError, box_rule=False)
 
 
 class RegionStage:

@@ -12,7 +12,12 @@ from pathlib import Path
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
-from lavis_ext.datasets.cir_datasets import CirEvalDataset, CirTrainDataset, read_cirr, read_fashioniq
+from lavis_ext.datasets.cir_datasets import (
+    CirEvalDataset,
+    CirTrainDataset,
+    read_cirr,
+    read_fashioniq_galleries,
+)
 
 __all__ = ["CirrBuilder", "FashionIQBuilder"]
 
@@ -40,14 +45,19 @@ class _CirBuilder(BaseDatasetBuilder):
                 raise ValueError(
                     f"{self.kind}: unknown split {split!r}; accepted: {sorted(self.split_names)}"
                 )
-            triplets, paths = self._read(root, self.split_names[split])
+            triplets, paths, galleries = self._read(root, self.split_names[split])
             if split == "train":
                 datasets[split] = CirTrainDataset(
                     triplets, paths, self.vis_processors["train"], self.text_processors["train"]
                 )
             else:
                 datasets[split] = CirEvalDataset(
-                    triplets, paths, self.vis_processors["eval"], self.text_processors["eval"], self.kind
+                    triplets,
+                    paths,
+                    self.vis_processors["eval"],
+                    self.text_processors["eval"],
+                    self.kind,
+                    galleries=galleries,
                 )
         return datasets
 
@@ -63,7 +73,7 @@ class CirrBuilder(_CirBuilder):
     DATASET_CONFIG_DICT = {"default": str(_CONFIG_DIR / "cirr" / "default.yaml")}
 
     def _read(self, root, split):
-        return read_cirr(root, split)
+        return (*read_cirr(root, split), None)
 
 
 @registry.register_builder("fashioniq")
@@ -73,6 +83,7 @@ class FashionIQBuilder(_CirBuilder):
     DATASET_CONFIG_DICT = {"default": str(_CONFIG_DIR / "fashioniq" / "default.yaml")}
 
     def _read(self, root, split):
-        return read_fashioniq(
+        """Triplets, paths and each category's own gallery (ranked per category, as SPRC does)."""
+        return read_fashioniq_galleries(
             root, split, self.config.build_info.get("categories", ("dress", "shirt", "toptee"))
         )

@@ -26,6 +26,7 @@ __all__ = [
     "CirTrainDataset",
     "read_cirr",
     "read_fashioniq",
+    "read_fashioniq_galleries",
 ]
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -138,8 +139,16 @@ def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES
     Every row must have candidate, a list of two caption strings and (except on test) target; a malformed
     row is an error naming the file and row.
     """
+    triplets, paths, _ = read_fashioniq_galleries(root, split, categories)
+    return triplets, paths
+
+
+def read_fashioniq_galleries(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES):
+    """:func:`read_fashioniq` plus {category: its image names}, the gallery each category's queries are
+    ranked against (SPRC's blip_validate.py and CLIP4Cir build one ``classic`` dataset per category: dress
+    3.8k, shirt 6.3k, toptee 5.4k images on val, never their 15.5k union)."""
     root = Path(root)
-    triplets, paths = [], {}
+    triplets, paths, galleries = [], {}, {}
     for category in categories:
         if category not in FASHIONIQ_CATEGORIES:
             raise ValueError(f"FashionIQ category must be one of {FASHIONIQ_CATEGORIES}, got {category!r}")
@@ -152,6 +161,7 @@ def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES
         category_paths = {name: root / "images" / f"{name}.png" for name in names}
         _check_files(category_paths, split_file)
         paths.update(category_paths)
+        galleries[category] = list(category_paths)
         captions = root / "captions" / f"cap.{category}.{split}.json"
         for index, row in enumerate(_read_rows(captions, f"{category} {split}")):
             texts = _field(row, "captions", captions, index, kinds=(list,))
@@ -170,7 +180,7 @@ def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES
                     "category": category,
                 }
             )
-    return triplets, paths
+    return triplets, paths, galleries
 
 
 class _CirDataset(Dataset):
@@ -210,9 +220,13 @@ class CirGallery(_CirDataset):
 
 
 class CirEvalDataset(_CirDataset):
-    """Queries over one gallery; ``kind`` is "cirr" or "fashioniq" (it picks the metrics)."""
+    """Queries over one gallery; ``kind`` is "cirr" or "fashioniq" (it picks the metrics).
 
-    def __init__(self, triplets, paths, vis_processor, text_processor, kind: str):
+    ``galleries`` ({group: image names}, FashionIQ's categories) ranks each query whose ``category`` is a
+    group against that group's images only; the images are encoded once, as one gallery of their union.
+    """
+
+    def __init__(self, triplets, paths, vis_processor, text_processor, kind: str, galleries=None):
         self.kind = kind
         self.triplets = list(triplets)
         self.paths, self.vis_processor, self.text_processor = paths, vis_processor, text_processor
@@ -226,6 +240,18 @@ class CirEvalDataset(_CirDataset):
                     )
         self.gallery_index = position
         self.has_targets = all(row["target"] is not None for row in self.triplets)
+        self.galleries = None
+        if galleries is not None:
+            self.galleries = {group: [position[name] for name in names] for group, names in galleries.items()}
+            for row in self.triplets:
+                group = row.get("category")
+                if group not in self.galleries:
+                    raise KeyError(
+                        f"a {kind} query's category {group!r} has no gallery ({sorted(galleries)})"
+                    )
+                for key in ("reference", "target"):
+                    if row[key] is not None and row[key] not in galleries[group]:
+                        raise KeyError(f"{key} image {row[key]!r} is not in the {group!r} gallery")
 
     def __len__(self):
         return len(self.triplets)

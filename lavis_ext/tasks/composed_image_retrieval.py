@@ -28,18 +28,39 @@ __all__ = ["ComposedImageRetrievalTask"]
 logger = logging.getLogger(__name__)
 
 
-def _gather(indices: list[int], feats: torch.Tensor) -> torch.Tensor:
-    """Rows from every rank, put back in dataset order (each rank holds some (index, row) pairs)."""
+def _gather(indices: list[int], feats: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows from every rank, put back in dataset order (each rank holds some (index, row) pairs), on
+    ``device``: ranking runs where the model is."""
     if is_dist_avail_and_initialized() and get_world_size() > 1:
         parts = [None] * get_world_size()
         torch.distributed.all_gather_object(parts, (indices, feats.cpu()))
     else:
-        parts = [(indices, feats.cpu())]
+        parts = [(indices, feats)]
     all_indices = torch.tensor([i for part in parts for i in part[0]], dtype=torch.long)
-    rows = torch.cat([part[1] for part in parts])
+    rows = torch.cat([part[1].to(device) for part in parts])
     order = torch.empty(int(all_indices.max()) + 1, dtype=torch.long)
     order[all_indices] = torch.arange(len(all_indices))  # duplicates from padded samplers collapse here
-    return rows[order]
+    return rows[order.to(device)]
+
+
+def _gather_rows(rows: torch.Tensor, values: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Per-query results ranked on several ranks (``values[i]`` belongs to query ``rows[i]``), as one (n, ...)
+    tensor in query order on every rank; None when no rank produced that result."""
+    if is_dist_avail_and_initialized() and get_world_size() > 1:
+        parts = [None] * get_world_size()
+        torch.distributed.all_gather_object(parts, (rows, values))
+    else:
+        parts = [(rows, values)]
+    parts = [(r, v) for r, v in parts if v is not None]
+    if not parts:
+        return None
+    all_rows = torch.cat([r for r, _ in parts])
+    merged = torch.cat([v for _, v in parts])
+    if sorted(all_rows.tolist()) != list(range(n)):
+        raise RuntimeError(f"ranked queries do not cover the {n} queries exactly once")
+    out = torch.empty_like(merged)
+    out[all_rows] = merged
+    return out
 
 
 @registry.register_task("composed_image_retrieval")
@@ -103,23 +124,42 @@ class ComposedImageRetrievalTask(BaseTask):
         dataset = data_loader.dataset
         device = model.device
         shard = Subset(dataset.gallery, range(get_rank(), len(dataset.gallery), get_world_size()))
-        gallery_loader = DataLoader(shard, batch_size=data_loader.batch_size, num_workers=0)
+        # the gallery is most of the images an evaluation decodes: run.num_workers, as the query loader has
+        workers = int(getattr(self, "run_cfg", {}).get("num_workers", 0) or 0)
+        gallery_loader = DataLoader(
+            shard, batch_size=data_loader.batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+        )
         indices, feats = [], []
         for samples in gallery_loader:
             feats.append(model.extract_target_features(samples["image"].to(device), fp16=self.gallery_fp16))
             indices.extend(samples["index"].tolist())
-        gallery = _gather(indices, torch.cat(feats))
+        gallery = _gather(indices, torch.cat(feats), device)
 
         indices, feats = [], []
         for samples in data_loader:
             reference = model.extract_reference_features(samples["image"].to(device))
             feats.append(model.extract_composed_features(reference, list(samples["text_input"])))
             indices.extend(samples["index"].tolist())
-        queries = _gather(indices, torch.cat(feats))
+        queries = _gather(indices, torch.cat(feats), device)
         return self._rank(model, dataset, queries, gallery)
 
+    def _groups(self, dataset):
+        """(query indices, gallery positions or None for all) per gallery a query is ranked against:
+        FashionIQ's categories each have their own (SPRC's protocol), CIRR has one."""
+        if dataset.galleries is None:
+            return [(torch.arange(len(dataset.triplets)), None)]
+        groups = []
+        for group, positions in dataset.galleries.items():
+            rows = [q for q, t in enumerate(dataset.triplets) if t.get("category") == group]
+            if rows:
+                groups.append((torch.tensor(rows), torch.tensor(positions, dtype=torch.long)))
+        return groups
+
     def _rank(self, model, dataset, queries, gallery):
+        """Ranks of every query, each rank ranking its share of the queries on the features' device, then
+        gathered (every rank used to score the whole query x gallery x Q block on the CPU)."""
         position = dataset.gallery_index
+        n_queries = len(dataset.triplets)
         reference = torch.tensor([position[t["reference"]] for t in dataset.triplets])
         target = (
             torch.tensor([position[t["target"]] for t in dataset.triplets]) if dataset.has_targets else None
@@ -127,34 +167,58 @@ class ComposedImageRetrievalTask(BaseTask):
         members = None
         if dataset.kind == "cirr":
             width = max(len(t["members"]) for t in dataset.triplets)
-            members = torch.full((len(dataset.triplets), width), -1, dtype=torch.long)
+            members = torch.full((n_queries, width), -1, dtype=torch.long)
             for q, row in enumerate(dataset.triplets):
                 members[q, : len(row["members"])] = torch.tensor([position[m] for m in row["members"]])
-        ranks, ranks_subset, top50, top3 = [], [], [], []
-        for start in range(0, len(queries), self.rank_chunk):
-            chunk = slice(start, start + self.rank_chunk)
-            # the gallery stays as cached (fp16 if gallery_fp16); each block is cast inside similarity
-            sim = model.similarity(queries[chunk].float(), gallery, gallery_chunk=self.rank_gallery_chunk)
-            if dataset.kind == "cirr":  # CIRR never counts the reference itself as a candidate
-                sim.scatter_(1, reference[chunk, None], float("-inf"))
-            if target is not None:
-                ranks.append(target_ranks(sim, target[chunk]))
-                if members is not None:
-                    ranks_subset.append(subset_ranks(sim, target[chunk], members[chunk], reference[chunk]))
-            elif members is not None:
-                top50.append(sim.topk(min(50, sim.size(1) - 1), dim=1).indices)  # reference is -inf
-                member_scores = sim.gather(1, members[chunk].clamp_min(0))
-                invalid = (members[chunk] < 0) | (members[chunk] == reference[chunk, None])
-                member_scores[invalid] = float("-inf")
-                top3.append(members[chunk].gather(1, member_scores.topk(3, dim=1).indices))
-        return {
-            "kind": dataset.kind,
-            "ranks": torch.cat(ranks) if ranks else None,
-            "ranks_subset": torch.cat(ranks_subset) if ranks_subset else None,
-            "top50": torch.cat(top50) if top50 else None,
-            "top3": torch.cat(top3) if top3 else None,
-            "dataset": dataset,
-        }
+        rank, world = get_rank(), get_world_size()
+        mine, out = [], {"ranks": [], "ranks_subset": [], "top50": [], "top3": []}
+        for rows, positions in self._groups(dataset):
+            rows = rows[rank::world]  # this rank's share; the others rank the rest
+            if positions is None:
+                candidates, local = gallery, None
+            else:
+                candidates = gallery[positions.to(gallery.device)]
+                local = torch.full((len(dataset.gallery),), -1, dtype=torch.long)
+                local[positions] = torch.arange(len(positions))
+            for start in range(0, len(rows), self.rank_chunk):
+                chunk = rows[start : start + self.rank_chunk]
+                mine.append(chunk)
+                self._rank_chunk(
+                    model, queries, candidates, local, positions, chunk, reference, target, members, out
+                )
+        ranked = torch.cat(mine) if mine else torch.empty(0, dtype=torch.long)
+        result = {"kind": dataset.kind, "dataset": dataset}
+        for key, parts in out.items():
+            result[key] = _gather_rows(ranked, torch.cat(parts) if parts else None, n_queries)
+        return result
+
+    def _rank_chunk(
+        self, model, queries, candidates, local, positions, chunk, reference, target, members, out
+    ):
+        """Scores of one chunk of queries against ``candidates`` and what the metrics need of them; indices
+        stay int64 (exact) and scores fp32 whatever the autocast around the evaluation."""
+        device = candidates.device
+        to_local = (lambda index: index) if local is None else (lambda index: local[index])
+        ref = to_local(reference[chunk]).to(device)
+        # the gallery stays as cached (fp16 if gallery_fp16); each block is cast inside similarity
+        sim = model.similarity(
+            queries[chunk.to(queries.device)].float(), candidates, gallery_chunk=self.rank_gallery_chunk
+        )
+        if members is not None:  # CIRR never counts the reference itself as a candidate
+            sim.scatter_(1, ref[:, None], float("-inf"))
+        if target is not None:
+            out["ranks"].append(target_ranks(sim, to_local(target[chunk]).to(device)).cpu())
+            if members is not None:
+                group = to_local(members[chunk].clamp_min(0)).masked_fill(members[chunk] < 0, -1).to(device)
+                ranks = subset_ranks(sim, to_local(target[chunk]).to(device), group, ref)
+                out["ranks_subset"].append(ranks.cpu())
+        elif members is not None:
+            top = sim.topk(min(50, sim.size(1) - 1), dim=1).indices.cpu()  # reference is -inf
+            out["top50"].append(top if positions is None else positions[top])
+            group = members[chunk].to(device)
+            member_scores = sim.gather(1, group.clamp_min(0))
+            member_scores[(group < 0) | (group == ref[:, None])] = float("-inf")
+            out["top3"].append(group.gather(1, member_scores.topk(3, dim=1).indices).cpu())
 
     def after_evaluation(self, val_result, split_name, epoch, **kwargs):
         dataset = val_result["dataset"]

@@ -7,6 +7,11 @@ them and the true target framed in green, and, when the model fuses text into th
 per-token fusion gate as a heatmap over the reference image: where the caption is let into the image tokens.
 ``rankings.json`` beside the PNGs holds the same data (names, scores, target rank) for scripts.
 
+``--out`` is written as one folder: the figures go to a hidden staging folder beside it, which replaces
+``--out`` only once every PNG and ``rankings.json`` is written (``visualize_complete.json`` last), so a re-run
+never leaves the previous run's panels mixed in with its own, and a crash leaves the previous folder whole. A
+folder already holding files is refused unless ``--overwrite``.
+
 The model and data come from a LAVIS project YAML as for training (``--options`` overrides keys; set
 ``model.finetuned=<checkpoint>`` or ``run.resume_ckpt_path=<checkpoint>`` (or ``latest``) to say which trained
 weights to look at; randomly initialised weights are refused, as ``run.evaluate=True`` refuses them). Recalls
@@ -20,6 +25,7 @@ import argparse
 __all__ = ["main", "render_query"]
 
 TARGET_FRAME = "#00b000"
+COMPLETE = "visualize_complete.json"
 
 
 def parse_args(argv=None):
@@ -33,7 +39,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="folder for the PNGs and rankings.json (created)")
     parser.add_argument("--n", type=int, default=6, help="number of queries, from the first (default 6)")
     parser.add_argument("--topk", type=int, default=5, help="gallery images shown per query (default 5)")
-    parser.add_argument("--split", default="val", help="dataset split with targets (default val)")
+    parser.add_argument(
+        "--split",
+        default="val",
+        help="evaluation split with targets to rank (default val; train has no gallery, CIRR's test hides "
+        "its targets)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out folder that already holds files (once the new figures are all written)",
+    )
     parser.add_argument(
         "--options", nargs="+", default=[], help="key=value overrides, as for lavis_ext.train"
     )
@@ -141,15 +157,44 @@ def _build(args):
     (name,) = datasets.keys() if len(datasets) == 1 else (None,)
     if name is None:
         raise ValueError(f"--cfg-path names {len(datasets)} datasets; visualize needs exactly one")
-    if args.split not in datasets[name]:
-        raise ValueError(f"dataset {name} has no split {args.split!r}; built: {sorted(datasets[name])}")
+    _check_split(args.split, name, datasets[name])
     dataset = datasets[name][args.split]
-    if not getattr(dataset, "has_targets", False):
-        raise ValueError(f"split {args.split!r} of {name} has no targets (test1?): pick a split with targets")
     model = task.build_model(cfg)
     if cfg.run_cfg.get("resume_ckpt_path"):
         _load_checkpoint(model, cfg.run_cfg.resume_ckpt_path, cfg.run_cfg.output_dir)
     return model.eval(), dataset
+
+
+def _check_split(split: str, name: str, built: dict) -> None:
+    """``--split`` must be a built evaluation split with targets; say which are, and why this one is not."""
+    accepted = sorted(s for s, d in built.items() if hasattr(d, "gallery") and d.has_targets)
+    hint = (
+        f"accepted: {accepted} (evaluation splits with targets built from the config's "
+        f"datasets.{name}.build_info.splits)"
+    )
+    if split not in built:
+        raise ValueError(f"--split {split!r}: dataset {name} built no such split; {hint}")
+    if not hasattr(built[split], "gallery"):
+        raise ValueError(
+            f"--split {split!r} is a training split of {name}: triplets with no gallery to rank them against; "
+            f"{hint}"
+        )
+    if not built[split].has_targets:
+        raise ValueError(
+            f"--split {split!r} of {name} has no targets (CIRR's test1 hides them), so no target can be "
+            f"framed or ranked; {hint}"
+        )
+
+
+def _check_out(out, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; it must be a folder (created if missing)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(
+            f"--out {out} already holds {len(held)} file(s) ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+            "give a new folder, or --overwrite to replace it once the new figures are written"
+        )
 
 
 def _load_checkpoint(model, path: str, output_dir: str) -> None:
@@ -184,11 +229,14 @@ def main(argv=None) -> list[dict]:
 
     if not Path(args.cfg_path).is_file():
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} is not a file")
+    from vlext.atomic_files import atomic_write_text, publish_folder, staging_folder
+
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; it must be a folder (created if missing)")
+    _check_out(out, args.overwrite)
     model, dataset = _build(args)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, args.overwrite)  # again: another run may have filled it while the model was built
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(out)
     n = min(args.n, len(dataset))
     topk = min(args.topk, len(dataset.gallery) - (dataset.kind == "cirr"))
 
@@ -228,9 +276,10 @@ def main(argv=None) -> list[dict]:
         gate = None if gates is None else gates[q].float().cpu()
         if gate is not None:
             record["gate_grid"] = _gate_grid(gate).tolist()
-        render_query(record, dataset.paths, out / record["png"], gate)
+        render_query(record, dataset.paths, staging / record["png"], gate)
         records.append(record)
-    (out / "rankings.json").write_text(json.dumps(records, indent=1))
+    atomic_write_text(staging / "rankings.json", json.dumps(records, indent=1))
+    publish_folder(staging, out, marker={"queries": n, "split": args.split}, marker_name=COMPLETE)
     print(f"wrote {n} PNGs and rankings.json to {out}")
     return records
 

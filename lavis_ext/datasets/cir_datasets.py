@@ -121,16 +121,50 @@ def read_cirr(root: str | Path, split: str) -> tuple[list[dict], dict[str, Path]
                 "row needs its own pairid (the CIRR submission files are keyed by it)"
             )
         first_row_of[str(pairid)] = index
-        triplets.append(
-            {
-                "reference": _field(row, "reference", captions, index, where=paths),
-                "target": _field(row, "target_hard", captions, index, where=paths) if has_target else None,
-                "caption": _field(row, "caption", captions, index),
-                "members": list(members),
-                "pairid": pairid,
-            }
-        )
+        triplet = {
+            "reference": _field(row, "reference", captions, index, where=paths),
+            "target": _field(row, "target_hard", captions, index, where=paths) if has_target else None,
+            "caption": _field(row, "caption", captions, index),
+            "members": list(members),
+            "pairid": pairid,
+        }
+        _check_cirr_row(triplet, captions, index, split)
+        triplets.append(triplet)
     return triplets, paths
+
+
+def _check_cirr_row(row: dict, captions: Path, index: int, split: str) -> None:
+    """Refuse a row that contradicts itself: each case used to be ranked without a word, and wrongly.
+
+    - ``target_hard`` equal to ``reference``: CIRR removes the reference from the ranking, so the target
+      can never be found, yet on a gallery of 51 or fewer it counted as an R@50 hit;
+    - ``target_hard`` not among ``img_set.members`` (val, where the subset recall ranks the members): it
+      was ranked as a member (Rs@1 0 -> 16.7 on the case found);
+    - ``reference`` not among the members (CIRR's sets always hold the reference; the subset ranking
+      removes it as a member), or a member listed twice (it would count twice above the target).
+    """
+    where = f"{captions} row {index} (pairid {row['pairid']!r})"
+    members = row["members"]
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:
+        raise AnnotationError(f"{where}: img_set.members lists {repeated} more than once; each image once")
+    if row["target"] is not None and row["target"] == row["reference"]:
+        raise AnnotationError(
+            f"{where}: target_hard {row['target']!r} is the reference image itself; CIRR never ranks the "
+            "reference, so the target must be another image of the set"
+        )
+    if split == "train":
+        return  # training reads neither the members nor their order
+    if row["reference"] not in members:
+        raise AnnotationError(
+            f"{where}: reference {row['reference']!r} is not in img_set.members {members}; CIRR's image "
+            "sets hold the reference and the candidates it is compared with"
+        )
+    if row["target"] is not None and row["target"] not in members:
+        raise AnnotationError(
+            f"{where}: target_hard {row['target']!r} is not in img_set.members {members}; the subset "
+            "recall (Rs@K) ranks the target among the set's members, so it must be one of them"
+        )
 
 
 def read_fashioniq(root: str | Path, split: str, categories=FASHIONIQ_CATEGORIES):
@@ -170,6 +204,15 @@ def read_fashioniq_galleries(root: str | Path, split: str, categories=FASHIONIQ_
                     f"{captions} row {index}: 'captions' must hold two non-empty strings, got {texts!r}"
                 )
             first, second = (c.strip(".?, ") for c in texts[:2])
+            if (
+                split != "test"
+                and row.get("target") is not None
+                and row.get("target") == row.get("candidate")
+            ):
+                raise AnnotationError(
+                    f"{captions} row {index}: target {row['target']!r} is the candidate image itself; a "
+                    "FashionIQ triplet describes a change from the candidate to another image"
+                )
             triplets.append(
                 {
                     "reference": _field(row, "candidate", captions, index, where=category_paths),

@@ -52,7 +52,11 @@ _LAUNCH_KEYS = {
     "rank",
 }
 # Read by lavis_ext.runner.SafeRunner (see its docstring) through a local name, which the source scan misses.
-RUNNER_KEYS = {"optimizer_betas", "optimizer_eps"}
+RUNNER_KEYS = {
+    "optimizer_betas",
+    "optimizer_eps",
+    "batch_size_train_global",
+}  # the last: lavis_ext.batch_plan
 # Keys every LAVIS model config may carry (BaseModel.from_pretrained / load_checkpoint_from_config, Config).
 _GENERIC_MODEL_KEYS = {"arch", "model_type", "load_finetuned", "load_pretrained", "finetuned", "pretrained"}
 _GENERIC_DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "type"}

@@ -67,6 +67,24 @@ def _single_process_group() -> None:
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
 
 
+def _log_batch_plan(plan: dict, runner, cfg, datasets) -> None:
+    """Name per-GPU batch, world size, global batch and steps per epoch (a warning when they differ from the
+    same config on one process): LAVIS's batch_size_train is per GPU and nothing said so."""
+    import logging
+
+    from lavis_ext.batch_plan import describe_batch_plan
+
+    run = cfg.run_cfg
+    splits = run.get("train_splits") or []
+    if run.get("evaluate", False) or not splits or plan["per_gpu"] is None:
+        return
+    n_train = sum(len(d[s]) for d in datasets.values() for s in splits if s in d)
+    line, differs = describe_batch_plan(
+        plan, len(runner.train_loader), n_train, bool(cfg.model_cfg.get("gather_negatives", False))
+    )
+    (logging.warning if differs else logging.info)(line)
+
+
 def main(argv=None):
     import logging
     from pathlib import Path
@@ -103,6 +121,12 @@ def main(argv=None):
     config_check.check_run_values(cfg.config, user_cfg)
 
     init_distributed_mode(cfg.run_cfg)
+    from lavis.common.dist_utils import get_world_size
+
+    from lavis_ext.batch_plan import apply_batch_plan
+
+    # before anything is built: a global batch the world size does not divide is refused here
+    plan = apply_batch_plan(cfg.run_cfg, get_world_size() if cfg.run_cfg.distributed else 1)
     if not cfg.run_cfg.distributed:
         _single_process_group()
     _setup_seeds(cfg)
@@ -125,6 +149,7 @@ def main(argv=None):
     runner_cls = SafeRunner if runner_name == "runner_base" else registry.get_runner_class(runner_name)
     job_id = claim_run_folder(cfg.run_cfg.output_dir, str(cfg.run_cfg.get("job_id", new_job_id())))
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    _log_batch_plan(plan, runner, cfg, datasets)
     runner.train()
     return runner
 

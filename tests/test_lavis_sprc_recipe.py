@@ -96,7 +96,9 @@ def test_sprc_projects_state_sprcs_published_recipe(
     )
     assert run.one_cycle_pct_start == pytest.approx(pct_start) and run.one_cycle_div_factor == div_factor
     assert list(run.optimizer_betas) == [0.9, 0.98] and run.optimizer_eps == 1e-7 and run.weight_decay == 0.05
-    assert run.batch_size_train == 128
+    # a global batch (SPRC's one GPU), not LAVIS's per-GPU key, with every rank's targets as negatives
+    assert run.batch_size_train_global == 128 and "batch_size_train" not in run
+    assert cfg.model.gather_negatives is True
     assert cfg.model.loss_rtc == cfg.model.loss_align == loss_weights
 
 
@@ -105,7 +107,7 @@ TINY = [
     "run.amp=False",
     "run.distributed=False",
     "run.num_workers=0",
-    "run.batch_size_train=8",
+    "run.batch_size_train_global=8",
     "run.batch_size_eval=16",
     "run.max_epoch=2",
     "run.one_cycle_epochs=3",

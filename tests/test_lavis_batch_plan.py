@@ -61,7 +61,7 @@ def test_a_global_batch_with_gathered_negatives_is_the_one_process_run():
     assert differs and "each GPU's loss sees 16 negatives, not 128" in line
 
 
-def test_one_process_logs_its_plan_and_two_keys_are_refused_before_the_data_is_read(tmp_path):
+def test_two_batch_keys_are_refused_before_the_data_is_read(tmp_path):
     from lavis_ext.train import main
 
     argv = [

@@ -141,7 +141,7 @@ def test_torchrun_two_processes_train_and_evaluate_like_one_process(tmp_path):
     assert "Start training epoch 0, 4 iters per inner epoch" in log, log[-2000:]
     # LAVIS's batch is per GPU: the log names the global batch and how the run differs from one process
     assert (
-        "batch: 4 per GPU x world size 2 = global batch 8; 4 steps/epoch over 32 training triplets; 4 contrastive "
+        "batch: 4 per GPU x world size 2 = global batch 8; 4 steps/epoch over 32 training triplets; 8 contrastive "
         "negatives per query. This differs from the recipe on one process" in log
     ), log[-3000:]
     assert "an epoch has 4 steps instead of 8" in log

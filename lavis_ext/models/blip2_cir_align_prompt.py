@@ -140,7 +140,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         loss_rtc: float = 0.4,
         loss_align: float = 0.4,
         use_gated_fusion: bool = False,
-        gather_negatives: bool = False,
+        gather_negatives: bool = True,
         bert_base: str | None = None,
         tiny_vit: dict | None = None,
         vit_depth: int | None = None,
@@ -443,11 +443,17 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
         return {"loss": loss, "loss_itc": loss_itc, "loss_rtc": loss_rtc, "loss_align": loss_align}
 
     def _negatives(self, target_feats: torch.Tensor):
-        """In-batch targets (SPRC), or every rank's targets when ``gather_negatives`` is on under DDP."""
+        """In-batch targets (SPRC), or every rank's targets when ``gather_negatives`` is on under DDP.
+
+        Gathered with LAVIS's ``all_gather_with_grad``, whose backward sums every rank's gradient for this
+        rank's rows; DDP then averages over the ranks, so each term's gradient equals one process's on the
+        concatenated batch (tests/test_lavis_gradient_scale.py). Without the gather each GPU's loss is a
+        smaller task with per-GPU negatives: another loss, not only another scale.
+        """
         batch = target_feats.size(0)
         labels = torch.arange(batch, device=target_feats.device)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not (self.gather_negatives and distributed):
+        if not (self.gather_negatives and distributed and torch.distributed.get_world_size() > 1):
             return target_feats, labels
         gathered = all_gather_with_grad(target_feats)
         return gathered, labels + torch.distributed.get_rank() * batch
@@ -578,7 +584,7 @@ class Blip2QformerCirAlignPrompt(Blip2Base):
             loss_rtc=values.get("loss_rtc", 0.4),
             loss_align=values.get("loss_align", 0.4),
             use_gated_fusion=values.get("use_gated_fusion", False),
-            gather_negatives=values.get("gather_negatives", False),
+            gather_negatives=values.get("gather_negatives", True),
             bert_base=bert_base,
             tiny_vit=values.get("tiny_vit"),
             vit_depth=values.get("vit_depth"),

@@ -37,10 +37,13 @@ class GatedFusion(nn.Module):
 
     @staticmethod
     def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over positions where ``mask`` is 1 (PAD ignored); (B, L, D), (B, L) -> (B, D)."""
-        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        """Mean over positions where ``mask`` is 1 (PAD ignored); (B, L, D), (B, L) -> (B, D), in fp32.
+
+        The count and the sum stay fp32 whatever the tokens' dtype: in bf16 a count above 256 is rounded
+        (257 -> 256) and a long sum loses its small terms."""
+        weights = mask.to(torch.float32).unsqueeze(-1)
         count = weights.sum(1).clamp_min(1.0)
-        return (tokens * weights).sum(1) / count
+        return (tokens.float() * weights).sum(1) / count
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor):
         """image_embeds (B, N, Dv), text_embeds (B, L, Dt) token embeddings, text_mask (B, L) -> (B, N, Dv)."""

@@ -156,3 +156,23 @@ def test_two_process_evaluation_gives_the_one_process_recalls(toy_fashioniq, toy
             if name == "cirr":
                 assert torch.equal(got[name]["ranks_subset"], result["ranks_subset"])
             assert got[name]["metrics"] == pytest.approx(metrics, abs=1e-9)
+
+
+def test_the_gallery_is_decoded_with_the_run_configs_loader_workers(toy_cirr, tmp_path, monkeypatch):
+    """It was decoded with num_workers=0 whatever run.num_workers said (the gallery is most of the images)."""
+    import lavis_ext.tasks.composed_image_retrieval as task_module
+
+    seen = []
+    real = task_module.DataLoader
+
+    def recording(dataset, **kwargs):
+        seen.append(kwargs["num_workers"])
+        return real(dataset, **{**kwargs, "num_workers": 0})
+
+    monkeypatch.setattr(task_module, "DataLoader", recording)
+    model = _model()
+    val = _build("cirr", toy_cirr, ["val"])["val"]
+    task = task_module.ComposedImageRetrievalTask()
+    task.run_cfg = OmegaConf.create({"num_workers": 3})
+    task.evaluation(model, torch.utils.data.DataLoader(val, batch_size=5, collate_fn=val.collater))
+    assert seen == [3]

@@ -67,7 +67,7 @@ def _single_process_group() -> None:
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
 
 
-def _log_batch_plan(plan: dict, runner, cfg, datasets) -> None:
+def _log_batch_plan(plan: dict, cfg, datasets) -> None:
     """Name per-GPU batch, world size, global batch and steps per epoch (a warning when they differ from the
     same config on one process): LAVIS's batch_size_train is per GPU and nothing said so."""
     import logging
@@ -79,8 +79,13 @@ def _log_batch_plan(plan: dict, runner, cfg, datasets) -> None:
     if run.get("evaluate", False) or not splits or plan["per_gpu"] is None:
         return
     n_train = sum(len(d[s]) for d in datasets.values() for s in splits if s in d)
+    # LAVIS's loader: a DistributedSampler (ceil(n / world) per rank) and drop_last for training. Computed,
+    # not read from runner.train_loader: building it here would draw its shuffle seed before a resume
+    # restores the RNG states.
+    per_rank = -(-n_train // plan["world_size"])
+    steps = per_rank // plan["per_gpu"]
     line, differs = describe_batch_plan(
-        plan, len(runner.train_loader), n_train, bool(cfg.model_cfg.get("gather_negatives", False))
+        plan, steps, n_train, bool(cfg.model_cfg.get("gather_negatives", True))
     )
     (logging.warning if differs else logging.info)(line)
 
@@ -149,7 +154,7 @@ def main(argv=None):
     runner_cls = SafeRunner if runner_name == "runner_base" else registry.get_runner_class(runner_name)
     job_id = claim_run_folder(cfg.run_cfg.output_dir, str(cfg.run_cfg.get("job_id", new_job_id())))
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
-    _log_batch_plan(plan, runner, cfg, datasets)
+    _log_batch_plan(plan, cfg, datasets)
     runner.train()
     return runner
 

@@ -59,7 +59,7 @@ def test_a_training_step_under_autocast_matches_fp32(dtype, fusion):
     for key in ("loss", "loss_itc", "loss_rtc", "loss_align"):
         assert out[key].dtype == torch.float32, key  # losses are reduced in fp32 (cross_entropy, mse)
         assert torch.isfinite(out[key])
-        assert float(out[key]) == pytest.approx(float(reference[key]), rel=0.05, abs=1e-3), key
+        assert out[key].item() == pytest.approx(reference[key].item(), rel=0.05, abs=1e-3), key
     assert set(grads) == set(reference_grads)
     for name, grad in grads.items():
         assert torch.isfinite(grad).all(), name

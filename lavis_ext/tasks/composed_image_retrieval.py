@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from pathlib import Path
 
 import torch
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lavis_ext.optim import OneCycleLRScheduler
 from lavis_ext.tasks.recall import cirr_metrics, fashioniq_metrics, subset_ranks, target_ranks
+from vlext.atomic_files import atomic_write_json, atomic_write_text
 
 __all__ = ["ComposedImageRetrievalTask"]
 
@@ -236,8 +237,11 @@ class ComposedImageRetrievalTask(BaseTask):
                 by_category[category] = val_result["ranks"][mask]
             metrics = fashioniq_metrics(by_category)
         if is_main_process():
-            with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
-                f.write(json.dumps({"split": split_name, "epoch": epoch, **metrics}) + "\n")
+            # appended by rewriting the whole file atomically: a crash leaves the previous lines whole
+            path = Path(registry.get_path("output_dir")) / "evaluate.txt"
+            before = path.read_text() if path.is_file() else ""
+            line = json.dumps({"split": split_name, "epoch": epoch, **metrics})
+            atomic_write_text(path, before + line + "\n")
         logger.info(f"{split_name} {metrics}")
         return metrics
 
@@ -252,5 +256,4 @@ class ComposedImageRetrievalTask(BaseTask):
             subset[str(row["pairid"])] = [names[i] for i in top3]
         out = registry.get_path("result_dir")
         for prefix, content in (("recall", recall), ("recall_subset", subset)):
-            with open(os.path.join(out, f"{prefix}_submission_{split_name}.json"), "w") as f:
-                json.dump(content, f)
+            atomic_write_json(Path(out) / f"{prefix}_submission_{split_name}.json", content)

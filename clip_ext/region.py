@@ -68,13 +68,32 @@ def kept_box_mask(boxes: torch.Tensor, min_area: float, min_side: float) -> torc
     return ~(small_side | small_area)
 
 
-def region_features(patch_map: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 1) -> torch.Tensor:
-    """roi_align over a (B, C, H, W) patch-token map with normalized xyxy boxes per image -> (sum N_i, C)."""
+def region_features(
+    patch_map: torch.Tensor,
+    boxes: torch.Tensor | list[torch.Tensor],
+    output_size: int = 1,
+    batch_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """roi_align over a (B, C, H, W) patch-token map with normalized xyxy boxes -> (K, C) in the map's dtype.
+
+    ``boxes`` is a list of (N_i, 4) per image, or one (K, 4) tensor with ``batch_index`` (K,) naming each
+    box's image. Boxes, their image index and the pooling run in fp32 whatever the map's dtype or autocast:
+    torchvision's roi format carries the image index in the boxes' dtype, and bf16 holds no odd integer above
+    256, so with a per-GPU batch over 256 a bf16 box was pooled from a neighbouring image (issue 29, finding
+    1); bf16 corners also lose about 1/8 of a patch.
+    """
     height, width = patch_map.shape[-2:]
-    scale = torch.tensor([width, height, width, height], dtype=patch_map.dtype, device=patch_map.device)
-    pixel_boxes = [b.to(patch_map.dtype) * scale for b in boxes]
-    pooled = roi_align(patch_map, pixel_boxes, output_size=output_size, spatial_scale=1.0, aligned=True)
-    return pooled.mean(dim=(-2, -1))
+    if isinstance(boxes, (list, tuple)):
+        counts = torch.tensor([len(b) for b in boxes], device=patch_map.device)
+        batch_index = torch.arange(len(boxes), device=patch_map.device).repeat_interleave(counts)
+        boxes = torch.cat(list(boxes)) if len(boxes) else patch_map.new_zeros(0, 4)
+    if batch_index is None or batch_index.shape != boxes.shape[:1]:
+        raise ValueError(f"region_features: boxes {tuple(boxes.shape)} need one batch index each")
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=patch_map.device)
+    rois = torch.cat([batch_index.to(torch.float32)[:, None], boxes.to(torch.float32) * scale], dim=1)
+    with torch.autocast(patch_map.device.type, enabled=False):
+        pooled = roi_align(patch_map.float(), rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+    return pooled.mean(dim=(-2, -1)).to(patch_map.dtype)
 
 
 def region_contrastive_loss(
@@ -217,8 +236,12 @@ def region_forward(
     out = visual.forward_intermediates(image, indices=1, normalize_intermediates=True, output_fmt="NCHW")
     patch_map = out["image_intermediates"][-1]
     flat_valid = valid.reshape(-1)
-    per_image = [b[v] for b, v in zip(boxes, valid)]
-    pooled = region_features(patch_map, per_image)
+    # one boolean selection for the whole batch (a per-image one reads a count to the host per image);
+    # the image index is int64 until region_features makes it fp32 (exact to 2**24)
+    image_of_row = torch.arange(boxes.shape[0], device=boxes.device).repeat_interleave(boxes.shape[1])
+    pooled = region_features(
+        patch_map, boxes.reshape(-1, 4)[flat_valid], batch_index=image_of_row[flat_valid]
+    )
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     n_valid = int(flat_valid.sum())

@@ -1,0 +1,52 @@
+"""clip_ext under the precisions users train with (issue 29, finding 1 and What to build 3): coordinates and
+indices never pass through bf16, and a region training step runs under bf16 / fp16 autocast on CPU."""
+
+import pytest
+import torch
+
+from clip_ext.region import region_features
+
+BATCH = 300  # per-GPU batches over 256 are ordinary in CLIP training; bf16 holds no odd integer above 256
+
+
+def _id_map(batch: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, 2, 4, 4) map whose image b holds b // 16 in channel 0 and b % 16 in channel 1: both exact in bf16."""
+    b = torch.arange(batch, dtype=torch.float32)
+    return torch.stack([b // 16, b % 16], 1)[:, :, None, None].expand(batch, 2, 4, 4).to(dtype)
+
+
+def _decoded(pooled: torch.Tensor) -> list[int]:
+    return (pooled.float()[:, 0] * 16 + pooled.float()[:, 1]).round().long().tolist()
+
+
+@pytest.mark.parametrize("mode", ["amp_bf16", "pure_bf16", "amp_fp16"])
+def test_every_region_is_pooled_from_its_own_image_at_a_batch_over_256(mode):
+    boxes = [torch.tensor([[0.1, 0.2, 0.7, 0.9]]) for _ in range(BATCH)]
+    if mode == "pure_bf16":
+        pooled = region_features(_id_map(BATCH, torch.bfloat16), boxes)
+        assert pooled.dtype == torch.bfloat16
+    else:
+        # under autocast the patch map arrives in the autocast dtype (the output of a matmul)
+        dtype = torch.bfloat16 if mode == "amp_bf16" else torch.float16
+        with torch.autocast("cpu", dtype=dtype):
+            pooled = region_features(_id_map(BATCH, dtype), boxes)
+    assert _decoded(pooled) == list(range(BATCH))
+
+
+def test_a_flat_box_list_with_image_indices_pools_each_from_its_image():
+    batch_index = torch.tensor([299, 0, 257, 257, 1])
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(5, 4)
+    pooled = region_features(_id_map(BATCH, torch.bfloat16), boxes, batch_index=batch_index)
+    assert _decoded(pooled) == [299, 0, 257, 257, 1]
+
+
+def test_box_corners_keep_fp32_precision_under_bf16():
+    # a map whose value is the x coordinate: the pooled value is the box's centre x, to fp32 precision
+    x = torch.arange(16, dtype=torch.float32).add(0.5)
+    patch_map = x[None, None, None, :].expand(1, 1, 16, 16).contiguous()
+    box = torch.tensor([[0.1234, 0.2, 0.6789, 0.9]])
+    exact = region_features(patch_map, [box])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = region_features(patch_map, [box])
+    assert float(under_amp) == pytest.approx(float(exact), abs=0.05)  # bf16 output rounding only
+    assert float(exact) == pytest.approx(16 * (0.1234 + 0.6789) / 2, abs=1e-3)

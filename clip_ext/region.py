@@ -104,6 +104,8 @@ def region_contrastive_loss(
     caption_ids: torch.Tensor | None = None,
     bank_captions: torch.Tensor | None = None,
     bank_ids: torch.Tensor | None = None,
+    rows: slice | None = None,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between (N, D) region and caption features over the rows where ``valid`` is True.
 
@@ -114,30 +116,45 @@ def region_contrastive_loss(
     same caption is not a negative, since short region phrases repeat across images ("a red square") and
     would otherwise be pushed apart from themselves. ``bank_captions`` (M, D) are extra caption negatives of
     the region->caption direction (the memory bank's region texts, detached).
+
+    ``rows`` (a DDP rank's own rows under open_clip's ``local_loss``): only those rows are anchors and their
+    summed loss is divided by the valid rows of all N over ``world_size``, so that the ranks' losses add up
+    to ``world_size`` x the loss over all N, as ``ClipLoss``'s local losses do (DDP's average then gives
+    the one-process gradient, whatever each rank's share of valid regions).
+
+    Masks instead of selecting the valid rows: nothing here reads a count to the host.
     """
     if region.shape != caption.shape or valid.shape != region.shape[:1]:
         raise ValueError(f"region {tuple(region.shape)}, caption {tuple(caption.shape)} and valid "
                          f"{tuple(valid.shape)} must agree on (N, D) / (N,)")  # fmt: skip
-    region, caption = F.normalize(region[valid], dim=-1), F.normalize(caption[valid], dim=-1)
-    if region.shape[0] == 0:
-        # keep the temperature in the graph so DDP sees a gradient for it on every rank
-        return region.sum() * 0.0 + logit_scale * 0.0
-    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-    per_region = scale * region @ caption.T
-    per_caption = per_region.T
     n = region.shape[0]
-    labels = torch.arange(n, device=region.device)
+    rows = slice(0, n) if rows is None else rows
+    region, caption = F.normalize(region, dim=-1), F.normalize(caption, dim=-1)
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    labels = torch.arange(n, device=region.device)[rows]
+    anchors = valid[rows]
+    per_region = scale * region[rows] @ caption.T
+    per_caption = scale * caption[rows] @ region.T
+    not_negative = ~valid[None, :]
     if caption_ids is not None:
-        ids = caption_ids[valid]
-        same = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool, device=region.device)
-        per_region = per_region.masked_fill(same, float("-inf"))
-        per_caption = per_caption.masked_fill(same, float("-inf"))
+        own = labels[:, None] == torch.arange(n, device=region.device)[None, :]
+        not_negative = not_negative | ((caption_ids[rows][:, None] == caption_ids[None, :]) & ~own)
+    # a padding anchor keeps finite logits: its loss is weighted 0, and an all -inf row would give NaN gradients
+    not_negative = not_negative & anchors[:, None]
+    per_region = per_region.masked_fill(not_negative, float("-inf"))
+    per_caption = per_caption.masked_fill(not_negative, float("-inf"))
     if bank_captions is not None and bank_captions.shape[0] > 0:
-        extra = scale * region @ bank_captions.to(region.dtype).T
+        extra = scale * region[rows] @ bank_captions.to(region.dtype).T
         if caption_ids is not None and bank_ids is not None:
-            extra = extra.masked_fill(caption_ids[valid][:, None] == bank_ids[None, :], float("-inf"))
+            same = caption_ids[rows][:, None] == bank_ids[None, :]
+            extra = extra.masked_fill(same & anchors[:, None], float("-inf"))
         per_region = torch.cat([per_region, extra], 1)
-    return (F.cross_entropy(per_region, labels) + F.cross_entropy(per_caption, labels)) / 2
+    per_row = F.cross_entropy(per_region, labels, reduction="none") + F.cross_entropy(
+        per_caption, labels, reduction="none"
+    )
+    count = valid.sum().clamp(min=1).to(per_row.dtype) / world_size
+    # an empty batch gives 0 with the temperature still in the graph, so DDP sees a gradient on every rank
+    return (per_row * anchors.to(per_row.dtype)).sum() / (2 * count)
 
 
 def hard_negative_loss(
@@ -146,6 +163,7 @@ def hard_negative_loss(
     negatives: torch.Tensor,
     valid: torch.Tensor,
     logit_scale: torch.Tensor,
+    anchor_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FG-CLIP's hard-negative region loss: each region against its own caption and its hard negatives.
 
@@ -155,6 +173,10 @@ def hard_negative_loss(
     one direction (region -> captions) and averaged over the regions that have at least one negative, as in
     FG-CLIP's ``hard_contrastive_loss`` (there always 10 negatives). Its temperature is its own learnable
     log scale, clamped at ln(100) like the others.
+
+    ``anchor_count``: divide by this instead of the local count of regions with negatives (under DDP, the
+    global count over the world size: the ranks' losses then average to the one-process loss and gradient
+    whatever each rank's share). A region without negatives has one finite logit: its loss is exactly 0.
     """
     if (
         region.shape != positive.shape
@@ -165,17 +187,19 @@ def hard_negative_loss(
                          f"{tuple(negatives.shape)} and valid {tuple(valid.shape)} must be (N, D), (N, D), "
                          "(N, M, D) and (N, M)")  # fmt: skip
     anchors = valid.any(dim=1)
-    if not bool(anchors.any()):
-        # keep the temperature and features in the graph so DDP sees a gradient on every rank
-        return region.sum() * 0.0 + negatives.sum() * 0.0 + logit_scale * 0.0
-    r = F.normalize(region[anchors], dim=-1)
-    c = F.normalize(positive[anchors], dim=-1)
-    n = F.normalize(negatives[anchors], dim=-1)
+    r = F.normalize(region, dim=-1)
+    c = F.normalize(positive, dim=-1)
+    n = F.normalize(negatives, dim=-1)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * torch.cat([(r * c).sum(-1, keepdim=True), torch.einsum("nd,nmd->nm", r, n)], dim=1)
-    present = torch.cat([torch.ones_like(valid[anchors][:, :1]), valid[anchors]], dim=1)
+    present = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
     logits = logits.masked_fill(~present, float("-inf"))
-    return F.cross_entropy(logits, torch.zeros(r.shape[0], dtype=torch.long, device=r.device))
+    per_row = F.cross_entropy(
+        logits, torch.zeros(r.shape[0], dtype=torch.long, device=r.device), reduction="none"
+    )
+    count = anchors.sum() if anchor_count is None else anchor_count
+    # no anchor anywhere: 0, with features and temperature in the graph so DDP sees a gradient on every rank
+    return (per_row * anchors.to(per_row.dtype)).sum() / count.clamp(min=1).to(per_row.dtype)
 
 
 class RegionHead(nn.Module):

@@ -18,9 +18,12 @@ hard-negative loss divides by the regions with negatives of all ranks. With ``ga
 gradient after DDP's average is the one-process gradient (tests/test_clip_ddp_gradient_scale.py). With ``hard_negative_weight`` > 0 and the model's
 ``hard_negative_text_features``, FG-CLIP's hard-negative region loss is added as ``hard_negative_loss``.
 
-For ``--diag`` the loss keeps the last unweighted region and hard-negative losses and, with ``diag=True``,
+For ``--diag`` the loss keeps the last unweighted region and hard-negative losses (0-d device tensors) and,
+while ``keep_logits`` is True, the last call's detached logits, from which :attr:`last_bank_mass` computes
 the share of softmax mass that falls on bank columns (``bank_mass_*``): the number that says whether the
-bank is doing anything. ``calls`` counts forward calls (``--accum-freq k`` calls it k times per step).
+bank is doing anything. ``clip_ext.train`` sets ``keep_logits`` only for the steps the master logs, so other
+steps neither keep both directions' logits through backward nor compute or read anything for the log.
+``calls`` counts forward calls (``--accum-freq k`` calls it k times per step).
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ class MemoryBankClipLoss(ClipLoss):
         region_head: the :class:`~clip_ext.region.RegionHead` scoring region features (``--region-data``).
         region_weight: weight of the region InfoNCE (``--region-loss-weight``).
         hard_negative_weight: weight of the hard-negative region loss (``--hard-negative-weight``).
-        diag: keep the share of softmax mass on bank columns for ``--diag``.
+        diag: ``--diag``: keep the unweighted region losses for the log.
+        keep_logits: keep the last call's detached logits (``last_logits``, ``last_bank_mass``); default
+            ``diag``. The trainer switches it on only for the steps it logs.
         **clip_loss_kwargs: ``ClipLoss``'s own arguments (``local_loss``, ``gather_with_grad``, ``rank``,
             ``world_size``, ...).
 
@@ -73,6 +78,7 @@ class MemoryBankClipLoss(ClipLoss):
         region_weight: float = 0.0,
         hard_negative_weight: float = 0.0,
         diag: bool = False,
+        keep_logits: bool | None = None,
         **clip_loss_kwargs,
     ):
         super().__init__(**clip_loss_kwargs)
@@ -88,7 +94,8 @@ class MemoryBankClipLoss(ClipLoss):
         self.calls = 0
         self.last_region_loss: torch.Tensor | None = None
         self.last_hard_negative_loss: torch.Tensor | None = None
-        self.last_bank_mass: tuple[float, float] | None = None
+        self.keep_logits = diag if keep_logits is None else keep_logits
+        self._mass_columns: tuple[int | None, int | None] = (None, None)  # batch columns of last_logits
         self.pending_regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pending_ids: torch.Tensor | None = None
@@ -106,7 +113,7 @@ class MemoryBankClipLoss(ClipLoss):
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
         if self.bank is None or not self.bank.active:
             logits = super().get_logits(image_features, text_features, logit_scale, logit_bias)
-            self.last_logits = tuple(x.detach() for x in logits)
+            self._keep(logits, (None, None))
             return logits
         bank_images, bank_texts, _ = self.bank.negatives()
         if bank_images.shape[1] != image_features.shape[1]:
@@ -142,13 +149,24 @@ class MemoryBankClipLoss(ClipLoss):
         if logit_bias is not None:
             per_image = per_image + logit_bias
             per_text = per_text + logit_bias
-        self.last_logits = (per_image.detach(), per_text.detach())
-        if self.diag:
-            self.last_bank_mass = tuple(
-                _bank_mass(logits, all_texts.shape[0]) if used else 0.0
-                for logits, used in ((per_image, use_text), (per_text, use_image))
-            )
+        self._keep((per_image, per_text), (all_texts.shape[0] if use_text else None,
+                                           all_images.shape[0] if use_image else None))  # fmt: skip
         return per_image, per_text
+
+    def _keep(self, logits, bank_from: tuple[int | None, int | None]) -> None:
+        """Keep this call's detached logits for ``--diag`` only when asked: otherwise they would live on
+        through backward (about 0.55 GB per rank at a 2048 global batch with K = 65,536 in fp16)."""
+        self.last_logits = tuple(x.detach() for x in logits) if self.keep_logits else None
+        self._mass_columns = bank_from
+
+    @property
+    def last_bank_mass(self) -> tuple[float, float] | None:
+        """(image->text, text->image) mean softmax probability on bank columns of the last kept logits;
+        computed (and read to the host) only when asked, i.e. when ``--diag`` logs."""
+        if self.last_logits is None:
+            return None
+        return tuple(_bank_mass(logits, first) if first is not None else 0.0
+                     for logits, first in zip(self.last_logits, self._mass_columns))  # fmt: skip
 
     def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.use_horovod:
@@ -175,8 +193,6 @@ class MemoryBankClipLoss(ClipLoss):
         hard_negative_valid=None,
     ):
         self.calls += 1
-        if self.diag and (self.bank is None or not self.bank.active):
-            self.last_bank_mass = (0.0, 0.0)
         if sample_ids is not None:
             self.sample_ids = sample_ids
         # Remember this call's (local, detached) batch; the trainer enqueues it after the optimizer step,

@@ -227,11 +227,10 @@ class RegionHead(nn.Module):
             self.hard_negative_logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(n_valid, D) -> (len(valid), D) with zeros in the padding rows (fixed shapes concatenate under
+def _scatter_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """(len(index), D) -> (rows, D) with zeros in the padding rows (fixed shapes concatenate under
     ``--accum-freq``)."""
-    index = valid.nonzero().squeeze(1)
-    return values.new_zeros(valid.shape[0], values.shape[1]).index_copy(0, index, values)
+    return values.new_zeros(rows, values.shape[1]).index_copy(0, index, values)
 
 
 def region_forward(
@@ -260,33 +259,35 @@ def region_forward(
     out = visual.forward_intermediates(image, indices=1, normalize_intermediates=True, output_fmt="NCHW")
     patch_map = out["image_intermediates"][-1]
     flat_valid = valid.reshape(-1)
-    # one boolean selection for the whole batch (a per-image one reads a count to the host per image);
-    # the image index is int64 until region_features makes it fp32 (exact to 2**24)
+    # the valid rows' index, read once (the one host sync the variable region count needs; one more for the
+    # hard negatives); the image index stays int64 until region_features makes it fp32 (exact to 2**24)
+    index = flat_valid.nonzero().squeeze(1)
+    n_valid = index.shape[0]
     image_of_row = torch.arange(boxes.shape[0], device=boxes.device).repeat_interleave(boxes.shape[1])
-    pooled = region_features(
-        patch_map, boxes.reshape(-1, 4)[flat_valid], batch_index=image_of_row[flat_valid]
-    )
+    pooled = region_features(patch_map, boxes.reshape(-1, 4).index_select(0, index),
+                             batch_index=image_of_row.index_select(0, index))  # fmt: skip
     if visual.proj is not None:
         pooled = pooled @ visual.proj
-    n_valid = int(flat_valid.sum())
-    parts = [text, region_text.reshape(-1, text.shape[-1])[flat_valid]]
+    parts = [text, region_text.reshape(-1, text.shape[-1]).index_select(0, index)]
     if hard_negative_text is not None:
         flat_hn_valid = hard_negative_valid.reshape(-1) & flat_valid.repeat_interleave(
             hard_negative_valid.shape[-1]
         )
-        parts.append(hard_negative_text.reshape(-1, text.shape[-1])[flat_hn_valid])
+        hn_index = flat_hn_valid.nonzero().squeeze(1)
+        parts.append(hard_negative_text.reshape(-1, text.shape[-1]).index_select(0, hn_index))
     texts = model.encode_text(torch.cat(parts), normalize=True)
+    rows = flat_valid.shape[0]
     result = {
         "image_features": F.normalize(out["image_features"], dim=-1),
         "text_features": texts[: text.shape[0]],
         "logit_scale": model.logit_scale.exp(),
-        "region_features": _scatter_rows(F.normalize(pooled, dim=-1), flat_valid),
-        "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], flat_valid),
+        "region_features": _scatter_rows(F.normalize(pooled, dim=-1), index, rows),
+        "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], index, rows),
         "region_valid": flat_valid,
     }
     if hard_negative_text is not None:
         first = text.shape[0] + n_valid
-        result["hard_negative_text_features"] = _scatter_rows(texts[first:], flat_hn_valid)
+        result["hard_negative_text_features"] = _scatter_rows(texts[first:], hn_index, flat_hn_valid.shape[0])
         result["hard_negative_valid"] = flat_hn_valid
     if getattr(model, "logit_bias", None) is not None:
         result["logit_bias"] = model.logit_bias

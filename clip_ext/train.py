@@ -451,6 +451,7 @@ def create_loss(args):
         region_weight=args.region_loss_weight if _region_on(args) else 0.0,
         hard_negative_weight=args.hard_negative_weight if _hard_negative_on(args) else 0.0,
         diag=args.diag,
+        keep_logits=False,  # switched on for the logged steps by the optimizer step hook
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,
         cache_labels=True,
@@ -500,6 +501,16 @@ def _after_optimizer_step(optimizer, *_):
         if _run.tb_writer is not None:
             for key, value in stats.items():
                 _run.tb_writer.add_scalar(f"diag/{key}", value, _run.steps)
+    _keep_logits_if_logged(args)
+
+
+def _keep_logits_if_logged(args) -> None:
+    """--diag: the loss keeps its logits (for the logit range and the bank's share of softmax mass) only for
+    the step the master logs next; every other step and rank keeps and computes nothing for the log."""
+    if hasattr(_run.loss, "keep_logits"):
+        _run.loss.keep_logits = bool(
+            args.diag and _run.steps % args.log_every_n_steps == 0 and _run.host["is_master"](args)
+        )
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
@@ -519,6 +530,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         _run.hooked_optimizer = id(optimizer)
         # the trainer's resume-safe step (as passed to its scheduler), so --resume continues the count
         _run.steps = data["train"].dataloader.num_batches // args.accum_freq * epoch
+    _keep_logits_if_logged(args)
     result = _run.host["train_one_epoch"](
         model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer
     )

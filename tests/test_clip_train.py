@@ -141,7 +141,7 @@ def test_diag_reports_zero_norm_image_share_logit_range_and_bank_state():
 
     model = torch.nn.Module()
     model.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    loss = MemoryBankClipLoss(MemoryBank(8, 4))
+    loss = MemoryBankClipLoss(MemoryBank(8, 4), diag=True)  # diag keeps the logits (library default)
     image = torch.nn.functional.normalize(torch.eye(4), dim=-1)
     image[:2] = 0.0  # two dead image embeddings out of four
     loss(image, torch.eye(4), torch.tensor(10.0))

@@ -96,6 +96,10 @@ def region_features(
     return pooled.mean(dim=(-2, -1)).to(patch_map.dtype)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def region_contrastive_loss(
     region: torch.Tensor,
     caption: torch.Tensor,
@@ -129,7 +133,11 @@ def region_contrastive_loss(
                          f"{tuple(valid.shape)} must agree on (N, D) / (N,)")  # fmt: skip
     n = region.shape[0]
     rows = slice(0, n) if rows is None else rows
-    region, caption = F.normalize(region, dim=-1), F.normalize(caption, dim=-1)
+    # fp32: padding rows are zero, and F.normalize's eps (1e-12) is 0 in fp16, which makes them 0 / 0 = NaN
+    region, caption = (
+        F.normalize(_at_least_fp32(region), dim=-1),
+        F.normalize(_at_least_fp32(caption), dim=-1),
+    )
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     labels = torch.arange(n, device=region.device)[rows]
     anchors = valid[rows]
@@ -187,9 +195,10 @@ def hard_negative_loss(
                          f"{tuple(negatives.shape)} and valid {tuple(valid.shape)} must be (N, D), (N, D), "
                          "(N, M, D) and (N, M)")  # fmt: skip
     anchors = valid.any(dim=1)
-    r = F.normalize(region, dim=-1)
-    c = F.normalize(positive, dim=-1)
-    n = F.normalize(negatives, dim=-1)
+    # fp32: padding rows and slots are zero, and F.normalize's eps (1e-12) is 0 in fp16 (0 / 0 = NaN)
+    r = F.normalize(_at_least_fp32(region), dim=-1)
+    c = F.normalize(_at_least_fp32(positive), dim=-1)
+    n = F.normalize(_at_least_fp32(negatives), dim=-1)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * torch.cat([(r * c).sum(-1, keepdim=True), torch.einsum("nd,nmd->nm", r, n)], dim=1)
     present = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)

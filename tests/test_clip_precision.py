@@ -50,3 +50,31 @@ def test_box_corners_keep_fp32_precision_under_bf16():
         under_amp = region_features(patch_map, [box])
     assert float(under_amp) == pytest.approx(float(exact), abs=0.05)  # bf16 output rounding only
     assert float(exact) == pytest.approx(16 * (0.1234 + 0.6789) / 2, abs=1e-3)
+
+
+# --- a whole clip_ext training step under the precisions users pick (CPU autocast) ----------------------
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "pure_bf16", "amp"])
+def test_a_bank_region_and_hard_negative_training_step_runs_under_reduced_precision(tmp_path, precision):
+    """open_clip's trainer autocasts on the device it trains on (CPU here): the region forward, every loss
+    term and the bank run in bf16 / fp16 as on a GPU, and each logged loss is finite (under fp16 the masked
+    region losses once normalised zero padding rows with an eps that is 0 in fp16: NaN)."""
+    import math
+    import re
+
+    from test_clip_open_clip_compat import run_ours, tiny_argv
+
+    from vlext.toyworld import write_clip_csv
+
+    data = write_clip_csv(tmp_path / "data", 8, seed=0, image_size=32, split="train").parent
+    argv = tiny_argv(data, tmp_path / "logs", precision, "--precision", precision, "--memory-bank-size", "8",
+                     "--region-data", str(data / "train_regions.jsonl"), "--hard-negative-weight",
+                     "--log-every-n-steps", "1")  # fmt: skip
+    model = run_ours(argv)
+    log = (tmp_path / "logs" / precision / "out.log").read_text()
+    for name in ("Contrastive_loss", "Region_loss", "Hard_negative_loss"):
+        values = [float(v) for v in re.findall(rf"{name}: ([-\w.]+)", log)]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (name, values)
+    assert int(model.memory_bank.filled) == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())

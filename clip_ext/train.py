@@ -445,6 +445,13 @@ def create_loss(args):
         return open_clip.create_loss(args)
     from clip_ext.loss import MemoryBankClipLoss
 
+    if args.world_size > 1 and _regions_used(args) and not args.gather_with_grad:
+        logging.warning(
+            "%d processes without --gather-with-grad: open_clip's contrastive loss and clip_ext's region loss give "
+            "the towers 1/%d of the gradient one process would on the same global batch (the hard-negative loss "
+            "keeps the full gradient); pass --gather-with-grad for the one-process scale of every term",
+            args.world_size, args.world_size,
+        )  # fmt: skip
     _run.loss = MemoryBankClipLoss(
         getattr(_run.model, BANK_ATTR, None),
         region_head=getattr(_run.model, REGION_ATTR, None),

@@ -157,6 +157,28 @@ def test_without_gather_with_grad_the_region_term_keeps_open_clips_scale(ratios)
         assert got["no_gather_with_grad/region"][name] == pytest.approx(contrastive, abs=1e-4)
 
 
+def test_a_region_run_on_several_processes_without_gather_with_grad_is_warned(tmp_path, caplog):
+    from clip_ext import train
+
+    regions = tmp_path / "r.jsonl"
+    regions.write_text("")
+    args = train.parse_args(["--model", "clip-ext-tiny", "--region-data", str(regions)])
+    args.world_size, args.rank = 2, 0  # as open_clip's init_distributed_device sets them under torchrun
+    args.distill = False  # set by open_clip_train's main
+    train._run = train._Run(args=args)
+    with caplog.at_level("WARNING"):
+        train.create_loss(args)
+    assert (
+        "2 processes without --gather-with-grad: open_clip's contrastive loss and clip_ext's region loss give "
+        "the towers 1/2 of the gradient" in caplog.text
+    )
+    caplog.clear()
+    args.gather_with_grad = True
+    train.create_loss(args)
+    assert "--gather-with-grad" not in caplog.text
+    train._run = train._Run()
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 

@@ -27,6 +27,7 @@ B, R, M, DIN, D, BANK = 3, 2, 2, 6, 4, 16  # per rank: 3 images of 2 regions, 2 
 TERMS = {  # term: (loss entry, bank)
     "contrastive": ("contrastive_loss", False),
     "contrastive_with_bank": ("contrastive_loss", True),
+    "contrastive_with_bank_dedup": ("contrastive_loss", "dedup"),  # --memory-bank-dedup: ids gathered
     "region": ("region_loss", False),
     "region_with_bank_texts": ("region_loss", True),
     "hard_negative": ("hard_negative_loss", False),
@@ -49,6 +50,7 @@ def _inputs():
     x["ids"][7] = 1
     x["negative_valid"] = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1,
                                         0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)  # fmt: skip
+    x["sample_ids"] = torch.arange(n) % 4  # the bank holds entries of the same samples: masked
     x["bank"] = [torch.nn.functional.normalize(torch.randn(BANK, D, generator=g), dim=-1) for _ in range(3)]
     return x
 
@@ -63,11 +65,11 @@ def _towers():
     return towers
 
 
-def _bank(x):
+def _bank(x, dedup=False):
     from clip_ext.memory_bank import MemoryBank
 
-    bank = MemoryBank(BANK, D, region_text=True)
-    bank.enqueue(x["bank"][0], x["bank"][1])
+    bank = MemoryBank(BANK, D, region_text=True, track_ids=dedup)
+    bank.enqueue(x["bank"][0], x["bank"][1], torch.arange(BANK) % 6 if dedup else None)
     bank.enqueue_regions(x["bank"][2], torch.arange(BANK) % 5)  # ids 0..4: some equal the batch's captions
     bank.optimizer_step()
     return bank
@@ -79,16 +81,17 @@ def _gradients(term, x, rank, world, gather_with_grad, local_loss):
 
     entry, with_bank = TERMS[term]
     towers = _towers()
-    loss = MemoryBankClipLoss(_bank(x) if with_bank else None, region_head=towers.head, region_weight=1.0,
+    loss = MemoryBankClipLoss(_bank(x, with_bank == "dedup") if with_bank else None, region_head=towers.head, region_weight=1.0,
                               hard_negative_weight=1.0, local_loss=local_loss, gather_with_grad=gather_with_grad,
                               rank=rank, world_size=world)  # fmt: skip
-    per = {"image": B, "text": B, "region": B * R, "caption": B * R, "valid": B * R, "ids": B * R,
+    per = {"image": B, "text": B, "sample_ids": B, "region": B * R, "caption": B * R, "valid": B * R, "ids": B * R,
            "negative": B * R * M, "negative_valid": B * R * M}  # fmt: skip
     part = {k: x[k][rank * n : (rank + 1) * n] if world > 1 else x[k] for k, n in per.items()}
     normalize = torch.nn.functional.normalize
     losses = loss(
         normalize(towers["image"](part["image"]), dim=-1), normalize(towers["text"](part["text"]), dim=-1),
         towers.logit_scale.exp(), output_dict=True,
+        sample_ids=part["sample_ids"] if with_bank == "dedup" else None,
         region_features=normalize(towers["image"](part["region"]), dim=-1),
         region_text_features=normalize(towers["text"](part["caption"]), dim=-1),
         region_valid=part["valid"], region_caption_ids=part["ids"],

@@ -78,3 +78,36 @@ def test_a_bank_region_and_hard_negative_training_step_runs_under_reduced_precis
         assert len(values) == 2 and all(math.isfinite(v) for v in values), (name, values)
     assert int(model.memory_bank.filled) == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_region_forward_hands_roi_align_exact_image_indices_at_a_batch_over_256(monkeypatch):
+    import open_clip
+
+    import clip_ext  # noqa: F401  (registers clip-ext-tiny)
+    from clip_ext import region
+
+    model = open_clip.create_model("clip-ext-tiny")
+    size = (
+        model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    )
+    seen = []
+    original = region.roi_align
+
+    def spy(patch_map, rois, **kwargs):
+        seen.append(rois)
+        return original(patch_map, rois, **kwargs)
+
+    monkeypatch.setattr(region, "roi_align", spy)
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.0, 0.0, 1.0, 1.0]]).expand(BATCH, 2, 4)
+    valid = torch.ones(BATCH, 2, dtype=torch.bool)
+    valid[::3, 1] = False
+    context = model.context_length
+    text = torch.zeros(BATCH, context, dtype=torch.long)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = region.region_forward(model, torch.zeros(BATCH, 3, size, size), text, boxes, valid,
+                                    torch.zeros(BATCH, 2, context, dtype=torch.long))  # fmt: skip
+    (rois,) = seen
+    assert rois.dtype == torch.float32
+    expected = torch.arange(BATCH).repeat_interleave(2)[valid.reshape(-1)]
+    assert torch.equal(rois[:, 0].long(), expected)
+    assert out["region_valid"].sum() == expected.shape[0]

@@ -12,13 +12,18 @@ With a :class:`~clip_ext.region.RegionHead` and ``region_weight`` > 0, the model
 padded region features (see :func:`clip_ext.region.region_forward`) and the loss adds
 ``region_weight x`` the FG-CLIP region InfoNCE as its own entry ``region_loss`` (open_clip's trainer sums
 every entry and logs each). Under DDP the region loss gathers the regions, captions, validity and caption
-ids of every rank (all regions of the global batch are negatives; local rows keep their gradient, as in
-``ClipLoss``), plus the bank's region captions when the bank keeps them and is active. With ``hard_negative_weight`` > 0 and the model's
+ids of every rank (all regions of the global batch are negatives) with ``ClipLoss``'s ``gather_with_grad``
+and ``local_loss`` meaning, plus the bank's region captions when the bank keeps them and is active; the
+hard-negative loss divides by the regions with negatives of all ranks. With ``gather_with_grad`` every term's
+gradient after DDP's average is the one-process gradient (tests/test_clip_ddp_gradient_scale.py). With ``hard_negative_weight`` > 0 and the model's
 ``hard_negative_text_features``, FG-CLIP's hard-negative region loss is added as ``hard_negative_loss``.
 
-For ``--diag`` the loss keeps the last unweighted region and hard-negative losses and, with ``diag=True``,
+For ``--diag`` the loss keeps the last unweighted region and hard-negative losses (0-d device tensors) and,
+while ``keep_logits`` is True, the last call's detached logits, from which :attr:`last_bank_mass` computes
 the share of softmax mass that falls on bank columns (``bank_mass_*``): the number that says whether the
-bank is doing anything. ``calls`` counts forward calls (``--accum-freq k`` calls it k times per step).
+bank is doing anything. ``clip_ext.train`` sets ``keep_logits`` only for the steps the master logs, so other
+steps neither keep both directions' logits through backward nor compute or read anything for the log.
+``calls`` counts forward calls (``--accum-freq k`` calls it k times per step).
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ class MemoryBankClipLoss(ClipLoss):
         region_head: the :class:`~clip_ext.region.RegionHead` scoring region features (``--region-data``).
         region_weight: weight of the region InfoNCE (``--region-loss-weight``).
         hard_negative_weight: weight of the hard-negative region loss (``--hard-negative-weight``).
-        diag: keep the share of softmax mass on bank columns for ``--diag``.
+        diag: ``--diag``: keep the unweighted region losses for the log.
+        keep_logits: keep the last call's detached logits (``last_logits``, ``last_bank_mass``); default
+            ``diag``. The trainer switches it on only for the steps it logs.
         **clip_loss_kwargs: ``ClipLoss``'s own arguments (``local_loss``, ``gather_with_grad``, ``rank``,
             ``world_size``, ...).
 
@@ -71,6 +78,7 @@ class MemoryBankClipLoss(ClipLoss):
         region_weight: float = 0.0,
         hard_negative_weight: float = 0.0,
         diag: bool = False,
+        keep_logits: bool | None = None,
         **clip_loss_kwargs,
     ):
         super().__init__(**clip_loss_kwargs)
@@ -86,7 +94,8 @@ class MemoryBankClipLoss(ClipLoss):
         self.calls = 0
         self.last_region_loss: torch.Tensor | None = None
         self.last_hard_negative_loss: torch.Tensor | None = None
-        self.last_bank_mass: tuple[float, float] | None = None
+        self.keep_logits = diag if keep_logits is None else keep_logits
+        self._mass_columns: tuple[int | None, int | None] = (None, None)  # batch columns of last_logits
         self.pending_regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pending_ids: torch.Tensor | None = None
@@ -104,7 +113,7 @@ class MemoryBankClipLoss(ClipLoss):
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
         if self.bank is None or not self.bank.active:
             logits = super().get_logits(image_features, text_features, logit_scale, logit_bias)
-            self.last_logits = tuple(x.detach() for x in logits)
+            self._keep(logits, (None, None))
             return logits
         bank_images, bank_texts, _ = self.bank.negatives()
         if bank_images.shape[1] != image_features.shape[1]:
@@ -140,13 +149,24 @@ class MemoryBankClipLoss(ClipLoss):
         if logit_bias is not None:
             per_image = per_image + logit_bias
             per_text = per_text + logit_bias
-        self.last_logits = (per_image.detach(), per_text.detach())
-        if self.diag:
-            self.last_bank_mass = tuple(
-                _bank_mass(logits, all_texts.shape[0]) if used else 0.0
-                for logits, used in ((per_image, use_text), (per_text, use_image))
-            )
+        self._keep((per_image, per_text), (all_texts.shape[0] if use_text else None,
+                                           all_images.shape[0] if use_image else None))  # fmt: skip
         return per_image, per_text
+
+    def _keep(self, logits, bank_from: tuple[int | None, int | None]) -> None:
+        """Keep this call's detached logits for ``--diag`` only when asked: otherwise they would live on
+        through backward (about 0.55 GB per rank at a 2048 global batch with K = 65,536 in fp16)."""
+        self.last_logits = tuple(x.detach() for x in logits) if self.keep_logits else None
+        self._mass_columns = bank_from
+
+    @property
+    def last_bank_mass(self) -> tuple[float, float] | None:
+        """(image->text, text->image) mean softmax probability on bank columns of the last kept logits;
+        computed (and read to the host) only when asked, i.e. when ``--diag`` logs."""
+        if self.last_logits is None:
+            return None
+        return tuple(_bank_mass(logits, first) if first is not None else 0.0
+                     for logits, first in zip(self.last_logits, self._mass_columns))  # fmt: skip
 
     def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if self.use_horovod:
@@ -173,8 +193,6 @@ class MemoryBankClipLoss(ClipLoss):
         hard_negative_valid=None,
     ):
         self.calls += 1
-        if self.diag and (self.bank is None or not self.bank.active):
-            self.last_bank_mass = (0.0, 0.0)
         if sample_ids is not None:
             self.sample_ids = sample_ids
         # Remember this call's (local, detached) batch; the trainer enqueues it after the optimizer step,
@@ -192,9 +210,11 @@ class MemoryBankClipLoss(ClipLoss):
             and self.hard_negative_weight > 0
         ):
             m = hard_negative_valid.shape[0] // region_valid.shape[0]
+            negatives_valid = hard_negative_valid.reshape(-1, m) & region_valid[:, None]
             hard = hard_negative_loss(
                 region_features, region_text_features, hard_negative_text_features.reshape(-1, m, region_features.shape[1]),
-                hard_negative_valid.reshape(-1, m) & region_valid[:, None], self.region_head.hard_negative_logit_scale,
+                negatives_valid, self.region_head.hard_negative_logit_scale,
+                anchor_count=self._hard_negative_anchor_count(negatives_valid.any(dim=1)),
             )  # fmt: skip
             self.last_hard_negative_loss = hard.detach()
             losses["hard_negative_loss"] = self.hard_negative_weight * hard
@@ -203,32 +223,59 @@ class MemoryBankClipLoss(ClipLoss):
         return sum(losses.values())
 
     def region_loss(self, region, caption, valid, caption_ids=None) -> torch.Tensor:
-        """Unweighted region InfoNCE with the head's temperature and, when active, the bank's region texts."""
+        """Unweighted region InfoNCE with the head's temperature and, when active, the bank's region texts.
+
+        Under DDP the regions, captions, validity and caption ids of every rank are gathered (all regions of
+        the global batch are negatives) the way ``ClipLoss`` gathers the batch: ``gather_with_grad`` through
+        ``torch.distributed.nn.all_gather`` (each rank's backward then carries every rank's share of the
+        gradient of its rows, so DDP's average equals the one-process gradient), otherwise only the local
+        rows keep their gradient (open_clip's own scale for that flag, as for the contrastive term), and
+        ``local_loss`` makes this rank's rows the only anchors. The gradient used to be 1 / world size of the
+        one-process gradient even with ``--gather-with-grad`` (issue 29, finding 2).
+        """
         bank_captions = bank_ids = None
         if self.bank is not None and self.bank.region_text and self.bank.active:
             bank_captions, bank_ids = self.bank.region_negatives()
         ids_or_none = caption_ids if caption_ids is not None else torch.full_like(valid, -1, dtype=torch.long)
         self.pending_regions = (caption.detach(), valid, ids_or_none)
+        rows, world = None, 1
         if self.world_size > 1:
-            # every rank's regions and captions are negatives (as ClipLoss gathers the batch); the local
-            # rows keep their gradient, the other ranks' rows are constants here
-            region, caption = self._gather_rows(region), self._gather_rows(caption)
-            valid = self._gather_rows(valid.to(torch.uint8)).bool()  # not every backend gathers bool
-            caption_ids = self._gather_rows(caption_ids) if caption_ids is not None else None
+            n = region.shape[0]
+            region, caption = gather_features(
+                region, caption, local_loss=False, gather_with_grad=self.gather_with_grad, rank=self.rank,
+                world_size=self.world_size, use_horovod=self.use_horovod,
+            )  # fmt: skip
+            valid = self._gather_constant(valid.to(torch.uint8)).bool()  # not every backend gathers bool
+            caption_ids = self._gather_constant(caption_ids) if caption_ids is not None else None
+            if self.local_loss:
+                rows, world = slice(self.rank * n, (self.rank + 1) * n), self.world_size
         return region_contrastive_loss(region, caption, valid, self.region_head.logit_scale, caption_ids,
-                                       bank_captions, bank_ids)  # fmt: skip
+                                       bank_captions, bank_ids, rows=rows, world_size=world)  # fmt: skip
 
-    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, ...) of every rank (equal N: regions are padded to the same count), this rank's slice the
-        original tensor so that its gradient flows."""
+    def _hard_negative_anchor_count(self, anchors: torch.Tensor) -> torch.Tensor | None:
+        """The regions with negatives over all ranks / world size (a device tensor: no host sync), or None
+        on one process. Each rank's loss then is its sum over this share, and DDP's average of the ranks'
+        gradients equals the one-process gradient even when the ranks hold different counts."""
+        if self.world_size == 1:
+            return None
+        count = anchors.sum().to(torch.float32)
         if self.use_horovod:
             import horovod.torch as hvd
 
-            parts = list(hvd.allgather(rows.detach()).chunk(self.world_size))
+            count = hvd.allreduce(count, op=hvd.Sum)
         else:
-            parts = [torch.empty_like(rows) for _ in range(self.world_size)]
-            dist.all_gather(parts, rows.detach().contiguous())
-        parts[self.rank] = rows
+            count = count.clone()
+            dist.all_reduce(count)
+        return count / self.world_size
+
+    def _gather_constant(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, ...) of every rank concatenated in rank order, without gradient (masks and ids)."""
+        if self.use_horovod:
+            import horovod.torch as hvd
+
+            return hvd.allgather(rows.detach())
+        parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+        dist.all_gather(parts, rows.detach().contiguous())
         return torch.cat(parts)
 
     @torch.no_grad()

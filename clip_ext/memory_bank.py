@@ -12,7 +12,11 @@ Rules the training notes got wrong and this class enforces:
 - writes wrap around with no divisibility requirement, only filled slots are read, nothing is allocated
   per step (in-place copies into preallocated buffers);
 - under DDP every rank enqueues the same global batch, and DDP must not broadcast these buffers from
-  rank 0 on every forward (see :func:`ddp_ignore_names`).
+  rank 0 on every forward (see :func:`ddp_ignore_names`);
+- the training loop reads nothing from the device: pointer, fill counts, step and the enabled flag are
+  mirrored in Python ints next to their buffers (every rank writes the same values), refreshed from the
+  buffers only when a state dict is loaded. Reading the buffers with ``int()`` cost a host sync each, 8 per
+  step on a GPU (issue 29, finding 5).
 """
 
 from __future__ import annotations
@@ -87,6 +91,20 @@ class MemoryBank(nn.Module):
             self.register_buffer("region_id_queue", torch.full((size,), -1, dtype=torch.long))
             self.register_buffer("region_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("region_filled", torch.zeros((), dtype=torch.long))
+        self._host = dict.fromkeys(self._mirrored(), 0)  # the buffers' values, on the host
+
+    def _mirrored(self) -> tuple[str, ...]:
+        names = ("ptr", "filled", "step", "enabled")
+        return names + (("region_ptr", "region_filled") if self.region_text else ())
+
+    def _set(self, name: str, value: int) -> None:
+        """Write a counter buffer and its host mirror (fill_ from a Python number: no host read)."""
+        getattr(self, name).fill_(value)
+        self._host[name] = int(value)
+
+    def refresh_host_state(self) -> None:
+        """Re-read the counters from the buffers (one host read each), after they were written directly."""
+        self._host = {name: int(getattr(self, name)) for name in self._mirrored()}
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, warmup_steps={self.warmup_steps}, features={self.features}"
@@ -94,11 +112,11 @@ class MemoryBank(nn.Module):
     @property
     def active(self) -> bool:
         """Whether the loss should add bank negatives now (warmup passed and something stored)."""
-        return bool(self.enabled) and int(self.filled) > 0
+        return bool(self._host["enabled"]) and self._host["filled"] > 0
 
     def negatives(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images, texts, ids) of the filled slots, as views: no copy."""
-        n = int(self.filled)
+        n = self._host["filled"]
         return self.image_queue[:n], self.text_queue[:n], self.id_queue[:n]
 
     def check_batch(self, global_batch: int) -> None:
@@ -120,7 +138,7 @@ class MemoryBank(nn.Module):
             raise ValueError(f"image and text batches differ: {image.shape[0]} vs {text.shape[0]}")
         n = image.shape[0]
         self.check_batch(n)
-        start = int(self.ptr)
+        start = self._host["ptr"]
         first = min(n, self.size - start)
         self.image_queue[start : start + first].copy_(image[:first])
         self.text_queue[start : start + first].copy_(text[:first])
@@ -133,8 +151,8 @@ class MemoryBank(nn.Module):
             self.id_queue[start : start + first].copy_(ids[:first])
             if n > first:
                 self.id_queue[: n - first].copy_(ids[first:])
-        self.ptr.fill_((start + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._set("ptr", (start + n) % self.size)
+        self._set("filled", min(self._host["filled"] + n, self.size))
 
     @torch.no_grad()
     def gather_and_enqueue(
@@ -157,7 +175,7 @@ class MemoryBank(nn.Module):
         """(region caption embeddings, caption ids) of the filled region slots, as views."""
         if not self.region_text:
             raise ValueError("this memory bank keeps no region texts (built without region_text=True)")
-        n = int(self.region_filled)
+        n = self._host["region_filled"]
         return self.region_text_queue[:n], self.region_id_queue[:n]
 
     @torch.no_grad()
@@ -170,15 +188,15 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory bank holds {self.dim}-d region texts with one id each; got "
                              f"{tuple(text.shape)} and ids {tuple(ids.shape)}")  # fmt: skip
         text, ids = text[-self.size :], ids[-self.size :]
-        n, start = text.shape[0], int(self.region_ptr)
+        n, start = text.shape[0], self._host["region_ptr"]
         first = min(n, self.size - start)
         self.region_text_queue[start : start + first].copy_(text[:first])
         self.region_id_queue[start : start + first].copy_(ids[:first])
         if n > first:
             self.region_text_queue[: n - first].copy_(text[first:])
             self.region_id_queue[: n - first].copy_(ids[first:])
-        self.region_ptr.fill_((start + n) % self.size)
-        self.region_filled.fill_(min(int(self.region_filled) + n, self.size))
+        self._set("region_ptr", (start + n) % self.size)
+        self._set("region_filled", min(self._host["region_filled"] + n, self.size))
 
     @torch.no_grad()
     def gather_and_enqueue_regions(self, text: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor) -> None:
@@ -192,19 +210,20 @@ class MemoryBank(nn.Module):
                 dist.all_gather(parts, t.contiguous())
                 gathered.append(torch.cat(parts))
             text, valid, ids = gathered[0], gathered[1].bool(), gathered[2]
-        self.enqueue_regions(text[valid], ids[valid])
+        index = valid.nonzero().squeeze(1)  # the one host read of a step with regions: how many are valid
+        self.enqueue_regions(text.index_select(0, index), ids.index_select(0, index))
 
     @torch.no_grad()
     def optimizer_step(self) -> None:
         """Count one optimizer step and switch the bank on once the warmup has passed."""
-        self.step += 1
-        self.enabled.fill_(bool(int(self.step) >= self.warmup_steps))
+        self._set("step", self._host["step"] + 1)
+        self._set("enabled", int(self._host["step"] >= self.warmup_steps))
 
     def duplicate_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
         """(B, n_filled) True where a bank entry is the same sample as a batch row (not a negative)."""
         if not self.track_ids or ids is None:
             return None
-        return ids[:, None] == self.id_queue[: int(self.filled)][None, :]
+        return ids[:, None] == self.id_queue[: self._host["filled"]][None, :]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "image_queue"
@@ -216,6 +235,7 @@ class MemoryBank(nn.Module):
                 "the weights with --pretrained instead of --resume"
             )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self.refresh_host_state()
 
     def buffer_names(self, prefix: str = "") -> list[str]:
         return [prefix + name for name, _ in self.named_buffers()]

@@ -68,13 +68,36 @@ def kept_box_mask(boxes: torch.Tensor, min_area: float, min_side: float) -> torc
     return ~(small_side | small_area)
 
 
-def region_features(patch_map: torch.Tensor, boxes: list[torch.Tensor], output_size: int = 1) -> torch.Tensor:
-    """roi_align over a (B, C, H, W) patch-token map with normalized xyxy boxes per image -> (sum N_i, C)."""
+def region_features(
+    patch_map: torch.Tensor,
+    boxes: torch.Tensor | list[torch.Tensor],
+    output_size: int = 1,
+    batch_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """roi_align over a (B, C, H, W) patch-token map with normalized xyxy boxes -> (K, C) in the map's dtype.
+
+    ``boxes`` is a list of (N_i, 4) per image, or one (K, 4) tensor with ``batch_index`` (K,) naming each
+    box's image. Boxes, their image index and the pooling run in fp32 whatever the map's dtype or autocast:
+    torchvision's roi format carries the image index in the boxes' dtype, and bf16 holds no odd integer above
+    256, so with a per-GPU batch over 256 a bf16 box was pooled from a neighbouring image (issue 29, finding
+    1); bf16 corners also lose about 1/8 of a patch.
+    """
     height, width = patch_map.shape[-2:]
-    scale = torch.tensor([width, height, width, height], dtype=patch_map.dtype, device=patch_map.device)
-    pixel_boxes = [b.to(patch_map.dtype) * scale for b in boxes]
-    pooled = roi_align(patch_map, pixel_boxes, output_size=output_size, spatial_scale=1.0, aligned=True)
-    return pooled.mean(dim=(-2, -1))
+    if isinstance(boxes, (list, tuple)):
+        counts = torch.tensor([len(b) for b in boxes], device=patch_map.device)
+        batch_index = torch.arange(len(boxes), device=patch_map.device).repeat_interleave(counts)
+        boxes = torch.cat(list(boxes)) if len(boxes) else patch_map.new_zeros(0, 4)
+    if batch_index is None or batch_index.shape != boxes.shape[:1]:
+        raise ValueError(f"region_features: boxes {tuple(boxes.shape)} need one batch index each")
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=patch_map.device)
+    rois = torch.cat([batch_index.to(torch.float32)[:, None], boxes.to(torch.float32) * scale], dim=1)
+    with torch.autocast(patch_map.device.type, enabled=False):
+        pooled = roi_align(patch_map.float(), rois, output_size=output_size, spatial_scale=1.0, aligned=True)
+    return pooled.mean(dim=(-2, -1)).to(patch_map.dtype)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def region_contrastive_loss(
@@ -85,6 +108,8 @@ def region_contrastive_loss(
     caption_ids: torch.Tensor | None = None,
     bank_captions: torch.Tensor | None = None,
     bank_ids: torch.Tensor | None = None,
+    rows: slice | None = None,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between (N, D) region and caption features over the rows where ``valid`` is True.
 
@@ -95,30 +120,49 @@ def region_contrastive_loss(
     same caption is not a negative, since short region phrases repeat across images ("a red square") and
     would otherwise be pushed apart from themselves. ``bank_captions`` (M, D) are extra caption negatives of
     the region->caption direction (the memory bank's region texts, detached).
+
+    ``rows`` (a DDP rank's own rows under open_clip's ``local_loss``): only those rows are anchors and their
+    summed loss is divided by the valid rows of all N over ``world_size``, so that the ranks' losses add up
+    to ``world_size`` x the loss over all N, as ``ClipLoss``'s local losses do (DDP's average then gives
+    the one-process gradient, whatever each rank's share of valid regions).
+
+    Masks instead of selecting the valid rows: nothing here reads a count to the host.
     """
     if region.shape != caption.shape or valid.shape != region.shape[:1]:
         raise ValueError(f"region {tuple(region.shape)}, caption {tuple(caption.shape)} and valid "
                          f"{tuple(valid.shape)} must agree on (N, D) / (N,)")  # fmt: skip
-    region, caption = F.normalize(region[valid], dim=-1), F.normalize(caption[valid], dim=-1)
-    if region.shape[0] == 0:
-        # keep the temperature in the graph so DDP sees a gradient for it on every rank
-        return region.sum() * 0.0 + logit_scale * 0.0
-    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-    per_region = scale * region @ caption.T
-    per_caption = per_region.T
     n = region.shape[0]
-    labels = torch.arange(n, device=region.device)
+    rows = slice(0, n) if rows is None else rows
+    # fp32: padding rows are zero, and F.normalize's eps (1e-12) is 0 in fp16, which makes them 0 / 0 = NaN
+    region, caption = (
+        F.normalize(_at_least_fp32(region), dim=-1),
+        F.normalize(_at_least_fp32(caption), dim=-1),
+    )
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    labels = torch.arange(n, device=region.device)[rows]
+    anchors = valid[rows]
+    per_region = scale * region[rows] @ caption.T
+    per_caption = scale * caption[rows] @ region.T
+    not_negative = ~valid[None, :]
     if caption_ids is not None:
-        ids = caption_ids[valid]
-        same = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool, device=region.device)
-        per_region = per_region.masked_fill(same, float("-inf"))
-        per_caption = per_caption.masked_fill(same, float("-inf"))
+        own = labels[:, None] == torch.arange(n, device=region.device)[None, :]
+        not_negative = not_negative | ((caption_ids[rows][:, None] == caption_ids[None, :]) & ~own)
+    # a padding anchor keeps finite logits: its loss is weighted 0, and an all -inf row would give NaN gradients
+    not_negative = not_negative & anchors[:, None]
+    per_region = per_region.masked_fill(not_negative, float("-inf"))
+    per_caption = per_caption.masked_fill(not_negative, float("-inf"))
     if bank_captions is not None and bank_captions.shape[0] > 0:
-        extra = scale * region @ bank_captions.to(region.dtype).T
+        extra = scale * region[rows] @ bank_captions.to(region.dtype).T
         if caption_ids is not None and bank_ids is not None:
-            extra = extra.masked_fill(caption_ids[valid][:, None] == bank_ids[None, :], float("-inf"))
+            same = caption_ids[rows][:, None] == bank_ids[None, :]
+            extra = extra.masked_fill(same & anchors[:, None], float("-inf"))
         per_region = torch.cat([per_region, extra], 1)
-    return (F.cross_entropy(per_region, labels) + F.cross_entropy(per_caption, labels)) / 2
+    per_row = F.cross_entropy(per_region, labels, reduction="none") + F.cross_entropy(
+        per_caption, labels, reduction="none"
+    )
+    count = valid.sum().clamp(min=1).to(per_row.dtype) / world_size
+    # an empty batch gives 0 with the temperature still in the graph, so DDP sees a gradient on every rank
+    return (per_row * anchors.to(per_row.dtype)).sum() / (2 * count)
 
 
 def hard_negative_loss(
@@ -127,6 +171,7 @@ def hard_negative_loss(
     negatives: torch.Tensor,
     valid: torch.Tensor,
     logit_scale: torch.Tensor,
+    anchor_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FG-CLIP's hard-negative region loss: each region against its own caption and its hard negatives.
 
@@ -136,6 +181,10 @@ def hard_negative_loss(
     one direction (region -> captions) and averaged over the regions that have at least one negative, as in
     FG-CLIP's ``hard_contrastive_loss`` (there always 10 negatives). Its temperature is its own learnable
     log scale, clamped at ln(100) like the others.
+
+    ``anchor_count``: divide by this instead of the local count of regions with negatives (under DDP, the
+    global count over the world size: the ranks' losses then average to the one-process loss and gradient
+    whatever each rank's share). A region without negatives has one finite logit: its loss is exactly 0.
     """
     if (
         region.shape != positive.shape
@@ -146,17 +195,20 @@ def hard_negative_loss(
                          f"{tuple(negatives.shape)} and valid {tuple(valid.shape)} must be (N, D), (N, D), "
                          "(N, M, D) and (N, M)")  # fmt: skip
     anchors = valid.any(dim=1)
-    if not bool(anchors.any()):
-        # keep the temperature and features in the graph so DDP sees a gradient on every rank
-        return region.sum() * 0.0 + negatives.sum() * 0.0 + logit_scale * 0.0
-    r = F.normalize(region[anchors], dim=-1)
-    c = F.normalize(positive[anchors], dim=-1)
-    n = F.normalize(negatives[anchors], dim=-1)
+    # fp32: padding rows and slots are zero, and F.normalize's eps (1e-12) is 0 in fp16 (0 / 0 = NaN)
+    r = F.normalize(_at_least_fp32(region), dim=-1)
+    c = F.normalize(_at_least_fp32(positive), dim=-1)
+    n = F.normalize(_at_least_fp32(negatives), dim=-1)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * torch.cat([(r * c).sum(-1, keepdim=True), torch.einsum("nd,nmd->nm", r, n)], dim=1)
-    present = torch.cat([torch.ones_like(valid[anchors][:, :1]), valid[anchors]], dim=1)
+    present = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
     logits = logits.masked_fill(~present, float("-inf"))
-    return F.cross_entropy(logits, torch.zeros(r.shape[0], dtype=torch.long, device=r.device))
+    per_row = F.cross_entropy(
+        logits, torch.zeros(r.shape[0], dtype=torch.long, device=r.device), reduction="none"
+    )
+    count = anchors.sum() if anchor_count is None else anchor_count
+    # no anchor anywhere: 0, with features and temperature in the graph so DDP sees a gradient on every rank
+    return (per_row * anchors.to(per_row.dtype)).sum() / count.clamp(min=1).to(per_row.dtype)
 
 
 class RegionHead(nn.Module):
@@ -184,11 +236,10 @@ class RegionHead(nn.Module):
             self.hard_negative_logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def _scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(n_valid, D) -> (len(valid), D) with zeros in the padding rows (fixed shapes concatenate under
+def _scatter_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """(len(index), D) -> (rows, D) with zeros in the padding rows (fixed shapes concatenate under
     ``--accum-freq``)."""
-    index = valid.nonzero().squeeze(1)
-    return values.new_zeros(valid.shape[0], values.shape[1]).index_copy(0, index, values)
+    return values.new_zeros(rows, values.shape[1]).index_copy(0, index, values)
 
 
 def region_forward(
@@ -217,29 +268,35 @@ def region_forward(
     out = visual.forward_intermediates(image, indices=1, normalize_intermediates=True, output_fmt="NCHW")
     patch_map = out["image_intermediates"][-1]
     flat_valid = valid.reshape(-1)
-    per_image = [b[v] for b, v in zip(boxes, valid)]
-    pooled = region_features(patch_map, per_image)
+    # the valid rows' index, read once (the one host sync the variable region count needs; one more for the
+    # hard negatives); the image index stays int64 until region_features makes it fp32 (exact to 2**24)
+    index = flat_valid.nonzero().squeeze(1)
+    n_valid = index.shape[0]
+    image_of_row = torch.arange(boxes.shape[0], device=boxes.device).repeat_interleave(boxes.shape[1])
+    pooled = region_features(patch_map, boxes.reshape(-1, 4).index_select(0, index),
+                             batch_index=image_of_row.index_select(0, index))  # fmt: skip
     if visual.proj is not None:
         pooled = pooled @ visual.proj
-    n_valid = int(flat_valid.sum())
-    parts = [text, region_text.reshape(-1, text.shape[-1])[flat_valid]]
+    parts = [text, region_text.reshape(-1, text.shape[-1]).index_select(0, index)]
     if hard_negative_text is not None:
         flat_hn_valid = hard_negative_valid.reshape(-1) & flat_valid.repeat_interleave(
             hard_negative_valid.shape[-1]
         )
-        parts.append(hard_negative_text.reshape(-1, text.shape[-1])[flat_hn_valid])
+        hn_index = flat_hn_valid.nonzero().squeeze(1)
+        parts.append(hard_negative_text.reshape(-1, text.shape[-1]).index_select(0, hn_index))
     texts = model.encode_text(torch.cat(parts), normalize=True)
+    rows = flat_valid.shape[0]
     result = {
         "image_features": F.normalize(out["image_features"], dim=-1),
         "text_features": texts[: text.shape[0]],
         "logit_scale": model.logit_scale.exp(),
-        "region_features": _scatter_rows(F.normalize(pooled, dim=-1), flat_valid),
-        "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], flat_valid),
+        "region_features": _scatter_rows(F.normalize(pooled, dim=-1), index, rows),
+        "region_text_features": _scatter_rows(texts[text.shape[0] : text.shape[0] + n_valid], index, rows),
         "region_valid": flat_valid,
     }
     if hard_negative_text is not None:
         first = text.shape[0] + n_valid
-        result["hard_negative_text_features"] = _scatter_rows(texts[first:], flat_hn_valid)
+        result["hard_negative_text_features"] = _scatter_rows(texts[first:], hn_index, flat_hn_valid.shape[0])
         result["hard_negative_valid"] = flat_hn_valid
     if getattr(model, "logit_bias", None) is not None:
         result["logit_bias"] = model.logit_bias

@@ -23,6 +23,7 @@ The model's forward looks its batch up there. Identity (not "the latest batch") 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections import deque
@@ -91,14 +92,33 @@ def _norm(path: str) -> str:
     return os.path.normpath(str(path))
 
 
+REGION_ENTRY_KEYS = ("box", "caption", "hard_negatives")
+
+
+def _same_caption(a: str, b: str) -> bool:
+    """Equal as CLIP's tokenizer sees them (it lowercases and collapses whitespace)."""
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
 def parse_region_list(regions: list, where: str, error: type[Exception], *, box_rule: bool = True):
     """(boxes, captions, hard negatives) of one image's ``regions`` list, each entry's JSON shape checked and,
     with ``box_rule``, each box against the box rule; errors are ``error`` naming ``where`` and the region.
-    The CSV path's JSONL and the webdataset path's shard members both read regions through this."""
+    The CSV path's JSONL and the webdataset path's shard members both read regions through this.
+
+    An entry with a key other than ``box``, ``caption`` and ``hard_negatives`` is refused (a misspelt
+    ``hard_negative`` would otherwise train without negatives, noticed only by the warning after epoch 0),
+    and so is a hard-negative list holding the region's own caption (the loss would push the region away
+    from its own caption: a contradiction in the annotation, issue 27)."""
     boxes, captions, negatives = [], [], []
     for k, region in enumerate(regions):
         if not isinstance(region, dict) or "box" not in region or "caption" not in region:
             raise error(f"{where}: region {k} must be an object with 'box' and 'caption'")
+        unknown = [key for key in region if key not in REGION_ENTRY_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], REGION_ENTRY_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise error(f"{where}: region {k} has unknown key {unknown[0]!r}{hint}; a region accepts only "
+                        f"{', '.join(map(repr, REGION_ENTRY_KEYS))}")  # fmt: skip
         box, caption, hard = region["box"], region["caption"], region.get("hard_negatives", [])
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             raise error(f"{where}: region {k} box must be 4 numbers [x0, y0, x1, y1] normalized to [0, 1], "
@@ -110,6 +130,10 @@ def parse_region_list(regions: list, where: str, error: type[Exception], *, box_
         if not (isinstance(hard, list) and all(isinstance(h, str) and h.strip() for h in hard)):
             raise error(f"{where}: region {k} hard_negatives must be a list of non-empty caption strings, "
                         f"got {hard!r}")  # fmt: skip
+        own = next((h for h in hard if _same_caption(h, caption)), None)
+        if own is not None:
+            raise error(f"{where}: region {k} lists its own caption {caption!r} among its hard_negatives "
+                        f"({own!r}); a hard negative must differ from the caption (e.g. another colour word)")  # fmt: skip
         boxes.append(box)
         captions.append(caption)
         negatives.append(hard)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -67,6 +68,20 @@ FORMAT_HINT = (
 COUNTS = ("samples", "without_regions", "kept", "dropped_min_side", "dropped_min_area", "skipped",
           "with_negatives")  # fmt: skip
 _TOKEN_CACHE = 65536  # distinct captions kept tokenized per worker (short region phrases repeat a lot)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    """``json.loads`` keeps only the last of a repeated key (a second ``"box"`` would silently win)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 class RegionShardError(ValueError):
@@ -103,13 +118,18 @@ class RegionStage:
     fails is checked sample by sample, to name the sample."""
 
     def __init__(self, tokenizer, min_area: float = 0.0, min_side: float = 0.01, hard_negatives: bool = False,
-                 skip_bad: bool = False, keys: str = DEFAULT_REGION_KEYS, group: int = 64):  # fmt: skip
+                 skip_bad: bool = False, keys: str = DEFAULT_REGION_KEYS, group: int = 64,
+                 token_cache: int | None = None):  # fmt: skip
+        token_cache = _TOKEN_CACHE if token_cache is None else token_cache
+        if token_cache < 1:
+            raise ValueError(f"token_cache must be >= 1 caption, got {token_cache}")
         self.tokenizer, self.min_area, self.min_side = tokenizer, min_area, min_side
+        self.token_cache = token_cache
         self.hard_negatives, self.skip_bad, self.group = hard_negatives, skip_bad, group
         self.keys = [k.strip().lower() for k in keys.split(";") if k.strip()]
         if not self.keys:
             raise ValueError(f"--wds-region-key must name at least one member, got {keys!r}")
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # least recently used first
         self._length: int | None = None
 
     def _context_length(self) -> int:
@@ -118,14 +138,24 @@ class RegionStage:
         return self._length
 
     def _tokens(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            if len(self._cache) + len(missing) > _TOKEN_CACHE:
-                self._cache.clear()
-            self._cache.update(zip(missing, self.tokenizer(missing)))
+        """Token rows of ``captions``, from a least-recently-used cache of ``token_cache`` captions.
+
+        The rows of this call are taken before anything is evicted, so a call mixing cached and new captions
+        never looks up one the eviction just removed (the cache used to be cleared and refilled with the new
+        captions only: a KeyError after 32,704 samples per worker at the real limit, issue 26)."""
         if not captions:
             return torch.zeros(0, self._context_length(), dtype=torch.long)
-        return torch.stack([self._cache[c] for c in captions])
+        unique = list(dict.fromkeys(captions))
+        missing = [c for c in unique if c not in self._cache]
+        rows = dict(zip(missing, self.tokenizer(missing).clone())) if missing else {}
+        for c in unique:
+            if c not in rows:
+                rows[c] = self._cache[c]
+            self._cache[c] = rows[c]
+            self._cache.move_to_end(c)
+        while len(self._cache) > self.token_cache:
+            self._cache.popitem(last=False)
+        return torch.stack([rows[c] for c in captions])
 
     def _bad(self, sample: dict, error: RegionShardError) -> tuple[list, list, list, int]:
         """A malformed member: stop naming it, or with --skip-bad-regions train the sample without regions."""
@@ -140,6 +170,12 @@ class RegionStage:
         member = next((k for k in self.keys if k in sample), None)
         where = f"webdataset sample {sample.get('__key__')!r} of {sample.get('__url__')}"
         if member is None:
+            misnamed = [k for k in sample if not k.startswith("__") and "region" in k.lower()]
+            if misnamed:
+                # a region member under another name would train every sample without regions
+                raise RegionShardError(f"{where}: member {misnamed[0]!r} is not a region member this run reads; "
+                                       f"--wds-region-key names {';'.join(self.keys)!r} (first present wins). "
+                                       f"Rename the member, or pass --wds-region-key '{misnamed[0]}'")  # fmt: skip
             return where, [], [], [], 0
         where += f", member {member!r}"
         raw = sample.pop(member)
@@ -147,9 +183,12 @@ class RegionStage:
             sample.pop(other, None)
         try:
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise RegionShardError(f"{where}: not valid JSON ({e})") from None
+            except _DuplicateKey as e:
+                raise RegionShardError(f"{where}: key {e.args[0]!r} appears twice in one object (JSON keeps "
+                                       "only the last)") from None  # fmt: skip
             return (where, *parse_regions(obj, member, where), 0)
         except RegionShardError as e:
             return (where, *self._bad(sample, e))

@@ -162,16 +162,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = host_parse_args(rest)
     for key, value in vars(ours).items():
         setattr(args, key, value)
-    if args.logit_scale_init is not None and not 0.0 <= args.logit_scale_init <= 4.605170185988092:
-        raise SystemExit(
-            f"--logit-scale-init must lie in [0, ln(100) = 4.6052] (log space), got {args.logit_scale_init}"
-        )
-    if args.lr is not None and not args.lr > 0:
-        raise SystemExit(f"--lr must be > 0 (a learning rate of 0 trains nothing), got {args.lr}")
-    if args.memory_bank_size < 0:
-        raise SystemExit(f"--memory-bank-size must be >= 0 (0 = off), got {args.memory_bank_size}")
-    if args.memory_bank_warmup_steps < 0:
-        raise SystemExit(f"--memory-bank-warmup-steps must be >= 0, got {args.memory_bank_warmup_steps}")
+    _check_numeric_flags(args)
     if args.memory_bank_size and (args.siglip or args.distill_model or "coca" in args.model.lower()):
         raise SystemExit("--memory-bank-size works with the CLIP contrastive loss only (not --siglip, "
                          "--distill-model or CoCa models)")  # fmt: skip
@@ -179,19 +170,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise SystemExit(
             "--memory-bank-dedup masks bank entries of the same sample; it needs --memory-bank-size"
         )
-    if args.region_loss_weight is not None and args.region_loss_weight < 0:
-        raise SystemExit(f"--region-loss-weight must be >= 0 (0 = off), got {args.region_loss_weight}")
-    if args.hard_negative_weight is not None and args.hard_negative_weight < 0:
-        raise SystemExit(f"--hard-negative-weight must be >= 0 (0 = off), got {args.hard_negative_weight}")
     webdataset = _is_webdataset(args)
     if webdataset:
         _check_webdataset_flags(args)
     elif args.region_loss_weight and not args.region_data:
         raise SystemExit("--region-loss-weight needs --region-data (the JSONL of boxes and region captions) or "
                          "--dataset-type webdataset shards whose samples carry region members")  # fmt: skip
-    if args.min_box_area < 0 or args.min_box_side < 0:
-        raise SystemExit(f"--min-box-area and --min-box-side must be >= 0, got {args.min_box_area}, "
-                         f"{args.min_box_side}")  # fmt: skip
     if args.region_data and not Path(args.region_data).is_file():
         raise SystemExit(
             f"--region-data {args.region_data}: no such file (a JSONL of boxes and region captions)"
@@ -240,6 +224,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "(python -m clip_ext.export) and load them with --torchscript for inference"
         )
     return args
+
+
+# flag: (attribute, accepts(value), what is accepted); floats are also checked for NaN and inf first
+_RANGES = {
+    "--memory-bank-size": ("memory_bank_size", lambda v: v >= 0, ">= 0 (0 = off)"),
+    "--memory-bank-warmup-steps": ("memory_bank_warmup_steps", lambda v: v >= 0, ">= 0"),
+    "--region-loss-weight": ("region_loss_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
+    "--hard-negative-weight": ("hard_negative_weight", lambda v: v >= 0, ">= 0 (0 = off)"),
+    "--min-box-area": ("min_box_area", lambda v: 0 <= v < 1, "in [0, 1) (a share of the image; 1 drops every box)"),
+    "--min-box-side": ("min_box_side", lambda v: 0 <= v < 1,
+                       "in [0, 1) (a share of the image side; 1 drops every box)"),
+    "--logit-scale-init": ("logit_scale_init", lambda v: 0 <= v <= 4.605170185988092,
+                           "lie in [0, ln(100) = 4.6052] (log space)"),
+    "--lr": ("lr", lambda v: v > 0, "> 0 (a learning rate of 0 trains nothing)"),
+}  # fmt: skip
+
+
+def _check_numeric_flags(args) -> None:
+    """Every numeric flag of clip_ext (and --lr) in its range and finite, before any work (issue 27)."""
+    import math
+
+    for flag, (name, accepts, accepted) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{flag} must be a finite number, got {value}")
+        if not accepts(value):
+            verb = "" if accepted.startswith("lie") else "be "
+            raise SystemExit(f"{flag} must {verb}{accepted}, got {value}")
 
 
 def _is_webdataset(args) -> bool:
@@ -431,12 +445,20 @@ def create_loss(args):
         return open_clip.create_loss(args)
     from clip_ext.loss import MemoryBankClipLoss
 
+    if args.world_size > 1 and _regions_used(args) and not args.gather_with_grad:
+        logging.warning(
+            "%d processes without --gather-with-grad: open_clip's contrastive loss and clip_ext's region loss give "
+            "the towers 1/%d of the gradient one process would on the same global batch (the hard-negative loss "
+            "keeps the full gradient); pass --gather-with-grad for the one-process scale of every term",
+            args.world_size, args.world_size,
+        )  # fmt: skip
     _run.loss = MemoryBankClipLoss(
         getattr(_run.model, BANK_ATTR, None),
         region_head=getattr(_run.model, REGION_ATTR, None),
         region_weight=args.region_loss_weight if _region_on(args) else 0.0,
         hard_negative_weight=args.hard_negative_weight if _hard_negative_on(args) else 0.0,
         diag=args.diag,
+        keep_logits=False,  # switched on for the logged steps by the optimizer step hook
         local_loss=args.local_loss,
         gather_with_grad=args.gather_with_grad,
         cache_labels=True,
@@ -486,6 +508,16 @@ def _after_optimizer_step(optimizer, *_):
         if _run.tb_writer is not None:
             for key, value in stats.items():
                 _run.tb_writer.add_scalar(f"diag/{key}", value, _run.steps)
+    _keep_logits_if_logged(args)
+
+
+def _keep_logits_if_logged(args) -> None:
+    """--diag: the loss keeps its logits (for the logit range and the bank's share of softmax mass) only for
+    the step the master logs next; every other step and rank keeps and computes nothing for the log."""
+    if hasattr(_run.loss, "keep_logits"):
+        _run.loss.keep_logits = bool(
+            args.diag and _run.steps % args.log_every_n_steps == 0 and _run.host["is_master"](args)
+        )
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
@@ -505,6 +537,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         _run.hooked_optimizer = id(optimizer)
         # the trainer's resume-safe step (as passed to its scheduler), so --resume continues the count
         _run.steps = data["train"].dataloader.num_batches // args.accum_freq * epoch
+    _keep_logits_if_logged(args)
     result = _run.host["train_one_epoch"](
         model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer
     )
@@ -581,7 +614,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     data = _run.host["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     if "train" not in data:
         return data
-    base = data["train"].dataloader.dataset
+    # open_clip's WebLoader (webdataset without region flags) has no .dataset: nothing of ours applies there
+    base = getattr(data["train"].dataloader, "dataset", None)
     if isinstance(base, CsvDataset) and not isinstance(base.transforms, NamingTransform):
         base.transforms = NamingTransform(base.transforms)
         name_unopenable_images(base)

@@ -91,7 +91,7 @@ def test_features_flag_selects_the_direction():
     bank = MemoryBank(size=8, dim=8, features="text")
     bank.enqueue(*features(5, seed=4))
     bank.optimizer_step()
-    loss = MemoryBankClipLoss(bank)
+    loss = MemoryBankClipLoss(bank, keep_logits=True)
     loss(image, text, torch.tensor(10.0))
     per_image, per_text = loss.last_logits
     assert per_image.shape == (4, 9) and per_text.shape == (4, 4)
@@ -99,7 +99,7 @@ def test_features_flag_selects_the_direction():
 
 def test_logits_use_the_bank_before_this_step_and_enqueue_once_per_step():
     bank = MemoryBank(size=32, dim=8)
-    loss = MemoryBankClipLoss(bank)
+    loss = MemoryBankClipLoss(bank, keep_logits=True)
     scale = torch.tensor(10.0)
     for step in range(3):
         image, text = features(4, seed=step)
@@ -127,7 +127,7 @@ def test_duplicate_ids_are_not_negatives():
     bank = MemoryBank(size=8, dim=8, track_ids=True)
     bank.enqueue(image.clone(), text.clone(), ids=torch.tensor([7, 8]))
     bank.optimizer_step()
-    loss = MemoryBankClipLoss(bank)
+    loss = MemoryBankClipLoss(bank, keep_logits=True)
     loss.sample_ids = torch.tensor([7, 9])
     loss(image, text, torch.tensor(10.0))
     per_image = loss.last_logits[0]
@@ -173,7 +173,7 @@ def test_sample_ids_from_the_model_output_mask_duplicates():
     bank = MemoryBank(size=8, dim=8, track_ids=True)
     bank.enqueue(image.clone(), text.clone(), ids=torch.tensor([7, 8]))
     bank.optimizer_step()
-    loss = MemoryBankClipLoss(bank)
+    loss = MemoryBankClipLoss(bank, keep_logits=True)
     loss(image, text, torch.tensor(10.0), sample_ids=torch.tensor([8, 9]))  # as the trainer passes them
     assert loss.last_logits[0][0, 3] == float("-inf") and torch.isfinite(loss.last_logits[0][1]).all()
     assert torch.equal(loss.pending_ids, torch.tensor([8, 9]))  # enqueued with the batch after the step

@@ -174,3 +174,12 @@ def test_a_state_saved_without_stochastic_rounding_does_not_load_into_one_with_i
     )
     with pytest.raises(ValueError, match="saved without bf16_stochastic_rounding"):
         sr.load_state_dict(plain.state_dict())
+
+
+def test_the_docstring_examples_run():
+    import doctest
+
+    import diffusers_ext.training.optimizers as module
+
+    result = doctest.testmod(module)
+    assert result.attempted >= 2 and result.failed == 0

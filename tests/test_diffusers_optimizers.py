@@ -183,3 +183,36 @@ def test_the_docstring_examples_run():
 
     result = doctest.testmod(module)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_the_rounding_state_is_kept_per_device_type_so_every_rank_resumes_it():
+    """Rank 0 saves from cuda:0, rank 1 resumes on cuda:1: a key with the device index would leave rank 1
+    with a fresh generator, and the ranks' bf16 weights would drift apart."""
+    weight = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    opt = build_optimizer([weight], name="adamw8bit", lr=1e-4, bf16_stochastic_rounding=True, seed=3)
+    weight.grad = torch.ones_like(weight)
+    opt.step()
+    saved = opt.state_dict()
+    assert list(saved["bf16_stochastic_rounding"]["generators"]) == ["cpu"]
+    other = torch.nn.Parameter(weight.detach().clone())
+    resumed = build_optimizer([other], name="adamw8bit", lr=1e-4, bf16_stochastic_rounding=True, seed=99)
+    resumed.load_state_dict(saved)
+    assert (
+        resumed._generator(torch.device("cpu", 1))
+        .get_state()
+        .equal(opt._generator(weight.device).get_state())
+    )
+
+
+@pytest.mark.parametrize("name, sr", LEVERS)
+def test_every_optimizer_steps_on_the_meta_device_with_its_state_there(name, sr):
+    """The memory rehearsal runs the trainer's optimizer step on the meta device."""
+    weight = torch.nn.Parameter(
+        torch.ones(8192, device="meta", dtype=torch.bfloat16 if sr else torch.float32)
+    )
+    opt = build_optimizer([weight], name=name, lr=1e-3, bf16_stochastic_rounding=sr)
+    weight.grad = torch.ones_like(weight)
+    opt.step()
+    state = [v for v in opt.state[weight].values() if isinstance(v, torch.Tensor) and v.numel() > 1]
+    assert state and all(v.device.type == "meta" for v in state)
+    assert weight.dtype == (torch.bfloat16 if sr else torch.float32)

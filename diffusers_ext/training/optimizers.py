@@ -165,15 +165,25 @@ def _bf16_class(name: str) -> type:
         def __init__(self, params, *, seed: int = 0, **kwargs):
             super().__init__(params, **kwargs)
             self._sr_seed = int(seed)
+            # keyed by device type, not index: rank 1's cuda:1 must continue the state rank 0 saved from cuda:0
             self._sr_generators: dict[str, torch.Generator] = {}
+            self._sr_pending: dict[
+                str, torch.Tensor
+            ] = {}  # loaded states, applied when the device is first used
             # bitsandbytes casts floating state to the parameter's dtype on load; the moments are fp32
             # (or uint8) whatever the weights are, and a bf16 round trip would break the exact resume
             self.non_castable_tensor_keys = set(self.non_castable_tensor_keys) | {"state1", "state2"}
 
-        def _generator(self, device: torch.device) -> torch.Generator:
-            key = str(device)
+        def _generator(self, device: torch.device) -> torch.Generator | None:
+            key = device.type
+            if key == "meta":  # the memory rehearsal's step: no data, and meta takes no generator
+                return None
             if key not in self._sr_generators:
-                self._sr_generators[key] = torch.Generator(device=device).manual_seed(self._sr_seed)
+                generator = torch.Generator(device=device).manual_seed(self._sr_seed)
+                if key in self._sr_pending:
+                    # accelerate may have moved the byte tensor to the training device; generators take CPU bytes
+                    generator.set_state(self._sr_pending.pop(key).cpu())
+                self._sr_generators[key] = generator
             return self._sr_generators[key]
 
         @torch.no_grad()
@@ -194,7 +204,10 @@ def _bf16_class(name: str) -> type:
             state = super().state_dict()
             state[_SR_KEY] = {
                 "seed": self._sr_seed,
-                "generators": {k: g.get_state() for k, g in self._sr_generators.items()},
+                "generators": {
+                    **self._sr_pending,
+                    **{k: g.get_state() for k, g in self._sr_generators.items()},
+                },
             }
             return state
 
@@ -209,9 +222,7 @@ def _bf16_class(name: str) -> type:
             super().load_state_dict(state_dict, move_to_device=move_to_device)
             self._sr_seed = int(saved["seed"])
             self._sr_generators = {}
-            for key, gen_state in saved["generators"].items():
-                # accelerate may have moved the byte tensor to the training device; generators take CPU bytes
-                self._generator(torch.device(key)).set_state(gen_state.cpu())
+            self._sr_pending = dict(saved["generators"])
 
     StochasticRoundingAdamW.__name__ = StochasticRoundingAdamW.__qualname__ = (
         "StochasticRoundingAdamW8bit" if name == "adamw8bit" else "StochasticRoundingAdamW"

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["FUSER_PRESETS", "PRESETS_HELP", "preset_parameter_counts", "resolve_layers"]
+__all__ = ["FUSER_PRESETS", "PRESETS_HELP", "layers_for_config", "preset_parameter_counts", "resolve_layers"]
 
 _BLOCK = re.compile(
     r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.(\d+)\.transformer_blocks\.(\d+)$"
@@ -150,6 +150,26 @@ def resolve_layers(block_names: list[str], layers: str | list[str] | None) -> li
             f"Prefixes of this UNet: {', '.join(_valid_prefixes(block_names))} (or a full block name)"
         )
     return [n for n in block_names if n in chosen]
+
+
+def layers_for_config(unet_config: dict, layers: str | list[str] | None) -> list[str]:
+    """:func:`resolve_layers` for the UNet a ``config.json`` describes, built on the meta device (no weights,
+    no memory, a second or less): a trainer checks ``--layers`` with it before loading any weights.
+
+    Example:
+        >>> from diffusers_ext.testing.tiny_unet import TINY_UNET_CONFIG
+        >>> layers_for_config(TINY_UNET_CONFIG, "mid")
+        ['mid_block.attentions.0.transformer_blocks.0']
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    names = [n for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    return resolve_layers(names, layers)
 
 
 # phrase-feature widths at published size: CLIP-L pooled (SD1.5), CLIP-L pooled + bigG projected (SDXL),

@@ -136,3 +136,18 @@ def test_the_docstring_examples_run():
     import diffusers_ext.fuser_presets as module
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_layers_are_checked_from_a_unet_config_before_any_weights(tmp_path):
+    from diffusers_ext.fuser_presets import layers_for_config
+    from diffusers_ext.testing.tiny_unet import TINY_UNET_CONFIG
+
+    saved = tiny_unet()
+    saved.save_config(tmp_path)  # what a pipeline folder's unet/config.json holds
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert layers_for_config(config, ["migc"]) == [
+        n for n in transformer_blocks(saved) if n.startswith(("mid_block.", "up_blocks.0."))
+    ]
+    assert layers_for_config(SDXL, "migc-one-per-stack")[-1] == "mid_block.attentions.0.transformer_blocks.0"
+    with pytest.raises(ValueError, match=r"\['bogus'\] are neither a fuser preset"):
+        layers_for_config(TINY_UNET_CONFIG, ["bogus"])

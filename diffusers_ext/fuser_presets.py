@@ -126,6 +126,12 @@ def resolve_layers(block_names: list[str], layers: str | list[str] | None) -> li
         return list(block_names)
     if isinstance(layers, str):
         layers = [layers]
+    layers = list(layers)
+    if not layers or not all(isinstance(entry, str) and entry for entry in layers):
+        raise ValueError(
+            f"--layers: expected preset names or block-name prefixes (non-empty strings), got {layers!r}; "
+            f"leave it out for every block. Presets: {', '.join(FUSER_PRESETS)}"
+        )
     chosen: set[str] = set()
     unknown, empty = [], []
     for entry in layers:

@@ -151,3 +151,9 @@ def test_layers_are_checked_from_a_unet_config_before_any_weights(tmp_path):
     assert layers_for_config(SDXL, "migc-one-per-stack")[-1] == "mid_block.attentions.0.transformer_blocks.0"
     with pytest.raises(ValueError, match=r"\['bogus'\] are neither a fuser preset"):
         layers_for_config(TINY_UNET_CONFIG, ["bogus"])
+
+
+@pytest.mark.parametrize("layers", [[], [""], [3], ["mid", None]])
+def test_an_empty_or_non_string_layers_value_is_refused(layers):
+    with pytest.raises(ValueError, match=r"--layers: expected preset names or block-name prefixes"):
+        resolve_layers(["mid_block.attentions.0.transformer_blocks.0"], layers)

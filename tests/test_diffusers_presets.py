@@ -157,3 +157,19 @@ def test_layers_are_checked_from_a_unet_config_before_any_weights(tmp_path):
 def test_an_empty_or_non_string_layers_value_is_refused(layers):
     with pytest.raises(ValueError, match=r"--layers: expected preset names or block-name prefixes"):
         resolve_layers(["mid_block.attentions.0.transformer_blocks.0"], layers)
+
+
+def test_the_docs_table_quotes_the_counts():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "diffusers_ext.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")
+    }
+    for preset in FUSER_PRESETS:
+        cells = [c.strip() for c in rows[preset].split("|")[3:6]]
+        expected = [
+            f"{_COUNTS[m][preset][0]}: {_COUNTS[m][preset][1] / 1e6:.1f} M"
+            for m in ("sd15", "sdxl", "kolors")
+        ]
+        assert cells == expected, preset

@@ -138,3 +138,27 @@ def test_published_gligen_xl_keys_map_onto_the_adapter_with_nothing_left_over():
     assert len(grounding) + len(base) == len(published)
     n = sum(v.numel() for v in grounding.values())
     assert n == sum(p.numel() for p in adapter.parameters()) == 1_812_438_988
+
+
+def test_a_half_precision_pipeline_reads_the_gated_unet_in_its_own_dtype(tmp_path, monkeypatch):
+    """GLIGEN-XL's gated UNet is 4.4 B parameters: read in fp32 it takes 17.5 GB of host memory before
+    anything is cast to the pipeline's fp16."""
+    pipe, gated = _sdxl_pipeline_and_gated_unet()
+    pipe.unet.to(torch.float16)
+    gated.save_pretrained(tmp_path / "unet")
+    dtypes = []
+    original = UNet2DConditionModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        dtypes.append(model.dtype)
+        return model
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", classmethod(spy))
+    adapter = load_spatial_adapter(pipe, tmp_path, subfolder="unet")
+    assert dtypes == [torch.float16]
+    assert next(adapter.parameters()).dtype == torch.float16
+    reference = gated.state_dict()
+    base = {k: v for k, v in pipe.unet.state_dict().items() if ".processor." not in k}
+    assert all(torch.equal(v, reference[k].to(torch.float16)) for k, v in base.items())
+    unload_spatial_adapter(pipe)

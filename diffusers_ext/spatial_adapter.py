@@ -181,6 +181,8 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
             >>> adapter = SpatialAdapter.for_unet(pipe.unet, 32, layers=["mid_block"], hidden_dim=32)
             >>> adapter.layer_names
             ['mid_block.attentions.0.transformer_blocks.0']
+            >>> SpatialAdapter.for_unet(pipe.unet, 32, layers="migc", hidden_dim=32).layer_names  # a preset
+            ['up_blocks.0.attentions.0.transformer_blocks.0', 'up_blocks.0.attentions.1.transformer_blocks.0', 'mid_block.attentions.0.transformer_blocks.0']
         """
         unet = _unet_of(unet)
         blocks = transformer_blocks(unet)

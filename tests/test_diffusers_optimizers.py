@@ -164,16 +164,36 @@ def test_half_precision_weights_without_stochastic_rounding_are_refused():
         build_optimizer(layer.parameters(), lr=1e-3)
 
 
-def test_a_state_saved_without_stochastic_rounding_does_not_load_into_one_with_it():
-    plain = build_optimizer([torch.nn.Parameter(torch.ones(4))], name="adamw8bit", lr=1e-3)
-    sr = build_optimizer(
-        [torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))],
-        name="adamw8bit",
-        lr=1e-3,
-        bf16_stochastic_rounding=True,
+def _stepped(name, sr):
+    weight = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16 if sr else torch.float32))
+    opt = build_optimizer([weight], name=name, lr=1e-3, bf16_stochastic_rounding=sr)
+    weight.grad = torch.ones_like(weight)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("saved", LEVERS)
+@pytest.mark.parametrize("resumed", LEVERS)
+def test_a_resume_that_changes_the_optimizer_lever_is_refused(saved, resumed):
+    state = _stepped(*saved).state_dict()
+    target = _stepped(*resumed)
+    if saved == resumed:
+        target.load_state_dict(state)
+        return
+    with pytest.raises(ValueError) as err:
+        target.load_state_dict(state)
+    assert str(err.value) == (
+        f"the optimizer state was saved by optimizer {saved[0]!r} with bf16_stochastic_rounding={saved[1]}, "
+        f"this run uses optimizer {resumed[0]!r} with bf16_stochastic_rounding={resumed[1]}; resume with the "
+        "optimizer flags it was saved with (--use-8bit-adam, --bf16-adapter)"
     )
+
+
+def test_an_untagged_state_without_a_rounding_generator_is_refused():
+    state = _stepped("adamw8bit", False).state_dict()
+    del state["lever"]  # as saved before the tag existed
     with pytest.raises(ValueError, match="saved without bf16_stochastic_rounding"):
-        sr.load_state_dict(plain.state_dict())
+        _stepped("adamw8bit", True).load_state_dict(state)
 
 
 def test_the_docstring_examples_run():

@@ -55,6 +55,7 @@ MIN_8BIT_SIZE = 4096
 # bitsandbytes' block-wise quantisation: one fp32 absmax per 256 values, for each of the two moments
 _BNB_BLOCK = 256
 _SR_KEY = "bf16_stochastic_rounding"
+_LEVER_KEY = "lever"
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -139,96 +140,122 @@ def build_optimizer(
     groups = _groups(params)
     _check_dtypes(groups, bf16_stochastic_rounding)
     kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
-    if not bf16_stochastic_rounding:
-        if name == "adamw":
-            return torch.optim.AdamW(groups, **kwargs)
+    cls = _optimizer_class(name, bf16_stochastic_rounding)
+    if name == "adamw" and not bf16_stochastic_rounding:
+        return cls(groups, **kwargs)
+    if bf16_stochastic_rounding:
+        kwargs["seed"] = seed
+    return cls(groups, min_8bit_size=MIN_8BIT_SIZE, **kwargs)
+
+
+def _describe(lever: dict) -> str:
+    return f"optimizer {lever.get('name')!r} with bf16_stochastic_rounding={lever.get('bf16_stochastic_rounding')}"
+
+
+class _LeverTag:
+    """Saves which optimizer and weight precision made a state, and refuses to load it into another: torch's
+    AdamW would take an 8-bit state's dict without a word and fail at the next step, and an 8-bit AdamW
+    given fp32 moments would quietly start from zero."""
+
+    _lever: dict = {}
+
+    def state_dict(self):
+        state = super().state_dict()
+        state[_LEVER_KEY] = dict(self._lever)
+        return state
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        saved = state_dict.get(_LEVER_KEY)
+        if saved is not None and dict(saved) != self._lever:
+            raise ValueError(
+                f"the optimizer state was saved by {_describe(saved)}, this run uses {_describe(self._lever)}; "
+                "resume with the optimizer flags it was saved with (--use-8bit-adam, --bf16-adapter)"
+            )
+        state_dict = {k: v for k, v in state_dict.items() if k != _LEVER_KEY}
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+
+class _StochasticRounding:
+    """bitsandbytes' per-parameter ``update_step`` run on an fp32 copy of the one parameter, the result
+    rounded stochastically into the bf16 weight (module docstring)."""
+
+    def __init__(self, params, *, seed: int = 0, **kwargs):
+        super().__init__(params, **kwargs)
+        self._sr_seed = int(seed)
+        # keyed by device type, not index: rank 1's cuda:1 must continue the state rank 0 saved from cuda:0
+        self._sr_generators: dict[str, torch.Generator] = {}
+        self._sr_pending: dict[str, torch.Tensor] = {}  # loaded states, applied when a device is first used
+        # bitsandbytes casts floating state to the parameter's dtype on load; the moments are fp32 (or uint8)
+        # whatever the weights are, and a bf16 round trip would break the exact resume
+        self.non_castable_tensor_keys = set(self.non_castable_tensor_keys) | {"state1", "state2"}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        key = device.type
+        if key == "meta":  # the memory rehearsal's step: no data, and meta takes no generator
+            return None
+        if key not in self._sr_generators:
+            generator = torch.Generator(device=device).manual_seed(self._sr_seed)
+            if key in self._sr_pending:
+                # accelerate may have moved the byte tensor to the training device; generators take CPU bytes
+                generator.set_state(self._sr_pending.pop(key).cpu())
+            self._sr_generators[key] = generator
+        return self._sr_generators[key]
+
+    @torch.no_grad()
+    def update_step(self, group, p, gindex, pindex):
+        weight, grad = p.data, p.grad
+        p.grad = None  # a grad must match its parameter's dtype at assignment
+        p.data = weight.float()
+        p.grad = grad.float()
+        try:
+            super().update_step(group, p, gindex, pindex)
+            weight.copy_(stochastic_round_to_bf16(p.data, self._generator(p.device)))
+        finally:
+            p.grad = None
+            p.data = weight
+            p.grad = grad
+
+    def state_dict(self):
+        state = super().state_dict()
+        generators = {k: g.get_state() for k, g in self._sr_generators.items()}
+        state[_SR_KEY] = {"seed": self._sr_seed, "generators": {**self._sr_pending, **generators}}
+        return state
+
+    def load_state_dict(self, state_dict, move_to_device=True):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(_SR_KEY, None)
+        if saved is None:
+            raise ValueError(
+                "the optimizer state holds no stochastic-rounding generator: it was saved without "
+                "bf16_stochastic_rounding (--bf16-adapter); resume with the flags it was saved with"
+            )
+        super().load_state_dict(state_dict, move_to_device=move_to_device)
+        self._sr_seed = int(saved["seed"])
+        self._sr_generators = {}
+        self._sr_pending = dict(saved["generators"])
+
+
+_CLASSES: dict[tuple[str, bool], type] = {}
+
+
+def _optimizer_class(name: str, bf16_stochastic_rounding: bool) -> type:
+    key = (name, bf16_stochastic_rounding)
+    if key in _CLASSES:
+        return _CLASSES[key]
+    if name == "adamw" and not bf16_stochastic_rounding:
+        base, label = torch.optim.AdamW, "AdamW"
+    else:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, min_8bit_size=MIN_8BIT_SIZE, **kwargs)
-    cls = _bf16_class(name)
-    return cls(groups, seed=seed, min_8bit_size=MIN_8BIT_SIZE, **kwargs)
-
-
-_BF16_CLASSES: dict[str, type] = {}
-
-
-def _bf16_class(name: str) -> type:
-    """bitsandbytes' AdamW (32- or 8-bit state) whose per-parameter ``update_step`` runs on an fp32 copy of
-    the one parameter and rounds the result stochastically into the bf16 weight."""
-    if name in _BF16_CLASSES:
-        return _BF16_CLASSES[name]
-    import bitsandbytes as bnb
-
-    base = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.AdamW32bit
-
-    class StochasticRoundingAdamW(base):
-        def __init__(self, params, *, seed: int = 0, **kwargs):
-            super().__init__(params, **kwargs)
-            self._sr_seed = int(seed)
-            # keyed by device type, not index: rank 1's cuda:1 must continue the state rank 0 saved from cuda:0
-            self._sr_generators: dict[str, torch.Generator] = {}
-            self._sr_pending: dict[
-                str, torch.Tensor
-            ] = {}  # loaded states, applied when the device is first used
-            # bitsandbytes casts floating state to the parameter's dtype on load; the moments are fp32
-            # (or uint8) whatever the weights are, and a bf16 round trip would break the exact resume
-            self.non_castable_tensor_keys = set(self.non_castable_tensor_keys) | {"state1", "state2"}
-
-        def _generator(self, device: torch.device) -> torch.Generator | None:
-            key = device.type
-            if key == "meta":  # the memory rehearsal's step: no data, and meta takes no generator
-                return None
-            if key not in self._sr_generators:
-                generator = torch.Generator(device=device).manual_seed(self._sr_seed)
-                if key in self._sr_pending:
-                    # accelerate may have moved the byte tensor to the training device; generators take CPU bytes
-                    generator.set_state(self._sr_pending.pop(key).cpu())
-                self._sr_generators[key] = generator
-            return self._sr_generators[key]
-
-        @torch.no_grad()
-        def update_step(self, group, p, gindex, pindex):
-            weight, grad = p.data, p.grad
-            p.grad = None  # a grad must match its parameter's dtype at assignment
-            p.data = weight.float()
-            p.grad = grad.float()
-            try:
-                super().update_step(group, p, gindex, pindex)
-                weight.copy_(stochastic_round_to_bf16(p.data, self._generator(p.device)))
-            finally:
-                p.grad = None
-                p.data = weight
-                p.grad = grad
-
-        def state_dict(self):
-            state = super().state_dict()
-            state[_SR_KEY] = {
-                "seed": self._sr_seed,
-                "generators": {
-                    **self._sr_pending,
-                    **{k: g.get_state() for k, g in self._sr_generators.items()},
-                },
-            }
-            return state
-
-        def load_state_dict(self, state_dict, move_to_device=True):
-            state_dict = dict(state_dict)
-            saved = state_dict.pop(_SR_KEY, None)
-            if saved is None:
-                raise ValueError(
-                    "the optimizer state holds no stochastic-rounding generator: it was saved without "
-                    "bf16_stochastic_rounding (--bf16-adapter); resume with the flags it was saved with"
-                )
-            super().load_state_dict(state_dict, move_to_device=move_to_device)
-            self._sr_seed = int(saved["seed"])
-            self._sr_generators = {}
-            self._sr_pending = dict(saved["generators"])
-
-    StochasticRoundingAdamW.__name__ = StochasticRoundingAdamW.__qualname__ = (
-        "StochasticRoundingAdamW8bit" if name == "adamw8bit" else "StochasticRoundingAdamW"
-    )
-    _BF16_CLASSES[name] = StochasticRoundingAdamW
-    return StochasticRoundingAdamW
+        base = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.AdamW32bit
+        label = "AdamW8bit" if name == "adamw8bit" else "AdamW"
+    bases = (_LeverTag, _StochasticRounding, base) if bf16_stochastic_rounding else (_LeverTag, base)
+    if bf16_stochastic_rounding:
+        label = f"StochasticRounding{label}"
+    lever = {"name": name, "bf16_stochastic_rounding": bf16_stochastic_rounding}
+    cls = type(label, bases, {"_lever": lever, "__module__": __name__, "__qualname__": label})
+    _CLASSES[key] = cls
+    return cls
 
 
 def bytes_per_parameter(name: str, *, bf16_stochastic_rounding: bool = False) -> dict[str, float]:

@@ -16,7 +16,10 @@ API (the trainer's ``--optimizer`` / ``--use-8bit-adam`` / ``--bf16-adapter`` fl
 
 The state dict of every optimizer built here saves and loads through ``optimizer.state_dict()`` /
 ``load_state_dict()`` (accelerate's ``save_state``/``load_state`` included) so that a resumed run takes a
-bit-equal next step: the stochastic-rounding generator's state travels in the state dict.
+bit-equal next step: the stochastic-rounding generator's state travels in the state dict (one per device
+type, so every rank resumes the state rank 0 saved). The state dict also names its optimizer and weight
+precision (``"lever"``), and loading it into an optimizer built with other settings raises, naming both.
+Every optimizer here also steps on the meta device (the memory rehearsal).
 
 Why stochastic rounding and not the optimizer step in the backward pass. Both bring all 70 SDXL fusers
 (1.81 B parameters) from about 23 GB to about 16 GB with 8-bit state (issue 28's arithmetic). A step in

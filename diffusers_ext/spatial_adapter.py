@@ -24,6 +24,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from diffusers_ext.fuser_presets import resolve_layers
 from diffusers_ext.gated_self_attention import GROUNDING_KEYS, GatedSelfAttnProcessor, check_gate_scale
 from diffusers_ext.grounding_tokenizer import GroundingTokenizer, as_tensor, check_grounding_inputs
 
@@ -153,14 +154,21 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         self._installed: dict | None = None
 
     @classmethod
-    def for_unet(cls, unet, phrase_dim: int, layers: list[str] | None = None, **config) -> SpatialAdapter:
-        """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` whose name starts with one
-        of ``layers`` (all blocks when None).
+    def for_unet(
+        cls, unet, phrase_dim: int, layers: str | list[str] | None = None, **config
+    ) -> SpatialAdapter:
+        """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` chosen by ``layers``.
+
+        ``layers`` names a placement preset of :data:`diffusers_ext.fuser_presets.FUSER_PRESETS` (``"all"``,
+        ``"migc"``, ``"one-per-stack"``, ...), or lists presets and block-name prefixes (matched on dot
+        boundaries). The chosen blocks are stored by name in the adapter's config, so a saved adapter loads
+        without knowing the preset.
 
         Args:
             unet: a ``UNet2DConditionModel`` or a pipeline carrying one.
             phrase_dim: size of the phrase features (:func:`diffusers_ext.phrase_dim` of the pipeline).
-            layers: block-name prefixes to adapt, e.g. ``["mid_block", "up_blocks.1"]``; None adapts all.
+            layers: a preset name, or presets and block-name prefixes to adapt, e.g. ``"migc"`` or
+                ``["mid_block", "up_blocks.1"]``; None adapts all (GLIGEN).
             **config: other :class:`SpatialAdapter` arguments; ``token_dim`` defaults to the UNet's
                 cross-attention dim.
 
@@ -173,6 +181,8 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
             >>> adapter = SpatialAdapter.for_unet(pipe.unet, 32, layers=["mid_block"], hidden_dim=32)
             >>> adapter.layer_names
             ['mid_block.attentions.0.transformer_blocks.0']
+            >>> SpatialAdapter.for_unet(pipe.unet, 32, layers="migc", hidden_dim=32).layer_names  # a preset
+            ['up_blocks.0.attentions.0.transformer_blocks.0', 'up_blocks.0.attentions.1.transformer_blocks.0', 'mid_block.attentions.0.transformer_blocks.0']
         """
         unet = _unet_of(unet)
         blocks = transformer_blocks(unet)
@@ -181,11 +191,8 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
                 f"{type(unet).__name__} has no BasicTransformerBlock: a spatial adapter needs a UNet with "
                 "cross-attention blocks (CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D)"
             )
-        if layers is not None:
-            unknown = [p for p in layers if not any(n.startswith(p) for n in blocks)]
-            if unknown:
-                raise ValueError(f"layers {unknown} match no transformer block; available: {sorted(blocks)}")
-            blocks = {n: b for n, b in blocks.items() if any(n.startswith(p) for p in layers)}
+        chosen = resolve_layers(list(blocks), layers)
+        blocks = {n: blocks[n] for n in chosen}
         spec = []
         for name, block in blocks.items():
             if block.norm_type != "layer_norm":

@@ -16,6 +16,8 @@ MODULES = [
     "vlext.images",
     "vlext.lazy_exports",
     "diffusers_ext.spatial_adapter",
+    "diffusers_ext.fuser_presets",
+    "diffusers_ext.training.optimizers",
     "diffusers_ext.loaders",
     "diffusers_ext.generation",
     "diffusers_ext.gated_self_attention",

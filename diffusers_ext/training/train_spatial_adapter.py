@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_ext.training.resume_check import (
@@ -56,7 +57,19 @@ from diffusers_ext.training.run_folder import (
 from vlext.atomic_files import atomic_write_bytes, staging_name
 from vlext.test_hooks import hook
 
-__all__ = ["build_parser", "main", "train"]
+__all__ = [
+    "RunState",
+    "Trainables",
+    "build_parser",
+    "build_trainables",
+    "load_pipeline",
+    "main",
+    "parse_args",
+    "save_adapter",
+    "save_checkpoint",
+    "train",
+    "training_step",
+]
 
 # Test hook point (vlext.test_hooks): checkpoint-<step>'s first file written, the others not;
 # tests/test_diffusers_train_crash.py SIGKILLs the trainer there to check that resume survives.
@@ -137,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --cache-dir, also cache the VAE latents (both orientations with --random-flip; "
         "not with --random-crop); the VAE then stays off the accelerator",
+    )
+    data.add_argument(
+        "--cache-batch-size",
+        type=int,
+        default=4,
+        help="images per VAE call in the cache pass (VAE activations are about 2.5 GiB per 1024 px image "
+        "in fp32; the UNet is not on the device then)",
     )
     data.add_argument(
         "--skip-bad-images",
@@ -227,7 +247,7 @@ def _check_args(args) -> None:
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    for name in ("batch_size", "epochs", "max_objs", "save_epoch"):
+    for name in ("batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.dataloader_num_workers < 0:
@@ -313,14 +333,16 @@ def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, d
 
     b = len(batch["phrases"])
     boxes = torch.zeros(b, max_objs, 4)
-    feats = torch.zeros(b, max_objs, phrase_dim)
+    feats = torch.zeros(b, max_objs, phrase_dim, device=device)  # features stay where they were encoded
     masks = torch.zeros(b, max_objs)
     if "phrase_feats" in batch:
         cached = [f for f in batch["phrase_feats"] if f is not None]
         encoded = torch.cat(cached).float() if cached else None
     else:
         phrases = [p for row in batch["phrases"] for p in row]
-        encoded = encode_phrases(pipe, phrases).cpu() if phrases else None
+        encoded = encode_phrases(pipe, phrases) if phrases else None
+    if encoded is not None:
+        encoded = encoded.to(device, torch.float32)
     k = 0
     for i, row_boxes in enumerate(batch["boxes"]):
         n = len(row_boxes)
@@ -331,7 +353,7 @@ def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, d
         k += n
     masks = masks * (torch.rand(b, max_objs, generator=g) >= args.phrase_dropout)
     masks = masks * (torch.rand(b, 1, generator=g) >= args.box_dropout)
-    return boxes.to(device), feats.to(device), masks.to(device)
+    return boxes.to(device), feats, masks.to(device)
 
 
 def _resume_folder(args, output_dir: Path, say) -> Path:
@@ -362,15 +384,333 @@ def _resume_folder(args, output_dir: Path, say) -> Path:
     return ckpt
 
 
-def train(argv: list[str] | None = None) -> dict:
-    """Run training from command-line arguments; returns steps, per-step losses, final gate stats, the
-    cleaning report, the names of the trained parameters, the UNet's dtype and whether it recomputes
-    activations (gradient checkpointing)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The trainer's flags, parsed and checked (ranges, NaN, combinations) before anything is loaded."""
     args = build_parser().parse_args(argv)
     _check_args(args)
-    output_dir = Path(args.output_dir)
-    refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    return args
 
+
+def load_pipeline(args):
+    """The pipeline ``--pretrained-model`` names, on the host in its stored dtype: the only place the trainer
+    reads weights (a rehearsal hands ``train``/``build_trainables`` its own pipeline instead)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(args.pretrained_model)
+
+
+def default_resolution(pipe) -> int:
+    """The image size the UNet was trained at: its sample size times the VAE's scale factor."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@dataclass
+class Trainables:
+    """What one training run updates, and the modules and schedules it updates them with."""
+
+    adapter: object
+    params: list
+    names: list[str]
+    lora_params: list
+    optimizer: object
+    lr_scheduler: object
+    ema: object | None
+    denoiser: object
+    noise_scheduler: object
+
+
+@dataclass
+class RunState:
+    """Everything :func:`training_step` reads. ``accelerator`` is optional: without it the step runs its own
+    backward, clipping and autocast (``autocast``: a callable returning the forward's context manager;
+    default: ``torch.autocast`` on the placement's device in its weight dtype when that is not fp32)."""
+
+    args: argparse.Namespace
+    pipe: object
+    kind: str
+    placement: object
+    trainables: Trainables
+    resolution: int
+    empty_prompt: dict | None = None
+    accelerator: object | None = None
+    rank: int = 0
+    autocast: object | None = None
+    scaling: float | None = None  # the VAE's latent scale; give it when the VAE was freed (cached latents)
+
+    def __post_init__(self):
+        if self.scaling is None:
+            self.scaling = self.pipe.vae.config.scaling_factor
+
+
+def freeze_pipeline(pipe) -> None:
+    """The base model does not learn: every pipeline module without gradients, in eval mode."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+
+
+def build_trainables(
+    args, pipe, placement, *, total_steps: int = 1, world: int = 1, phrase_width: int | None = None
+) -> Trainables:
+    """LoRA (``--lora-rank``), the spatial adapter, both initialised after ``torch.manual_seed(--seed)``
+    (so two runs with one seed start equal), installed into the UNet; every component placed by
+    ``placement`` (:func:`~diffusers_ext.training.placement.place_for_training`); AdamW over the trainable
+    parameters, the LR schedule (``world`` processes each step it once per step, as accelerate does), the
+    EMA copy and the noise scheduler. The encoders the cache serves must already be freed (then give
+    ``phrase_width``, :func:`~diffusers_ext.generation.phrase_dim` of the pipeline before it)."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_ext.generation import phrase_dim
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+    from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
+    from diffusers_ext.training.placement import check_placement, place_for_training
+
+    unet = pipe.unet
+    freeze_pipeline(pipe)
+    torch.manual_seed(args.seed)
+    lora_params = []
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
+        lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.requires_grad_(True)
+    adapter = SpatialAdapter.for_unet(
+        unet,
+        phrase_dim=phrase_width if phrase_width is not None else phrase_dim(pipe),
+        layers=args.layers,
+        max_objs=args.max_objs,
+        hidden_dim=args.hidden_dim,
+        init_mode=args.init_mode,
+        gate_init=args.gate_init_value,
+        freeze_gate=args.freeze_gate,
+    )
+    adapter.install(unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    place_for_training(pipe, placement, adapter=adapter, lora_params=lora_params)
+    params = [p for p in adapter.parameters() if p.requires_grad] + lora_params
+    trainable_ids = {id(p) for p in params}
+    names = [f"adapter.{n}" for n, p in adapter.named_parameters() if id(p) in trainable_ids]
+    names += [n for n, p in unet.named_parameters() if "lora_" in n and id(p) in trainable_ids]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=total_steps * world,
+    )
+    ema = None
+    if args.ema:
+        ema = EMAModel(list(adapter.parameters()), decay=args.ema_decay)
+        ema.to(*placement.table()["ema"])
+    check_placement(pipe, placement, adapter=adapter, ema=ema)
+    return Trainables(
+        adapter=adapter,
+        params=params,
+        names=names,
+        lora_params=lora_params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        denoiser=GroundedDenoiser(unet, adapter),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+    )
+
+
+def _forward_context(state: RunState):
+    import contextlib
+
+    import torch
+
+    if state.autocast is not None:
+        return state.autocast()
+    if state.accelerator is not None:  # accelerator.prepare wrapped the denoiser's forward in its autocast
+        return contextlib.nullcontext()
+    placement = state.placement
+    if placement.weight_dtype == torch.float32:
+        return contextlib.nullcontext()
+    # torch has no autocast for the meta device: a rehearsal there passes RunState(autocast=...)
+    return torch.autocast(placement.device.type, dtype=placement.weight_dtype)
+
+
+def batch_latents(state: RunState, batch: dict, g):
+    """The step's VAE latents: sampled from the batch's cached distribution, or encoded now by the VAE in
+    its placement dtype (fp32 under fp16 for a ``force_upcast`` VAE), then scaled. The sample is drawn in
+    fp32 (the forward's autocast casts the UNet's input)."""
+    import torch
+
+    from diffusers_ext.training.dataset import to_unit_range
+
+    placement = state.placement
+    device, weight_dtype = placement.device, placement.weight_dtype
+    with torch.no_grad():
+        if "latent_mean" in batch:
+            mean = batch["latent_mean"].to(device, weight_dtype)
+            std = batch["latent_std"].to(device, weight_dtype)
+        else:
+            pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(placement.vae_dtype)
+            dist = state.pipe.vae.encode(pixels).latent_dist
+            mean, std = dist.mean.to(weight_dtype), dist.std.to(weight_dtype)
+        return (mean.float() + std.float() * torch.randn(mean.shape, generator=g).to(device)) * state.scaling
+
+
+def training_step(state: RunState, batch: dict, step: int):
+    """One optimizer step on ``batch`` (the keys :func:`~diffusers_ext.training.dataset.collate_samples`
+    gives, with or without the cache's entries): caption dropout, latents, text, layouts with their
+    dropouts, noise and timesteps (all drawn from the (seed, step, rank) generator), the grounded UNet's
+    forward, the loss, backward, clipping, the optimizer and LR scheduler steps and the EMA update.
+    Returns the loss (a 0-dim tensor with no graph)."""
+    import torch
+    import torch.nn.functional as F
+
+    args, t_ = state.args, state.trainables
+    device = state.placement.device
+    accelerator = state.accelerator
+    g = _step_generator(args.seed, step, state.rank)
+    captions = [
+        "" if torch.rand(1, generator=g).item() < args.caption_dropout else c for c in batch["caption"]
+    ]
+    latents = batch_latents(state, batch, g)
+    with torch.no_grad():
+        text, added = _encode_text(
+            state.pipe, state.kind, captions, device, batch, state.resolution, state.empty_prompt
+        )
+    boxes, feats, masks = _batch_layouts(
+        state.pipe, batch, args.max_objs, t_.adapter.config.phrase_dim, g, args, device
+    )
+    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    scheduler = t_.noise_scheduler
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=g).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = (
+        scheduler.get_velocity(latents, noise, t)
+        if scheduler.config.prediction_type == "v_prediction"
+        else noise
+    )
+    with _forward_context(state):
+        pred = t_.denoiser(noisy, t, text, boxes, feats, masks, added)
+    loss = F.mse_loss(pred.float(), target.float())
+    if accelerator is not None:
+        accelerator.backward(loss)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(t_.params, args.max_grad_norm)
+    else:
+        loss.backward()
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(t_.params, args.max_grad_norm)
+    t_.optimizer.step()
+    t_.lr_scheduler.step()
+    t_.optimizer.zero_grad(set_to_none=True)
+    if t_.ema is not None:
+        t_.ema.step(t_.adapter.parameters())
+    return loss.detach()
+
+
+def trainable_state(trainables: Trainables, unet) -> dict:
+    """The trained weights a checkpoint holds (adapter and LoRA), fp32 on the host."""
+    named = {f"adapter.{k}": v for k, v in trainables.adapter.state_dict().items()}
+    named.update({n: p for n, p in unet.named_parameters() if "lora_" in n})
+    return {k: v.detach().float().cpu().contiguous() for k, v in named.items()}
+
+
+def register_checkpoint_hooks(accelerator, trainables: Trainables, unet) -> None:
+    """``accelerator.save_state``/``load_state`` write and read only the trainable weights
+    (``trainable.safetensors``), not the frozen base model the denoiser wraps."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, out_dir):
+        if accelerator.is_main_process:
+            save_file(trainable_state(trainables, unet), str(Path(out_dir) / "trainable.safetensors"))
+            hook(CHECKPOINT_HOOK, Path(out_dir).name.removeprefix(".").removesuffix(".tmp"))
+        weights.clear()
+
+    def load_hook(models, in_dir):
+        state = load_file(str(Path(in_dir) / "trainable.safetensors"))
+        own = {f"adapter.{k}": v for k, v in trainables.adapter.state_dict(keep_vars=True).items()}
+        lora = dict(unet.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                target = own[k] if k.startswith("adapter.") else lora[k]
+                target.copy_(v.to(target.dtype))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, args) -> Path:
+    """Every process writes into ``.checkpoint-<step>.tmp``; the main one seals it (marker last) and
+    renames it to ``checkpoint-<step>``, with the step and the run's flags in ``trainer_state.json``."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = staging_name(final)
+    if accelerator.is_main_process:
+        staging_folder(final)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(staging / STATE, {"global_step": step, "flags": recorded_flags(args)})
+        publish_folder(staging, final, marker={"global_step": step})
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _export(final: Path, write) -> None:
+    staging = staging_folder(final)
+    write(staging)
+    publish_folder(staging, final)
+
+
+def save_adapter(folder: Path, trainables: Trainables, unet, *, lora: bool) -> None:
+    """The adapter (``adapter/``, ``from_pretrained``-loadable), its EMA (``adapter_ema/``) and the UNet's
+    LoRA weights (``unet_lora.safetensors``) under ``folder``, each written whole or not at all. Call it on
+    the main process only."""
+    from safetensors.torch import save
+
+    adapter, ema = trainables.adapter, trainables.ema
+    folder.mkdir(parents=True, exist_ok=True)
+    _export(folder / "adapter", adapter.save_pretrained)
+    if ema is not None:
+        ema.store(adapter.parameters())
+        ema.copy_to(adapter.parameters())
+        _export(folder / "adapter_ema", adapter.save_pretrained)
+        ema.restore(adapter.parameters())
+    if lora:
+        weights = {
+            n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n
+        }
+        atomic_write_bytes(folder / "unet_lora.safetensors", save(weights))
+
+
+def _make_accelerator(args, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with="tensorboard" if args.log_tensorboard else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+    )
+
+
+def _refuse_fp16_without_gpu(args) -> None:
     import torch
 
     if args.mixed_precision == "fp16" and not (
@@ -380,35 +720,174 @@ def train(argv: list[str] | None = None) -> dict:
             "--mixed-precision fp16 needs a GPU (CUDA or MPS): on the CPU half-precision training fails in its "
             "first step. Use --mixed-precision bf16 or no"
         )
-    import torch.nn.functional as F
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-    from diffusers import DDPMScheduler, DiffusionPipeline
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file, save, save_file
+
+
+def read_rows(args, accelerator, say):
+    """The grounding rows, their boxes checked and every image decoded once (``--skip-bad-images``)."""
+    from diffusers_ext.layout_rows import read_grounding_rows
+    from diffusers_ext.training.dataset import verify_images
+
+    # boxes are only checked here; --min-area, --min-side and --max-objs apply in the crop (prepare_rows)
+    rows, report = read_grounding_rows(args.mixed_data, min_area=0.0, min_side=0.0, max_objs=2**31)
+    image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
+    rows = verify_images(
+        rows,
+        image_dir,
+        skip_bad=args.skip_bad_images,
+        report=report,
+        log=say,
+        progress=accelerator.is_local_main_process,
+    )
+    return rows, report, image_dir
+
+
+def build_dataset(args, rows, image_dir: Path, resolution: int, report):
+    """The training samples in GLIGEN's recipe, rows left without a box in their crop dropped."""
+    from diffusers_ext.training.dataset import GroundingCrops, prepare_rows
+
+    dataset = GroundingCrops(
+        rows,
+        image_dir,
+        resolution,
+        crop=args.crop,
+        flip=args.random_flip,
+        seed=args.seed,
+        min_area=args.min_area,
+        min_side=args.min_side,
+        max_objs=args.max_objs,
+    )
+    prepare_rows(dataset, report)
+    if not dataset.rows:
+        raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
+    return dataset
+
+
+def schedule_length(args, n_rows: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for ``n_rows`` samples and ``world`` processes."""
+    steps_per_epoch = n_rows // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"{n_rows} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes)"
+        )
+    total = steps_per_epoch * args.epochs
+    if args.max_train_steps is not None:
+        total = min(total, args.max_train_steps)
+    return steps_per_epoch, total
+
+
+def fill_conditioning_cache(args, pipe, kind: str, dataset, placement, accelerator, *, resolution: int):
+    """The cache pass (``--cache-dir``), before the UNet goes to the device: each encoder is on the device
+    only while it encodes (:func:`~diffusers_ext.training.placement.encoders_on_device`); afterwards the
+    cached encoders are freed from the pipeline. Returns the cache, this rank's counts and the empty
+    prompt's entry."""
+    import torch
+
+    from diffusers_ext.training.conditioning_cache import (
+        ConditioningCache,
+        file_digest,
+        fill_cache,
+        model_folder,
+    )
+    from diffusers_ext.training.placement import encoders_on_device
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cache = ConditioningCache(
+        args.cache_dir,
+        model=model_folder(args.pretrained_model),
+        kind=kind,
+        dtype=str(placement.weight_dtype),
+        latent_dtype=str(placement.vae_dtype),
+        cache_latents=args.cache_latents,
+        resolution=resolution,
+        crop=args.crop,
+    )
+    if args.cache_latents:
+        for row in dataset.rows:
+            row["sha256"] = file_digest(dataset.image_dir / row["image"])
+    counts = fill_cache(
+        cache,
+        pipe,
+        kind,
+        dataset,
+        device=placement.device,
+        dtype=placement.vae_dtype,
+        rank=rank,
+        world=world,
+        progress=accelerator.is_local_main_process,
+        batch_size=args.cache_batch_size,
+        encoders=lambda names: encoders_on_device(pipe, placement, names),
+    )
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"conditioning cache {args.cache_dir}: {counts['entries']} entries, "
+        f"{counts['found']} found, {counts['written']} computed"
+        + (f" (process {rank}'s share)" if world > 1 else "")
+    )
+    empty_prompt = cache.read("prompt", {"text": ""})
+    dataset.cache = cache
+    for name in ("text_encoder", "text_encoder_2") + (("vae",) if args.cache_latents else ()):
+        if getattr(pipe, name, None) is not None:
+            setattr(pipe, name, None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return cache, counts, empty_prompt
+
+
+def _log_step(
+    accelerator, args, state: RunState, step: int, epoch: int, mean_loss: float, metrics_path: Path
+):
+    stats = state.trainables.adapter.gate_stats()
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": mean_loss,
+        "lr": state.trainables.lr_scheduler.get_last_lr()[0],
+        "gate_mean": stats["mean"],
+        "gate_std": stats["std"],
+        "gate_min": stats["min"],
+        "gate_max": stats["max"],
+    }
+    if accelerator.is_main_process:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    accelerator.log(
+        {
+            "train/loss": mean_loss,
+            "train/gate_mean": stats["mean"],
+            "train/gate_std": stats["std"],
+            "train/lr": record["lr"],
+        },
+        step=step,
+    )
+    if args.log_gate_stats and step % args.log_gate_stats == 0:
+        accelerator.print(
+            f"step {step} gates mean={stats['mean']:.5f} std={stats['std']:.5f} "
+            f"min={stats['min']:.5f} max={stats['max']:.5f}"
+        )
+        for name, (g_attn, g_dense) in stats["per_layer"].items():
+            accelerator.print(f"  {name}: attn={g_attn:.5f} dense={g_dense:.5f}")
+    return stats
+
+
+def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
+    """Run training from command-line arguments: parse and check, read the data, load the pipeline (or take
+    ``pipeline``), plan the placement, fill the cache, build the trainables, then :func:`training_step` with
+    checkpoints and adapter exports. Returns steps, per-step losses, final gate stats, the cleaning report,
+    the names of the trained parameters, the UNet's dtype, whether it recomputes activations (gradient
+    checkpointing), the modules on the device and the cache counts."""
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+    _refuse_fp16_without_gpu(args)
+
+    import torch
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import phrase_dim, pipeline_kind
-    from diffusers_ext.layout_rows import read_grounding_rows
-    from diffusers_ext.spatial_adapter import SpatialAdapter
-    from diffusers_ext.training.dataset import (
-        EpochBatchSampler,
-        GroundingCrops,
-        collate_samples,
-        prepare_rows,
-        to_unit_range,
-        verify_images,
-    )
-    from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
+    from diffusers_ext.training.dataset import EpochBatchSampler, collate_samples
+    from diffusers_ext.training.placement import plan_placement
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with="tensorboard" if args.log_tensorboard else None,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-    )
+    accelerator = _make_accelerator(args, output_dir)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     def say(message: str) -> None:
@@ -427,190 +906,61 @@ def train(argv: list[str] | None = None) -> dict:
                 say(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
         accelerator.wait_for_everyone()
 
-    # boxes are only checked here; --min-area, --min-side and --max-objs apply in the crop (prepare_rows)
-    rows, report = read_grounding_rows(args.mixed_data, min_area=0.0, min_side=0.0, max_objs=2**31)
-    image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
-    rows = verify_images(
-        rows,
-        image_dir,
-        skip_bad=args.skip_bad_images,
-        report=report,
-        log=say,
-        progress=accelerator.is_local_main_process,
-    )
-
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model)
+    rows, report, image_dir = read_rows(args, accelerator, say)
+    pipe = pipeline if pipeline is not None else load_pipeline(args)
     kind = pipeline_kind(pipe)
-    unet = pipe.unet
-    resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    dataset = GroundingCrops(
-        rows,
-        image_dir,
-        resolution,
-        crop=args.crop,
-        flip=args.random_flip,
-        seed=args.seed,
-        min_area=args.min_area,
-        min_side=args.min_side,
-        max_objs=args.max_objs,
-    )
-    prepare_rows(dataset, report)
+    resolution = args.resolution or default_resolution(pipe)
+    dataset = build_dataset(args, rows, image_dir, resolution, report)
     accelerator.print(f"data cleaning: {report.summary()}")
-    if not dataset.rows:
-        raise SystemExit(f"no rows left after cleaning {args.mixed_data}: {report.summary()}")
-    global_batch = args.batch_size * world
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"{len(dataset)} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes)"
-        )
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_train_steps is not None:
-        total_steps = min(total_steps, args.max_train_steps)
+    steps_per_epoch, total_steps = schedule_length(args, len(dataset), world)
 
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    adapter_phrase_dim, scaling = phrase_dim(pipe), pipe.vae.config.scaling_factor
-    for module in (pipe.vae, *text_encoders, unet):
-        module.requires_grad_(False).eval()
-    on_device = []
-
-    def to_device(modules):
-        for module in modules:
-            module.to(device, weight_dtype)
-            on_device.append(type(module).__name__)
-
-    to_device([unet])
+    placement = plan_placement(
+        args.mixed_precision,
+        device,
+        cache_dir=bool(args.cache_dir),
+        cache_latents=args.cache_latents,
+        vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", True)),
+    )
+    freeze_pipeline(pipe)
+    scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
     cache, cache_counts, empty_prompt = None, None, None
     if args.cache_dir:
-        from diffusers_ext.training.conditioning_cache import ConditioningCache, fill_cache, model_folder
-
-        cache = ConditioningCache(
-            args.cache_dir,
-            model=model_folder(args.pretrained_model),
-            kind=kind,
-            dtype=str(weight_dtype),
-            cache_latents=args.cache_latents,
-            resolution=resolution,
-            crop=args.crop,
+        cache, cache_counts, empty_prompt = fill_conditioning_cache(
+            args, pipe, kind, dataset, placement, accelerator, resolution=resolution
         )
-        if args.cache_latents:
-            from diffusers_ext.training.conditioning_cache import file_digest
-
-            for row in dataset.rows:
-                row["sha256"] = file_digest(image_dir / row["image"])
-        cache_counts = fill_cache(
-            cache,
-            pipe,
-            kind,
-            dataset,
-            device=device,
-            dtype=weight_dtype,
-            rank=rank,
-            world=world,
-            progress=accelerator.is_local_main_process,
-            on_encoders=lambda needed: to_device(
-                (text_encoders if "text" in needed else []) + ([pipe.vae] if "vae" in needed else [])
-            ),
-        )
-        accelerator.wait_for_everyone()
-        accelerator.print(
-            f"conditioning cache {args.cache_dir}: {cache_counts['entries']} entries, "
-            f"{cache_counts['found']} found, {cache_counts['written']} computed"
-            + (f" (process {rank}'s share)" if world > 1 else ""),
-        )
-        empty_prompt = cache.read("prompt", {"text": ""})
-        dataset.cache = cache
-        # the encoders are not needed any more: free them (the VAE too when its latents are cached)
-        for name in ("text_encoder", "text_encoder_2") + (("vae",) if args.cache_latents else ()):
-            if getattr(pipe, name, None) is not None:
-                setattr(pipe, name, None)
-        text_encoders = []
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    else:
-        to_device([pipe.vae, *text_encoders])
-
-    trainable_extra = []
-    if args.lora_rank:
-        from peft import LoraConfig
-
-        unet.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha or args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-            )
-        )
-        trainable_extra = [p for n, p in unet.named_parameters() if "lora_" in n]
-        for p in trainable_extra:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-
-    torch.manual_seed(args.seed)
-    adapter = SpatialAdapter.for_unet(
-        unet,
-        phrase_dim=adapter_phrase_dim,
-        layers=args.layers,
-        max_objs=args.max_objs,
-        hidden_dim=args.hidden_dim,
-        init_mode=args.init_mode,
-        gate_init=args.gate_init_value,
-        freeze_gate=args.freeze_gate,
+    trainables = build_trainables(
+        args, pipe, placement, total_steps=total_steps, world=world, phrase_width=phrase_width
     )
-    adapter.install(unet)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = [p for p in adapter.parameters() if p.requires_grad] + trainable_extra
-    trainable_ids = {id(p) for p in params}
-    trainable_names = [f"adapter.{n}" for n, p in adapter.named_parameters() if id(p) in trainable_ids]
-    trainable_names += [n for n, p in unet.named_parameters() if "lora_" in n and id(p) in trainable_ids]
-    denoiser = GroundedDenoiser(unet, adapter)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * world,
-        num_training_steps=total_steps * world,
+    on_device = [
+        type(getattr(pipe, name)).__name__
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+    ]
+    unet = pipe.unet
+    register_checkpoint_hooks(accelerator, trainables, unet)
+    trainables.denoiser, trainables.optimizer, trainables.lr_scheduler = accelerator.prepare(
+        trainables.denoiser, trainables.optimizer, trainables.lr_scheduler
     )
-    ema = EMAModel([p for p in adapter.parameters()], decay=args.ema_decay) if args.ema else None
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    def trainable_state() -> dict:
-        named = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
-        named.update({n: p for n, p in unet.named_parameters() if "lora_" in n})
-        return {k: v.detach().float().cpu().contiguous() for k, v in named.items()}
-
-    def save_hook(models, weights, out_dir):
-        if accelerator.is_main_process:
-            save_file(trainable_state(), str(Path(out_dir) / "trainable.safetensors"))
-            hook(CHECKPOINT_HOOK, Path(out_dir).name.removeprefix(".").removesuffix(".tmp"))
-        weights.clear()
-
-    def load_hook(models, in_dir):
-        state = load_file(str(Path(in_dir) / "trainable.safetensors"))
-        own = {f"adapter.{k}": v for k, v in adapter.state_dict(keep_vars=True).items()}
-        lora = dict(unet.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                target = own[k] if k.startswith("adapter.") else lora[k]
-                target.copy_(v.to(target.dtype))
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
-    if ema is not None:
-        ema.to(device)
-        accelerator.register_for_checkpointing(ema)
+    if trainables.ema is not None:
+        accelerator.register_for_checkpointing(trainables.ema)
+    state = RunState(
+        args=args,
+        pipe=pipe,
+        kind=kind,
+        placement=placement,
+        trainables=trainables,
+        resolution=resolution,
+        empty_prompt=empty_prompt,
+        accelerator=accelerator,
+        rank=rank,
+        scaling=scaling,
+    )
 
     global_step = 0
     metrics_path = output_dir / "metrics.jsonl"
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        apply_optimizer_overrides(saved_flags, args, optimizer, lr_scheduler)
+        apply_optimizer_overrides(saved_flags, args, trainables.optimizer, trainables.lr_scheduler)
         global_step = json.loads((resume_from / STATE).read_text())["global_step"]
         accelerator.print(f"resumed from {resume_from} at step {global_step}")
         if accelerator.is_main_process:
@@ -628,42 +978,6 @@ def train(argv: list[str] | None = None) -> dict:
                 if v is not None and isinstance(v, (int, float, str, bool))
             },
         )
-
-    def save_checkpoint(step: int) -> None:
-        """Every process writes into ``.checkpoint-<step>.tmp``; the main one seals it (marker last) and
-        renames it to ``checkpoint-<step>``."""
-        final = output_dir / f"checkpoint-{step}"
-        staging = staging_name(final)
-        if accelerator.is_main_process:
-            staging_folder(final)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json_atomic(staging / STATE, {"global_step": step, "flags": recorded_flags(args)})
-            publish_folder(staging, final, marker={"global_step": step})
-        accelerator.wait_for_everyone()
-
-    def export(final: Path, write) -> None:
-        staging = staging_folder(final)
-        write(staging)
-        publish_folder(staging, final)
-
-    def save_adapter(folder: Path) -> None:
-        if not accelerator.is_main_process:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        export(folder / "adapter", adapter.save_pretrained)
-        if ema is not None:
-            ema.store(adapter.parameters())
-            ema.copy_to(adapter.parameters())
-            export(folder / "adapter_ema", adapter.save_pretrained)
-            ema.restore(adapter.parameters())
-        if args.lora_rank:
-            lora = {
-                n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if "lora_" in n
-            }
-            atomic_write_bytes(folder / "unet_lora.safetensors", save(lora))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     sampler = EpochBatchSampler(len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed)
@@ -685,97 +999,37 @@ def train(argv: list[str] | None = None) -> dict:
         epoch = global_step // steps_per_epoch
         sampler.set_epoch(epoch, global_step % steps_per_epoch)
         for batch in loader:
-            g = _step_generator(args.seed, global_step, rank)
-            captions = [
-                "" if torch.rand(1, generator=g).item() < args.caption_dropout else c
-                for c in batch["caption"]
-            ]
-            with torch.no_grad():
-                if "latent_mean" in batch:
-                    mean = batch["latent_mean"].to(device, weight_dtype)
-                    std = batch["latent_std"].to(device, weight_dtype)
-                else:
-                    pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(weight_dtype)
-                    dist = pipe.vae.encode(pixels).latent_dist
-                    mean, std = dist.mean, dist.std
-                latents = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * scaling
-                text, added = _encode_text(pipe, kind, captions, device, batch, resolution, empty_prompt)
-            boxes, feats, masks = _batch_layouts(
-                pipe, batch, args.max_objs, adapter.config.phrase_dim, g, args, device
-            )
-            noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
-            t = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=g
-            ).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, t)
-            else:
-                target = noise
-            pred = denoiser(noisy, t, text, boxes, feats, masks, added)
-            loss = F.mse_loss(pred.float(), target.float())
-            accelerator.backward(loss)
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(adapter.parameters())
+            loss = training_step(state, batch, global_step)
             global_step += 1
-            mean_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            mean_loss = accelerator.gather(loss.reshape(1)).mean().item()
             losses.append(mean_loss)
-            stats = adapter.gate_stats()
-            record = {
-                "step": global_step,
-                "epoch": epoch,
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "gate_mean": stats["mean"],
-                "gate_std": stats["std"],
-                "gate_min": stats["min"],
-                "gate_max": stats["max"],
-            }
+            stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            accelerator.log(
-                {
-                    "train/loss": mean_loss,
-                    "train/gate_mean": stats["mean"],
-                    "train/gate_std": stats["std"],
-                    "train/lr": record["lr"],
-                },
-                step=global_step,
-            )
-            if args.log_gate_stats and global_step % args.log_gate_stats == 0:
-                accelerator.print(
-                    f"step {global_step} gates mean={stats['mean']:.5f} std={stats['std']:.5f} "
-                    f"min={stats['min']:.5f} max={stats['max']:.5f}"
-                )
-                for name, (g_attn, g_dense) in stats["per_layer"].items():
-                    accelerator.print(f"  {name}: attn={g_attn:.5f} dense={g_dense:.5f}")
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                save_checkpoint(accelerator, output_dir, global_step, args)
             if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
-                save_adapter(output_dir / f"epoch-{epoch + 1}")
+                if accelerator.is_main_process:
+                    save_adapter(
+                        output_dir / f"epoch-{epoch + 1}", trainables, unet, lora=bool(args.lora_rank)
+                    )
             if global_step >= total_steps:
                 break
     bar.close()
     accelerator.wait_for_everyone()
-    save_adapter(output_dir)
+    if accelerator.is_main_process:
+        save_adapter(output_dir, trainables, unet, lora=bool(args.lora_rank))
     accelerator.end_training()
     return {
         "steps": global_step,
         "losses": losses,
-        "gate_stats": adapter.gate_stats(),
+        "gate_stats": trainables.adapter.gate_stats(),
         "cleaning": report,
-        "trainable": trainable_names,
+        "trainable": trainables.names,
         "unet_dtype": str(unet.dtype),
         "gradient_checkpointing": unet.is_gradient_checkpointing,
         "on_device": on_device,
+        "placement": placement,
         "cache": None if cache is None else {**cache_counts, "rewritten_bad": cache.rewritten_bad},
     }
 

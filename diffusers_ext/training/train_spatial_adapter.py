@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_ext.training.resume_check import (
+    RESOLVED,
     apply_optimizer_overrides,
     check_resumed_flags,
+    data_fingerprint,
     recorded_flags,
 )
 from diffusers_ext.training.run_folder import (
@@ -242,18 +244,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FLOAT_FLAGS = (
+    "min_area", "min_side", "phrase_dropout", "box_dropout", "caption_dropout", "gate_init_value", "lora_alpha",
+    "lr", "weight_decay", "max_grad_norm", "ema_decay",
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_args(args) -> None:
+    """Every numeric flag in its range (NaN and infinity refused first: they pass ``<``/``>`` checks
+    silently), and the combinations that cannot work, before anything is loaded or deleted."""
+    import math
+
+    for name in _FLOAT_FLAGS:
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise SystemExit(f"{_flag(name)} must be a finite number, got {v}")
     for name in ("phrase_dropout", "box_dropout", "caption_dropout", "min_area", "min_side"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    for name in ("batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size"):
+            raise SystemExit(f"{_flag(name)} must be in [0, 1], got {v}")
+    for name in ("batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size", "hidden_dim"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.dataloader_num_workers < 0:
-        raise SystemExit(f"--dataloader-num-workers must be >= 0, got {args.dataloader_num_workers}")
+            raise SystemExit(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in (
+        "dataloader_num_workers", "weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps",
+        "lora_rank", "log_gate_stats",
+    ):  # fmt: skip
+        if getattr(args, name) < 0:
+            raise SystemExit(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     if args.cache_latents and not args.cache_dir:
         raise SystemExit("--cache-latents needs --cache-dir DIR (the folder the latents are cached in)")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise SystemExit(
+            f"--cache-dir {args.cache_dir} is a file; give a folder for the conditioning cache (it is created if "
+            "absent, and reused by later runs)"
+        )
     if args.cache_latents and args.crop == "random":
         raise SystemExit(
             "--cache-latents with --random-crop: the crop offset is drawn anew every epoch, so the VAE "
@@ -264,13 +293,75 @@ def _check_args(args) -> None:
         raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
     if not args.lr > 0:  # 0 trains nothing; a negative lr used to fail only after the pipeline loaded
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
-    for name in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps", "lora_rank"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.hidden_dim < 1:
-        raise SystemExit(f"--hidden-dim must be >= 1, got {args.hidden_dim}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.lora_alpha is not None:
+        if not args.lora_rank:
+            raise SystemExit(
+                f"--lora-alpha {args.lora_alpha} without --lora-rank: LoRA is off (--lora-rank 0), so the alpha "
+                "would be ignored; give --lora-rank N to train LoRA, or drop --lora-alpha"
+            )
+        if not args.lora_alpha > 0:
+            raise SystemExit(
+                f"--lora-alpha must be > 0 (LoRA scales its update by alpha / rank), got {args.lora_alpha}; "
+                "leave it out for alpha = the rank"
+            )
+    if args.resolution is not None and args.resolution < 1:
+        raise SystemExit(
+            f"--resolution must be a positive number of pixels (a multiple of the VAE's scale factor, 8 for "
+            f"SD, SDXL and Kolors), got {args.resolution}; leave it out for the UNet's own size"
+        )
+
+
+def resolve_defaults(args, pipe) -> None:
+    """Put the values the defaults stand for into ``args`` (``--resolution``: the UNet's size,
+    ``--lora-alpha``: the rank, ``--gate-init-value``: 0 for ``gate``, 1 for ``zero_out``), so that a
+    checkpoint records what was trained and a resume compares values, not ``None``. Refuses a resolution
+    that is not a multiple of the VAE's scale factor (the latents would not cover the image)."""
+    scale = pipe.vae_scale_factor
+    if args.resolution is None:
+        args.resolution = default_resolution(pipe)
+    elif args.resolution % scale:
+        raise SystemExit(
+            f"--resolution {args.resolution} is not a multiple of the VAE's scale factor {scale} (the latent is "
+            f"resolution / {scale} wide); use e.g. {max(scale, args.resolution // scale * scale)}, or leave it "
+            f"out for the UNet's own size {default_resolution(pipe)}"
+        )
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.gate_init_value is None:
+        args.gate_init_value = 0.0 if args.init_mode == "gate" else 1.0
+
+
+def check_layers(args, pipe, phrase_width: int) -> None:
+    """Build the adapter ``--layers`` and the model flags ask for on the meta device (no memory, no random
+    draws), so a prefix that matches no transformer block (or a bad combination) is refused with the
+    accepted names before anything is deleted or computed."""
+    import torch
+
+    from diffusers_ext.spatial_adapter import SpatialAdapter, transformer_blocks
+
+    try:
+        with torch.device("meta"):
+            SpatialAdapter.for_unet(
+                pipe.unet,
+                phrase_dim=phrase_width,
+                layers=args.layers,
+                max_objs=args.max_objs,
+                hidden_dim=args.hidden_dim,
+                init_mode=args.init_mode,
+                gate_init=args.gate_init_value,
+                freeze_gate=args.freeze_gate,
+            )
+    except ValueError as e:
+        if args.layers is None or "match no transformer block" not in str(e):
+            raise SystemExit(f"--init-mode / --gate-init-value / --freeze-gate / --layers: {e}") from None
+        blocks = sorted(transformer_blocks(pipe.unet))
+        prefixes = sorted({".".join(n.split(".")[:2]) for n in blocks} | {n.split(".")[0] for n in blocks})
+        raise SystemExit(
+            f"--layers {' '.join(args.layers)}: {e}. Accepted: prefixes of the UNet's transformer block names, e.g. "
+            f"{', '.join(prefixes)} (full names like {blocks[0]})"
+        ) from None
 
 
 def _step_generator(seed: int, step: int, rank: int):
@@ -722,23 +813,33 @@ def _refuse_fp16_without_gpu(args) -> None:
         )
 
 
-def read_rows(args, accelerator, say):
-    """The grounding rows, their boxes checked and every image decoded once (``--skip-bad-images``)."""
+def read_rows(args):
+    """The grounding rows of ``--mixed-data``, their boxes checked (not yet cleaned) and the image folder."""
     from diffusers_ext.layout_rows import read_grounding_rows
-    from diffusers_ext.training.dataset import verify_images
 
     # boxes are only checked here; --min-area, --min-side and --max-objs apply in the crop (prepare_rows)
     rows, report = read_grounding_rows(args.mixed_data, min_area=0.0, min_side=0.0, max_objs=2**31)
     image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
-    rows = verify_images(
+    return rows, report, image_dir
+
+
+def check_images(args, rows, report, image_dir: Path, accelerator, say) -> list[dict]:
+    """Every image decoded once before training, each process its share (``--skip-bad-images``)."""
+    from accelerate.utils import gather_object
+
+    from diffusers_ext.training.dataset import verify_images
+
+    return verify_images(
         rows,
         image_dir,
         skip_bad=args.skip_bad_images,
         report=report,
         log=say,
         progress=accelerator.is_local_main_process,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        gather=gather_object,
     )
-    return rows, report, image_dir
 
 
 def build_dataset(args, rows, image_dir: Path, resolution: int, report):
@@ -801,9 +902,13 @@ def fill_conditioning_cache(args, pipe, kind: str, dataset, placement, accelerat
         resolution=resolution,
         crop=args.crop,
     )
-    if args.cache_latents:
-        for row in dataset.rows:
-            row["sha256"] = file_digest(dataset.image_dir / row["image"])
+    if args.cache_latents:  # each process hashes its share of the images; all learn every digest
+        from accelerate.utils import gather_object
+
+        rows = dataset.rows
+        mine = [(i, file_digest(dataset.image_dir / rows[i]["image"])) for i in range(rank, len(rows), world)]
+        for i, digest in gather_object(mine) if world > 1 else mine:
+            rows[i]["sha256"] = digest
     counts = fill_cache(
         cache,
         pipe,
@@ -893,26 +998,33 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     def say(message: str) -> None:
         accelerator.print(message, file=sys.stderr, flush=True)
 
+    # every check before anything is deleted (--overwrite) or computed: flags, resume, rows, images, layers
     resume_from = _resume_folder(args, output_dir, say) if args.resume else None
+    rows, report, image_dir = read_rows(args)
+    args.world_size, args.data_fingerprint = world, data_fingerprint(rows)
     saved_flags = None
     if resume_from is not None:
         saved_flags = json.loads((resume_from / STATE).read_text()).get("flags")
         for line in check_resumed_flags(saved_flags, args, resume_from):
             say(line)
+    rows = check_images(args, rows, report, image_dir, accelerator, say)
+    pipe = pipeline if pipeline is not None else load_pipeline(args)
+    kind = pipeline_kind(pipe)
+    scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
+    resolve_defaults(args, pipe)
+    if resume_from is not None:  # the defaults' values are known now
+        check_resumed_flags(saved_flags, args, resume_from, names=RESOLVED)
+    check_layers(args, pipe, phrase_width)
+    resolution = args.resolution
+    dataset = build_dataset(args, rows, image_dir, resolution, report)
+    accelerator.print(f"data cleaning: {report.summary()}")
+    steps_per_epoch, total_steps = schedule_length(args, len(dataset), world)
     if args.overwrite:
         if accelerator.is_main_process:
             removed = clear_previous_run(output_dir)
             if removed:
                 say(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
         accelerator.wait_for_everyone()
-
-    rows, report, image_dir = read_rows(args, accelerator, say)
-    pipe = pipeline if pipeline is not None else load_pipeline(args)
-    kind = pipeline_kind(pipe)
-    resolution = args.resolution or default_resolution(pipe)
-    dataset = build_dataset(args, rows, image_dir, resolution, report)
-    accelerator.print(f"data cleaning: {report.summary()}")
-    steps_per_epoch, total_steps = schedule_length(args, len(dataset), world)
 
     placement = plan_placement(
         args.mixed_precision,
@@ -922,7 +1034,6 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", True)),
     )
     freeze_pipeline(pipe)
-    scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
     cache, cache_counts, empty_prompt = None, None, None
     if args.cache_dir:
         cache, cache_counts, empty_prompt = fill_conditioning_cache(

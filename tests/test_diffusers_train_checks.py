@@ -97,7 +97,7 @@ def test_unknown_layers_are_refused_naming_the_accepted_prefixes(toy, tmp_path):
     with pytest.raises(SystemExit) as error:
         train(_argv(toy, tmp_path / "out", "--layers", "bogus"))
     message = str(error.value)
-    assert message.startswith("--layers bogus: layers ['bogus'] match no transformer block")
+    assert message.startswith("--layers bogus: layers ['bogus'] match no transformer block. Accepted: ")
     assert (
         "Accepted: prefixes of the UNet's transformer block names, e.g. " in message
         and "mid_block" in message

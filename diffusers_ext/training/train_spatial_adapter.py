@@ -358,8 +358,9 @@ def check_layers(args, pipe, phrase_width: int) -> None:
             raise SystemExit(f"--init-mode / --gate-init-value / --freeze-gate / --layers: {e}") from None
         blocks = sorted(transformer_blocks(pipe.unet))
         prefixes = sorted({".".join(n.split(".")[:2]) for n in blocks} | {n.split(".")[0] for n in blocks})
+        said = str(e).split("; available:")[0]  # the full list of block names is long (70 on SDXL)
         raise SystemExit(
-            f"--layers {' '.join(args.layers)}: {e}. Accepted: prefixes of the UNet's transformer block names, e.g. "
+            f"--layers {' '.join(args.layers)}: {said}. Accepted: prefixes of the UNet's transformer block names, e.g. "
             f"{', '.join(prefixes)} (full names like {blocks[0]})"
         ) from None
 

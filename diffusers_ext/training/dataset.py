@@ -321,13 +321,17 @@ def prepare_rows(dataset: GroundingCrops, report: CleaningReport) -> list[dict]:
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """This rank's batches of one epoch: step ``s`` takes ``order[s*B*W + r*B : ... + B]`` of the
-    permutation seeded by ``seed + epoch`` (B per process, W processes, rank r), from ``start_step`` on.
+    """This rank's batches of one epoch: (micro-)step ``s`` takes ``order[s*B*W + r*B : ... + B]`` of the
+    permutation seeded by ``seed + epoch`` (B per process, W processes, rank r), from ``start_step`` on;
+    with ``accumulation`` micro-batches per optimizer step, a whole number of optimizer steps.
     ``set_epoch`` picks the epoch and the first step (a resumed run starts mid-epoch)."""
 
-    def __init__(self, n: int, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(
+        self, n: int, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0, accumulation: int = 1
+    ):
         self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
-        self.steps_per_epoch = n // (batch_size * world)
+        # micro-batches: a whole number of optimizer steps of ``accumulation`` micro-batches each
+        self.steps_per_epoch = n // (batch_size * world * accumulation) * accumulation
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

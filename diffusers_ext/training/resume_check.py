@@ -48,6 +48,7 @@ FIXED = (
     "lora_rank",
     "lora_alpha",
     "batch_size",
+    "gradient_accumulation_steps",
     "crop",
     "random_flip",
     "lr_scheduler",

@@ -16,7 +16,9 @@ text encoders (and the VAE) then stay off the accelerator. docs/diffusers_traini
 
 Exact resume. Data order is a permutation seeded by (seed, epoch), each sample's crop and flip come from
 (seed, epoch, index) (so any number of loader workers gives the same samples), and every random draw of a
-step (noise, timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a
+sample (noise, timestep, dropouts, VAE sampling) comes from a generator seeded by (seed, optimizer step, the
+sample's position in the step's global batch), so it does not depend on how the batch is split into
+processes or ``--gradient-accumulation-steps`` micro-batches, and a
 run resumed from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
 ``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
 the trainable weights (adapter, LoRA), not the frozen base model.
@@ -206,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     optim = p.add_argument_group("optimization")
     optim.add_argument("--output-dir", required=True)
     optim.add_argument("--batch-size", type=int, default=4, help="per process")
+    optim.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="micro-batches of --batch-size per optimizer step (accelerate's accumulate): the update of N x B "
+        "samples in the memory of B; --max-train-steps, checkpoints and the LR schedule count optimizer steps",
+    )
     optim.add_argument("--epochs", type=int, default=1)
     optim.add_argument(
         "--max-train-steps", type=int, default=None, help="stop after this many steps in total"
@@ -267,7 +276,10 @@ def _check_args(args) -> None:
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             raise SystemExit(f"{_flag(name)} must be in [0, 1], got {v}")
-    for name in ("batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size", "hidden_dim"):
+    for name in (
+        "batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size", "hidden_dim",
+        "gradient_accumulation_steps",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             raise SystemExit(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in (
@@ -365,10 +377,14 @@ def check_layers(args, pipe, phrase_width: int) -> None:
         ) from None
 
 
-def _step_generator(seed: int, step: int, rank: int):
+def sample_generators(seed: int, step: int, positions) -> list:
+    """One generator per sample, seeded by (seed, optimizer step, the sample's position in the step's global
+    batch): every random draw of a sample (caption dropout, VAE sampling, layout dropouts, noise, timestep)
+    comes from its own, so a step sees the same draws however its global batch is split into processes and
+    accumulated micro-batches, and a resumed run the same as an uninterrupted one."""
     import torch
 
-    return torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * rank)
+    return [torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * p) for p in positions]
 
 
 def _time_ids(pipe, batch: dict, resolution: int, dtype, projection_dim: int):
@@ -416,7 +432,7 @@ def _encode_text(pipe, kind: str, captions: list[str], device, batch: dict, reso
         return text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, device):
+def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, gens, args, device):
     """Boxes, phrase features (the batch's cached ones, or encoded now) and masks (B, max_objs, ...) with
     GLIGEN's object and layout dropout."""
     import torch
@@ -443,8 +459,8 @@ def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, d
             feats[i, :n] = encoded[k : k + n]
         masks[i, :n] = 1
         k += n
-    masks = masks * (torch.rand(b, max_objs, generator=g) >= args.phrase_dropout)
-    masks = masks * (torch.rand(b, 1, generator=g) >= args.box_dropout)
+    masks = masks * (torch.stack([torch.rand(max_objs, generator=g) for g in gens]) >= args.phrase_dropout)
+    masks = masks * (torch.stack([torch.rand(1, generator=g) for g in gens]) >= args.box_dropout)
     return boxes.to(device), feats, masks.to(device)
 
 
@@ -526,6 +542,7 @@ class RunState:
     empty_prompt: dict | None = None
     accelerator: object | None = None
     rank: int = 0
+    world: int = 1
     autocast: object | None = None
     scaling: float | None = None  # the VAE's latent scale; give it when the VAE was freed (cached latents)
 
@@ -639,7 +656,7 @@ def _forward_context(state: RunState):
     return torch.autocast(placement.device.type, dtype=placement.weight_dtype)
 
 
-def batch_latents(state: RunState, batch: dict, g):
+def batch_latents(state: RunState, batch: dict, gens):
     """The step's VAE latents: sampled from the batch's cached distribution, or encoded now by the VAE in
     its placement dtype (fp32 under fp16 for a ``force_upcast`` VAE), then scaled. The sample is drawn in
     fp32 (the forward's autocast casts the UNet's input)."""
@@ -657,36 +674,44 @@ def batch_latents(state: RunState, batch: dict, g):
             pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(placement.vae_dtype)
             dist = state.pipe.vae.encode(pixels).latent_dist
             mean, std = dist.mean.to(weight_dtype), dist.std.to(weight_dtype)
-        return (mean.float() + std.float() * torch.randn(mean.shape, generator=g).to(device)) * state.scaling
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(device)
+        return (mean.float() + std.float() * eps) * state.scaling
 
 
-def training_step(state: RunState, batch: dict, step: int):
-    """One optimizer step on ``batch`` (the keys :func:`~diffusers_ext.training.dataset.collate_samples`
-    gives, with or without the cache's entries): caption dropout, latents, text, layouts with their
-    dropouts, noise and timesteps (all drawn from the (seed, step, rank) generator), the grounded UNet's
-    forward, the loss, backward, clipping, the optimizer and LR scheduler steps and the EMA update.
-    Returns the loss (a 0-dim tensor with no graph)."""
+def training_step(state: RunState, batch: dict, step: int, *, micro: int = 0):
+    """One micro-batch of optimizer step ``step`` on ``batch`` (the keys
+    :func:`~diffusers_ext.training.dataset.collate_samples` gives, with or without the cache's entries):
+    caption dropout, latents, text, layouts with their dropouts, noise and timesteps (each sample's from its
+    own generator, :func:`sample_generators`), the grounded UNet's forward, the loss, backward, and, when the
+    gradients are complete (always without gradient accumulation), clipping, the optimizer and LR scheduler
+    steps and the EMA update. ``micro`` is the micro-batch's index within the step
+    (``--gradient-accumulation-steps``; run it inside ``accelerator.accumulate``). Returns the loss (a 0-dim
+    tensor with no graph)."""
     import torch
     import torch.nn.functional as F
 
     args, t_ = state.args, state.trainables
     device = state.placement.device
     accelerator = state.accelerator
-    g = _step_generator(args.seed, step, state.rank)
+    b = len(batch["caption"])
+    first = micro * args.batch_size * state.world + state.rank * args.batch_size
+    gens = sample_generators(args.seed, step, range(first, first + b))
     captions = [
-        "" if torch.rand(1, generator=g).item() < args.caption_dropout else c for c in batch["caption"]
+        "" if torch.rand(1, generator=g).item() < args.caption_dropout else c
+        for g, c in zip(gens, batch["caption"], strict=True)
     ]
-    latents = batch_latents(state, batch, g)
+    latents = batch_latents(state, batch, gens)
     with torch.no_grad():
         text, added = _encode_text(
             state.pipe, state.kind, captions, device, batch, state.resolution, state.empty_prompt
         )
     boxes, feats, masks = _batch_layouts(
-        state.pipe, batch, args.max_objs, t_.adapter.config.phrase_dim, g, args, device
+        state.pipe, batch, args.max_objs, t_.adapter.config.phrase_dim, gens, args, device
     )
-    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
     scheduler = t_.noise_scheduler
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=g).to(device)
+    t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
+    t = t.to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = (
         scheduler.get_velocity(latents, noise, t)
@@ -696,18 +721,20 @@ def training_step(state: RunState, batch: dict, step: int):
     with _forward_context(state):
         pred = t_.denoiser(noisy, t, text, boxes, feats, masks, added)
     loss = F.mse_loss(pred.float(), target.float())
+    complete = accelerator is None or accelerator.sync_gradients
     if accelerator is not None:
-        accelerator.backward(loss)
-        if args.max_grad_norm > 0:
+        accelerator.backward(loss)  # divides by the accumulation steps
+        if complete and args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(t_.params, args.max_grad_norm)
     else:
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(t_.params, args.max_grad_norm)
+    # accelerate's optimizer and scheduler wrappers skip these until the accumulated gradients are complete
     t_.optimizer.step()
     t_.lr_scheduler.step()
     t_.optimizer.zero_grad(set_to_none=True)
-    if t_.ema is not None:
+    if complete and t_.ema is not None:
         t_.ema.step(t_.adapter.parameters())
     return loss.detach()
 
@@ -795,6 +822,7 @@ def _make_accelerator(args, output_dir: Path):
 
     return Accelerator(
         mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="tensorboard" if args.log_tensorboard else None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
@@ -865,11 +893,15 @@ def build_dataset(args, rows, image_dir: Path, resolution: int, report):
 
 
 def schedule_length(args, n_rows: int, world: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) for ``n_rows`` samples and ``world`` processes."""
-    steps_per_epoch = n_rows // (args.batch_size * world)
+    """(optimizer steps per epoch, total optimizer steps) for ``n_rows`` samples, ``world`` processes and
+    ``--gradient-accumulation-steps`` micro-batches per step."""
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = n_rows // (args.batch_size * world * accumulation)
     if steps_per_epoch == 0:
         raise SystemExit(
-            f"{n_rows} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes)"
+            f"{n_rows} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes"
+            + (f" x {accumulation} accumulated micro-batches" if accumulation > 1 else "")
+            + ")"
         )
     total = steps_per_epoch * args.epochs
     if args.max_train_steps is not None:
@@ -1065,6 +1097,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         empty_prompt=empty_prompt,
         accelerator=accelerator,
         rank=rank,
+        world=world,
         scaling=scaling,
     )
 
@@ -1092,7 +1125,10 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         )
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    sampler = EpochBatchSampler(len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed)
+    accumulation = args.gradient_accumulation_steps
+    sampler = EpochBatchSampler(
+        len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed, accumulation=accumulation
+    )
     workers = args.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -1109,11 +1145,16 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     )
     while global_step < total_steps:
         epoch = global_step // steps_per_epoch
-        sampler.set_epoch(epoch, global_step % steps_per_epoch)
+        sampler.set_epoch(epoch, (global_step % steps_per_epoch) * accumulation)
+        micro_losses = []
         for batch in loader:
-            loss = training_step(state, batch, global_step)
+            with accelerator.accumulate(trainables.denoiser):
+                micro_losses.append(training_step(state, batch, global_step, micro=len(micro_losses)))
+            if not accelerator.sync_gradients:
+                continue
             global_step += 1
-            mean_loss = accelerator.gather(loss.reshape(1)).mean().item()
+            mean_loss = accelerator.gather(torch.stack(micro_losses).mean().reshape(1)).mean().item()
+            micro_losses = []
             losses.append(mean_loss)
             stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
             bar.update(1)

@@ -93,15 +93,26 @@ def test_a_resolution_that_is_not_a_multiple_of_the_vae_scale_is_refused_with_a_
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_layers_are_refused_naming_the_accepted_prefixes(toy, tmp_path):
+def test_unknown_layers_are_refused_naming_presets_and_prefixes_before_the_pipeline_loads(
+    toy, tmp_path, monkeypatch
+):
+    import diffusers
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", None)  # loading would be a TypeError
     with pytest.raises(SystemExit) as error:
         train(_argv(toy, tmp_path / "out", "--layers", "bogus"))
     message = str(error.value)
-    assert message.startswith("--layers bogus: layers ['bogus'] match no transformer block. Accepted: ")
-    assert (
-        "Accepted: prefixes of the UNet's transformer block names, e.g. " in message
-        and "mid_block" in message
+    assert message.startswith(
+        "--layers: ['bogus'] are neither a fuser preset nor a block-name prefix of this UNet"
     )
+    assert "Presets: all, " in message and "Prefixes of this UNet: down_blocks.0, " in message
+    assert "mid_block" in message
+
+
+def test_a_layers_preset_trains(toy, tmp_path):
+    result = train(_argv(toy, tmp_path / "out", "--layers", "mid", "--max-train-steps", "1"))
+    fusers = {n.split(".")[2] for n in result["trainable"] if n.startswith("adapter.fusers.")}
+    assert fusers == {"0"} and result["steps"] == 1  # "mid": the one mid-block transformer of the tiny UNet
 
 
 # ---- --overwrite deletes nothing before every check has passed ------------------------------------------------
@@ -118,7 +129,7 @@ def _bad_rows(toy, tmp_path):
 @pytest.mark.parametrize(
     "case, match",
     [
-        ("layers", r"--layers down_blocks.9: "),
+        ("layers", r"--layers: \['down_blocks.9'\] are neither a fuser preset nor a block-name prefix"),
         ("pixel box", r"pixel_boxes.jsonl:2: box 0 = \[10.0, 10.0, 40.0, 40.0\] lies outside \[0, 1\]"),
         ("resolution", r"--resolution 60 is not a multiple"),
         ("bad image", r"1 of 4 images cannot be read"),

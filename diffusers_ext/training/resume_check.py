@@ -51,6 +51,8 @@ FIXED = (
     "gradient_accumulation_steps",
     "crop",
     "random_flip",
+    "optimizer",
+    "bf16_adapter",
     "lr_scheduler",
     "lr_warmup_steps",
     "mixed_precision",

@@ -41,6 +41,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusers_ext.fuser_presets import PRESETS_HELP
 from diffusers_ext.training.resume_check import (
     RESOLVED,
     apply_optimizer_overrides,
@@ -198,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--hidden-dim", type=int, default=512, help="grounding tokenizer MLP width (GLIGEN: 512)"
     )
-    model.add_argument(
-        "--layers", nargs="*", default=None, help="transformer-block name prefixes to adapt (default: all)"
-    )
+    model.add_argument("--layers", nargs="*", default=None, help=PRESETS_HELP.replace("%", "%%"))
     model.add_argument(
         "--lora-rank", type=int, default=0, help="LoRA on the UNet attention projections via peft (0: off)"
     )
@@ -220,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-train-steps", type=int, default=None, help="stop after this many steps in total"
     )
     optim.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (GLIGEN: 5e-5)")
+    optim.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit"),
+        default="adamw",
+        help="adamw: torch AdamW (8 bytes of state per parameter); adamw8bit: bitsandbytes' 8-bit AdamW "
+        "(about 2 bytes; diffusers' --use_8bit_adam). training/optimizers.py",
+    )
+    optim.add_argument(
+        "--use-8bit-adam",
+        dest="optimizer",
+        action="store_const",
+        const="adamw8bit",
+        help="the same as --optimizer adamw8bit (the name diffusers' training scripts use)",
+    )
+    optim.add_argument(
+        "--bf16-adapter",
+        action="store_true",
+        help="keep the adapter (and LoRA) weights and gradients in bf16, updated with stochastic rounding "
+        "(half the weight and gradient memory; needs --mixed-precision bf16); the EMA stays fp32",
+    )
     optim.add_argument("--weight-decay", type=float, default=0.0)
     optim.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
     optim.add_argument("--lr-warmup-steps", type=int, default=0)
@@ -318,6 +337,19 @@ def _check_args(args) -> None:
                 f"--lora-alpha must be > 0 (LoRA scales its update by alpha / rank), got {args.lora_alpha}; "
                 "leave it out for alpha = the rank"
             )
+    if args.bf16_adapter and args.mixed_precision != "bf16":
+        raise SystemExit(
+            f"--bf16-adapter needs --mixed-precision bf16 (got {args.mixed_precision}): bf16 adapter weights "
+            "meet the UNet's activations in bf16 only under bf16 autocast"
+        )
+    if args.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SystemExit(
+                "--optimizer adamw8bit / --use-8bit-adam needs bitsandbytes (pip install 'bitsandbytes>=0.50'); "
+                "or use --optimizer adamw"
+            )
     if args.resolution is not None and args.resolution < 1:
         raise SystemExit(
             f"--resolution must be a positive number of pixels (a multiple of the VAE's scale factor, 8 for "
@@ -345,13 +377,37 @@ def resolve_defaults(args, pipe) -> None:
         args.gate_init_value = 0.0 if args.init_mode == "gate" else 1.0
 
 
+def check_layers_before_loading(args, pipeline=None) -> None:
+    """``--layers`` (presets or block-name prefixes) against the UNet that ``--pretrained-model``'s
+    ``unet/config.json`` describes, built on the meta device: refused naming the presets and this UNet's
+    prefixes before any weights load (it used to be a traceback after the pipeline had loaded)."""
+    if args.layers is None:
+        return
+    from diffusers_ext.fuser_presets import layers_for_config
+
+    if pipeline is not None:
+        config = dict(pipeline.unet.config)
+    else:
+        from diffusers_ext.training.conditioning_cache import model_folder
+
+        try:
+            path = model_folder(args.pretrained_model) / "unet" / "config.json"
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # no readable config: the check after loading (check_layers) says what is wrong
+    try:
+        layers_for_config(config, args.layers)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def check_layers(args, pipe, phrase_width: int) -> None:
     """Build the adapter ``--layers`` and the model flags ask for on the meta device (no memory, no random
-    draws), so a prefix that matches no transformer block (or a bad combination) is refused with the
-    accepted names before anything is deleted or computed."""
+    draws), so a bad placement or flag combination is refused, saying what is accepted, before anything is
+    deleted or computed."""
     import torch
 
-    from diffusers_ext.spatial_adapter import SpatialAdapter, transformer_blocks
+    from diffusers_ext.spatial_adapter import SpatialAdapter
 
     try:
         with torch.device("meta"):
@@ -366,15 +422,9 @@ def check_layers(args, pipe, phrase_width: int) -> None:
                 freeze_gate=args.freeze_gate,
             )
     except ValueError as e:
-        if args.layers is None or "match no transformer block" not in str(e):
-            raise SystemExit(f"--init-mode / --gate-init-value / --freeze-gate / --layers: {e}") from None
-        blocks = sorted(transformer_blocks(pipe.unet))
-        prefixes = sorted({".".join(n.split(".")[:2]) for n in blocks} | {n.split(".")[0] for n in blocks})
-        said = str(e).split("; available:")[0]  # the full list of block names is long (70 on SDXL)
-        raise SystemExit(
-            f"--layers {' '.join(args.layers)}: {said}. Accepted: prefixes of the UNet's transformer block names, e.g. "
-            f"{', '.join(prefixes)} (full names like {blocks[0]})"
-        ) from None
+        if str(e).startswith("--layers"):  # fuser_presets.resolve_layers names the flag, presets and prefixes
+            raise SystemExit(str(e)) from None
+        raise SystemExit(f"--init-mode / --gate-init-value / --freeze-gate / --layers: {e}") from None
 
 
 def sample_generators(seed: int, step: int, positions) -> list:
@@ -576,6 +626,7 @@ def build_trainables(
     from diffusers_ext.generation import phrase_dim
     from diffusers_ext.spatial_adapter import SpatialAdapter
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
+    from diffusers_ext.training.optimizers import build_optimizer
     from diffusers_ext.training.placement import check_placement, place_for_training
 
     unet = pipe.unet
@@ -615,7 +666,14 @@ def build_trainables(
     trainable_ids = {id(p) for p in params}
     names = [f"adapter.{n}" for n, p in adapter.named_parameters() if id(p) in trainable_ids]
     names += [n for n, p in unet.named_parameters() if "lora_" in n and id(p) in trainable_ids]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(
+        params,
+        name=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        bf16_stochastic_rounding=args.bf16_adapter,
+        seed=args.seed,
+    )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
@@ -1040,6 +1098,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         saved_flags = json.loads((resume_from / STATE).read_text()).get("flags")
         for line in check_resumed_flags(saved_flags, args, resume_from):
             say(line)
+    check_layers_before_loading(args, pipeline)
     rows = check_images(args, rows, report, image_dir, accelerator, say)
     pipe = pipeline if pipeline is not None else load_pipeline(args)
     kind = pipeline_kind(pipe)
@@ -1065,6 +1124,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         cache_dir=bool(args.cache_dir),
         cache_latents=args.cache_latents,
         vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", True)),
+        bf16_adapter=args.bf16_adapter,
     )
     freeze_pipeline(pipe)
     cache, cache_counts, empty_prompt = None, None, None

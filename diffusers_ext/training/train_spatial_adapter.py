@@ -303,7 +303,7 @@ def _check_args(args) -> None:
             raise SystemExit(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in (
         "dataloader_num_workers", "weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps",
-        "lora_rank", "log_gate_stats",
+        "lora_rank", "log_gate_stats", "seed",
     ):  # fmt: skip
         if getattr(args, name) < 0:
             raise SystemExit(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")

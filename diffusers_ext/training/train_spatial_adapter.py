@@ -67,9 +67,11 @@ __all__ = [
     "Trainables",
     "build_parser",
     "build_trainables",
+    "load_checkpoint",
     "load_pipeline",
     "main",
     "parse_args",
+    "run_steps",
     "save_adapter",
     "save_checkpoint",
     "train",
@@ -1065,10 +1067,95 @@ def _log_step(
     return stats
 
 
+def load_checkpoint(
+    accelerator, folder: Path, saved_flags, args, trainables: Trainables, metrics_path: Path, say
+) -> int:
+    """Resume from ``folder``: the trainable weights, optimizer, LR scheduler, EMA and RNG states, the flags a
+    resume may change put in (:func:`apply_optimizer_overrides`), and the metrics after the checkpoint's step
+    removed (they are trained again). Returns the step to continue from."""
+    accelerator.load_state(str(folder))
+    apply_optimizer_overrides(saved_flags, args, trainables.optimizer, trainables.lr_scheduler)
+    step = json.loads((folder / STATE).read_text())["global_step"]
+    accelerator.print(f"resumed from {folder} at step {step}")
+    if accelerator.is_main_process:
+        dropped = truncate_metrics(metrics_path, step)
+        if dropped:
+            say(f"{metrics_path}: removed {dropped} rows after step {step}; they are trained again")
+    return step
+
+
+def run_steps(
+    state: RunState, dataset, output_dir: Path, global_step: int, total_steps: int, steps_per_epoch: int
+):
+    """The loop: this process's batches from ``global_step`` on (:class:`EpochBatchSampler`, the loader
+    workers), :func:`training_step` per micro-batch inside ``accelerator.accumulate``, and per optimizer step
+    the metrics row, checkpoints (``--checkpointing-steps``) and epoch exports (``--save-epoch``). Returns
+    the mean loss of each optimizer step taken."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffusers_ext.training.dataset import EpochBatchSampler, collate_samples
+
+    args, accelerator, trainables = state.args, state.accelerator, state.trainables
+    unet, metrics_path = state.pipe.unet, output_dir / "metrics.jsonl"
+    accumulation = args.gradient_accumulation_steps
+    sampler = EpochBatchSampler(
+        len(dataset),
+        args.batch_size,
+        world=state.world,
+        rank=state.rank,
+        seed=args.seed,
+        accumulation=accumulation,
+    )
+    workers = args.dataloader_num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_samples,
+        num_workers=workers,
+        pin_memory=state.placement.device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    losses = []
+    bar = tqdm(
+        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
+    while global_step < total_steps:
+        epoch = global_step // steps_per_epoch
+        sampler.set_epoch(epoch, (global_step % steps_per_epoch) * accumulation)
+        micro_losses = []
+        for batch in loader:
+            with accelerator.accumulate(trainables.denoiser):
+                micro_losses.append(training_step(state, batch, global_step, micro=len(micro_losses)))
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            mean_loss = accelerator.gather(torch.stack(micro_losses).mean().reshape(1)).mean().item()
+            micro_losses = []
+            losses.append(mean_loss)
+            stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args)
+            if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
+                if accelerator.is_main_process:
+                    save_adapter(
+                        output_dir / f"epoch-{epoch + 1}", trainables, unet, lora=bool(args.lora_rank)
+                    )
+            if global_step >= total_steps:
+                break
+    bar.close()
+    return losses
+
+
 def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
-    """Run training from command-line arguments: parse and check, read the data, load the pipeline (or take
-    ``pipeline``), plan the placement, fill the cache, build the trainables, then :func:`training_step` with
-    checkpoints and adapter exports. Returns steps, per-step losses, final gate stats, the cleaning report,
+    """Run training from command-line arguments: parse and check (flags, resume, rows, ``--layers``, images),
+    load the pipeline (or take ``pipeline``: the only weights read), resolve the defaults and check the rest,
+    clear the previous run (``--overwrite``, only now), plan the placement, fill the cache, build the
+    trainables, load a checkpoint, then :func:`run_steps` (:func:`training_step` with checkpoints and
+    exports) and export the adapter. Returns steps, per-step losses, final gate stats, the cleaning report,
     the names of the trained parameters, the UNet's dtype, whether it recomputes activations (gradient
     checkpointing), the modules on the device and the cache counts."""
     args = parse_args(argv)
@@ -1076,11 +1163,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
     _refuse_fp16_without_gpu(args)
 
-    import torch
-    from tqdm.auto import tqdm
-
     from diffusers_ext.generation import phrase_dim, pipeline_kind
-    from diffusers_ext.training.dataset import EpochBatchSampler, collate_samples
     from diffusers_ext.training.placement import plan_placement
 
     accelerator = _make_accelerator(args, output_dir)
@@ -1161,19 +1244,12 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         scaling=scaling,
     )
 
-    global_step = 0
     metrics_path = output_dir / "metrics.jsonl"
+    global_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        apply_optimizer_overrides(saved_flags, args, trainables.optimizer, trainables.lr_scheduler)
-        global_step = json.loads((resume_from / STATE).read_text())["global_step"]
-        accelerator.print(f"resumed from {resume_from} at step {global_step}")
-        if accelerator.is_main_process:
-            dropped = truncate_metrics(metrics_path, global_step)
-            if dropped:
-                say(
-                    f"{metrics_path}: removed {dropped} rows after step {global_step}; they are trained again"
-                )
+        global_step = load_checkpoint(
+            accelerator, resume_from, saved_flags, args, trainables, metrics_path, say
+        )
     if args.log_tensorboard:
         accelerator.init_trackers(
             "spatial_adapter",
@@ -1185,56 +1261,13 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         )
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    accumulation = args.gradient_accumulation_steps
-    sampler = EpochBatchSampler(
-        len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed, accumulation=accumulation
-    )
-    workers = args.dataloader_num_workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_samples,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-    losses = []
-    bar = tqdm(
-        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
-    while global_step < total_steps:
-        epoch = global_step // steps_per_epoch
-        sampler.set_epoch(epoch, (global_step % steps_per_epoch) * accumulation)
-        micro_losses = []
-        for batch in loader:
-            with accelerator.accumulate(trainables.denoiser):
-                micro_losses.append(training_step(state, batch, global_step, micro=len(micro_losses)))
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            mean_loss = accelerator.gather(torch.stack(micro_losses).mean().reshape(1)).mean().item()
-            micro_losses = []
-            losses.append(mean_loss)
-            stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args)
-            if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
-                if accelerator.is_main_process:
-                    save_adapter(
-                        output_dir / f"epoch-{epoch + 1}", trainables, unet, lora=bool(args.lora_rank)
-                    )
-            if global_step >= total_steps:
-                break
-    bar.close()
+    losses = run_steps(state, dataset, output_dir, global_step, total_steps, steps_per_epoch)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapter(output_dir, trainables, unet, lora=bool(args.lora_rank))
     accelerator.end_training()
     return {
-        "steps": global_step,
+        "steps": global_step + len(losses),
         "losses": losses,
         "gate_stats": trainables.adapter.gate_stats(),
         "cleaning": report,

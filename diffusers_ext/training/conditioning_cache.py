@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from vlext.atomic_files import atomic_write_bytes
 
 __all__ = ["ConditioningCache", "component_fingerprint", "fill_cache", "model_folder"]
 
@@ -76,19 +77,20 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ConditioningCache:
     """Content-keyed safetensors entries under ``root`` (picklable: the loader's workers read it)."""
 
     def __init__(
-        self, root, *, model: Path, kind: str, dtype: str, cache_latents: bool, resolution: int, crop: str
+        self,
+        root,
+        *,
+        model: Path,
+        kind: str,
+        dtype: str,
+        cache_latents: bool,
+        resolution: int,
+        crop: str,
+        latent_dtype: str | None = None,
     ):
         self.root = Path(root)
         text_id = component_fingerprint(model, TEXT_COMPONENTS)
@@ -98,7 +100,7 @@ class ConditioningCache:
             "latent": {
                 "model": str(model),
                 "vae": component_fingerprint(model, ("vae",)),
-                "dtype": dtype,
+                "dtype": latent_dtype or dtype,
                 "resolution": resolution,
                 "crop": crop,
             },
@@ -155,16 +157,10 @@ class ConditioningCache:
     def write(self, kind: str, content: dict, tensors: dict) -> None:
         path, text = self._content(kind, content)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"content": text},
+        data = save(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"content": text}
         )
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write_bytes(path, data)
         self.written += 1
 
     @staticmethod
@@ -222,19 +218,29 @@ def fill_cache(
     rank=0,
     world=1,
     progress=True,
-    batch_size=16,
-    on_encoders=None,
+    batch_size=4,
+    text_batch_size=16,
+    encoders=None,
 ) -> dict:
-    """Compute the missing entries of this rank's share (every ``world``-th one) (the empty prompt, every caption and phrase of
-    ``dataset.rows`` and, with latents, every image in each orientation its crop can take). Entries that
-    exist are skipped, so an interrupted pass resumes where it stopped. ``on_encoders(names)`` is called
-    before the first encoding that needs modules on ``device`` (the trainer moves them there).
-    Returns counts of this rank's share: entries, found, written."""
+    """Compute the missing entries of this rank's share (every ``world``-th one): the empty prompt, every
+    caption and phrase of ``dataset.rows`` and, with latents, every image in each orientation its crop can
+    take. Entries that exist are skipped, so an interrupted pass resumes where it stopped.
+
+    ``encoders(names)`` returns a context manager that holds the named modules on ``device`` while the block
+    runs (the trainer passes :func:`~diffusers_ext.training.placement.encoders_on_device`): the text
+    encoders are on the device only while the prompts and phrases are encoded, the VAE only while the images
+    are, never together. ``dtype`` is the VAE's input dtype; images go through it ``batch_size`` at a time
+    (``--cache-batch-size``: VAE activations at 1024 px are about 2.5 GiB per image in fp32), texts
+    ``text_batch_size`` at a time. Returns counts of this rank's share: entries, found, written."""
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from diffusers_ext.generation import encode_phrases
     from diffusers_ext.training.dataset import _transform, to_unit_range
 
+    if encoders is None:
+        encoders = lambda names: contextlib.nullcontext()  # noqa: E731  (modules already placed)
     captions = sorted({"", *(r["caption"] for r in dataset.rows)})
     phrases = sorted({p for r in dataset.rows for p in r["phrases"]})
     jobs = [("prompt", {"text": t}, t) for t in captions] + [("phrase", {"text": p}, p) for p in phrases]
@@ -252,29 +258,41 @@ def fill_cache(
     counts = {"entries": len(share), "found": len(share) - len(mine), "written": 0}
     if not mine:
         return counts
-    needed = sorted({"text" if k != "latent" else "vae" for k, _, _ in mine})
-    if on_encoders is not None:
-        on_encoders(needed)
     bar = tqdm(total=len(mine), desc="caching conditioning", disable=not progress)
-    for kind_ in ("prompt", "phrase", "latent"):
-        todo = [j for j in mine if j[0] == kind_]
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s : s + batch_size]
-            if kind_ == "prompt":
-                outs = _encode_prompts(pipe, kind, [j[2] for j in chunk], device)
-            elif kind_ == "phrase":
-                outs = [{"feature": f} for f in encode_phrases(pipe, [j[2] for j in chunk])]
-            else:
-                pixels = torch.stack(
-                    [_transform_row(dataset, row, plan, _transform) for row, plan in (j[2] for j in chunk)]
-                )
-                with torch.no_grad():
-                    dist = pipe.vae.encode(to_unit_range(pixels.to(device)).to(dtype)).latent_dist
-                outs = [{"mean": m, "std": sd} for m, sd in zip(dist.mean, dist.std, strict=True)]
-            for (k, content, _), tensors in zip(chunk, outs, strict=True):
+
+    def run(todo, size, encode):
+        for s in range(0, len(todo), size):
+            chunk = todo[s : s + size]
+            for (k, content, _), tensors in zip(chunk, encode(chunk), strict=True):
                 cache.write(k, content, tensors)
             counts["written"] += len(chunk)
             bar.update(len(chunk))
+
+    def encode_latents(chunk):
+        pixels = torch.stack(
+            [_transform_row(dataset, row, plan, _transform) for row, plan in (j[2] for j in chunk)]
+        )
+        with torch.no_grad():
+            dist = pipe.vae.encode(to_unit_range(pixels.to(device)).to(dtype)).latent_dist
+        return [{"mean": m, "std": sd} for m, sd in zip(dist.mean, dist.std, strict=True)]
+
+    text_jobs = [j for j in mine if j[0] != "latent"]
+    if text_jobs:
+        with encoders(("text_encoder", "text_encoder_2")):
+            run(
+                [j for j in text_jobs if j[0] == "prompt"],
+                text_batch_size,
+                lambda chunk: _encode_prompts(pipe, kind, [j[2] for j in chunk], device),
+            )
+            run(
+                [j for j in text_jobs if j[0] == "phrase"],
+                text_batch_size,
+                lambda chunk: [{"feature": f} for f in encode_phrases(pipe, [j[2] for j in chunk])],
+            )
+    latent_jobs = [j for j in mine if j[0] == "latent"]
+    if latent_jobs:
+        with encoders(("vae",)):
+            run(latent_jobs, batch_size, encode_latents)
     bar.close()
     return counts
 

@@ -31,13 +31,18 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["cell_text", "render_block", "update_text", "without_timings", "write_index"]
+from vlext.atomic_files import atomic_write_text
+
+__all__ = ["cell_text", "render_block", "seeds_markdown", "update_text", "without_timings", "write_index"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 BLOCK = re.compile(
     r"(?P<open><!-- vlext\.report (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(?P<close><!-- /vlext\.report -->)",
     re.S,
 )
+OPENER = "<!-- vlext.report "
+CLOSER = "<!-- /vlext.report -->"
+_MARKER = re.compile(r"<!-- (?P<close>/)?vlext\.report(?P<rest>[^>]*?)-->")
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -119,11 +124,7 @@ def write_index(out: str | os.PathLike, what: dict[str, str] | None = None) -> P
         parts.extend(_table(table) for table in result.get("tables", []))
         parts.extend(_figure(package, figure) for figure in result.get("figures", []))
     parts.append("</body></html>")
-    path = out / "index.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "index.html", "\n".join(parts))
 
 
 def _md_cell(value) -> str:
@@ -165,6 +166,53 @@ def _details(result: dict) -> list[str]:
     return lines
 
 
+def _decimals(values) -> int:
+    """How many decimals the demo printed (at most 3), so the statistics are shown as precisely."""
+    most = 0
+    for v in values:
+        text = repr(float(v))
+        if "e" not in text and "." in text:
+            most = max(most, len(text.split(".")[1].rstrip("0")))
+    return min(most, 3) or 1
+
+
+def seeds_markdown(data: dict) -> list[str]:
+    """The statistics as a Markdown table: ``mean (min .. max)`` per cell, then the comparison rows."""
+    columns, stats, n = data["columns"], data["stats"], len(data["seeds"])
+    numeric = [c for c in columns[1:] if any(c in cells for cells in stats.values())]
+    places = {
+        c: _decimals(
+            row[j] for rows in data["per_seed"].values() for row in rows.values() if row[j] is not None
+        )
+        for j, c in enumerate(columns[1:])
+        if c in numeric
+    }
+
+    def cell(s: dict | None, c: str, sign: bool = False) -> str:
+        if s is None:
+            return ""
+        f = f"{{:{'+' if sign else ''}.{places[c]}f}}"
+        return f"{f.format(s['mean'])} ({f.format(s['min'])} .. {f.format(s['max'])})"
+
+    lines = [
+        f"| {columns[0]}, mean (min .. max) over {n} seeds | " + " | ".join(numeric) + " |",
+        "|---" * (len(numeric) + 1) + "|",
+    ]
+    for label, cells in stats.items():
+        lines.append(f"| {label} | " + " | ".join(cell(cells.get(c), c) for c in numeric) + " |")
+    comparison = data.get("comparison")
+    if comparison:
+        t, c0 = comparison["treatment"], comparison["control"]
+        diff, ahead = comparison["difference"], comparison["ahead"]
+        lines.append(f"| {t} minus {c0} | " + " | ".join(cell(diff.get(c), c, True) for c in numeric) + " |")
+        lines.append(
+            f"| seeds where {t} is higher | "
+            + " | ".join(f"{ahead[c]} of {n}" if c in ahead else "" for c in numeric)
+            + " |"
+        )
+    return lines
+
+
 def render_block(spec: str, results: Path = RESULTS) -> list[str]:
     """The Markdown lines of one generated block (``demo <part>``, ``demo-details <part>``, ``demo-run``,
     ``seeds <part>``) from the committed results in ``results``."""
@@ -194,8 +242,6 @@ def render_block(spec: str, results: Path = RESULTS) -> list[str]:
             lines += ([""] if lines else []) + markdown_table(table)
         return lines
     if kind == "seeds":
-        from vlext.seeds import seeds_markdown
-
         (part,) = args
         path = results / f"seeds_{part}.json"
         if not path.is_file():
@@ -216,8 +262,48 @@ def render_block(spec: str, results: Path = RESULTS) -> list[str]:
     )
 
 
+class MarkerError(ValueError):
+    """A generated block's markers do not pair up: regenerating would replace prose between two blocks."""
+
+
+def marker_problems(text: str) -> list[str]:
+    """Every unpaired marker of ``text``, as ``line N: ...``; empty when each opener has its own closer.
+
+    The block pattern pairs an opener with the next closer; with one closer missing, that is the closer of
+    the following block, and ``update`` replaced the prose between the two and the second opener (issue 27:
+    16 lines lost, exit status 0). So the markers are paired line by line first, and any fault is named.
+    """
+    problems, open_line, open_spec = [], None, ""
+    for match in _MARKER.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        if match["close"]:
+            if open_line is None:
+                problems.append(f"line {line}: {CLOSER} closes no block (no {OPENER}...--> above it)")
+            open_line = None
+        else:
+            spec = match["rest"].strip()
+            if open_line is not None:
+                problems.append(
+                    f"line {open_line}: block '{open_spec}' has no {CLOSER} before the next block opens "
+                    f"at line {line}"
+                )
+            if not text.startswith("\n", match.end()):
+                problems.append(f"line {line}: the opener of block '{spec}' must end its line")
+            open_line, open_spec = line, spec
+    if open_line is not None:
+        problems.append(f"line {open_line}: block '{open_spec}' has no {CLOSER} (the file ends first)")
+    return problems
+
+
 def update_text(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
-    """``text`` with every generated block regenerated; also the specs of the blocks that changed."""
+    """``text`` with every generated block regenerated; also the specs of the blocks that changed.
+
+    Raises:
+        MarkerError: the markers do not pair up (:func:`marker_problems`); nothing is regenerated.
+    """
+    problems = marker_problems(text)
+    if problems:
+        raise MarkerError("; ".join(problems))
     changed = []
 
     def replace(match: re.Match) -> str:
@@ -245,24 +331,59 @@ def main(argv: list[str] | None = None) -> int:
     page.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     if args.command == "tables":
-        summary = json.loads(args.summary.read_text())
+        summary = _read_summary(parser, args.summary)
         for entry in summary["parts"].values():
             for table in (entry.get("result") or {}).get("tables", []):
                 print("\n".join(markdown_table(table)) + "\n")
         return 0
     if args.command == "page":
+        if not args.out.is_dir():
+            parser.error(f"{args.out}: not a folder; page takes a demo's --out folder (with summary.json)")
+        _read_summary(parser, args.out / "summary.json")
         print(write_index(args.out))
         return 0
-    stale = []
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results}: not a folder (expected one like {RESULTS})")
+    # every file is read, its markers paired and its blocks rendered before any file is written
+    new_texts, stale = {}, []
     for path in args.files:
-        text = path.read_text(encoding="utf-8")
-        new, changed = update_text(text, args.results)
+        text = _read_markdown(parser, path)
+        try:
+            new, changed = update_text(text, args.results)
+        except (ValueError, OSError) as error:  # MarkerError, unknown block, missing results
+            parser.error(f"{path}: {error}")
+        new_texts[path] = new
         stale += [f"{path}: {spec}" for spec in changed]
-        if args.command == "update" and changed:
-            path.write_text(new, encoding="utf-8")
+        if not changed:
+            del new_texts[path]
+    if args.command == "update":
+        for path, new in new_texts.items():
+            atomic_write_text(path, new)
     for line in stale:
         print(("updated " if args.command == "update" else "differs from the results: ") + line)
     return 1 if stale and args.command == "check" else 0
+
+
+def _read_markdown(parser: argparse.ArgumentParser, path: Path) -> str:
+    if not path.is_file():
+        parser.error(f"{path}: no such file; update and check take Markdown files (README.md docs/*.md)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        parser.error(f"{path}: not a UTF-8 text file; update and check take Markdown files")
+
+
+def _read_summary(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """A demo summary.json, or a usage error naming the file and what is wrong with it."""
+    if not path.is_file():
+        parser.error(f"{path}: no such file; expected a demo's summary.json (python -m vlext.demo --out DIR)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"{path}: not a JSON file ({error}); expected a demo's summary.json")
+    if not isinstance(summary, dict) or not isinstance(summary.get("parts"), dict):
+        parser.error(f"{path}: no 'parts' object; expected a demo's summary.json")
+    return summary
 
 
 if __name__ == "__main__":

@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --part {args.part!r}; registry.yaml lists {sorted(demos)}")
     if args.part not in COMPARISONS:
         parser.error(f"--part {args.part}: seeds run for {sorted(COMPARISONS)} (demos with a training seed)")
+    out = args.out if args.out is not None else Path("demo_seeds") / args.part
+    problem = output_folder_problem(out, args.overwrite)  # before the demo's module (and its host) loads
+    if problem:
+        parser.error(problem)
     import inspect
 
     from vlext.parts import PartJob, load_demo_function, run_parts
@@ -130,10 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--part {args.part}: {demos[args.part].run} takes no seed argument")
     first = seed_parameter.default if args.first_seed is None else args.first_seed
     seeds = list(range(first, first + args.seeds))
-    out = args.out if args.out is not None else Path("demo_seeds") / args.part
-    problem = output_folder_problem(out, args.overwrite)
-    if problem:
-        parser.error(problem)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     jobs = [PartJob(f"{args.part} seed {s}", args.part, out / f"seed_{s}", seed=s) for s in seeds]

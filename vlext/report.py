@@ -94,8 +94,29 @@ def _figure(part: str, figure: dict) -> str:
     return f'<figure><img src="{src}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
-def write_index(out: str | os.PathLike, what: dict[str, str] | None = None) -> Path:
-    """Write ``<out>/index.html`` from ``<out>/summary.json`` (atomically) and return its path."""
+def _seeds_html(data: dict, part: str) -> str:
+    header, rows = seeds_table(data)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    caption = (
+        f"The same comparison over seeds {', '.join(map(str, data['seeds']))}, from the committed "
+        f"docs/results/seeds_{part}.json ({'quick sizes, ' if data.get('quick') else ''}"
+        f"{_numerics_words(data)}); the table above is this run's one seed"
+    )
+    return (
+        f"<table class='seeds'><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def write_index(
+    out: str | os.PathLike, what: dict[str, str] | None = None, results: Path | None = RESULTS
+) -> Path:
+    """Write ``<out>/index.html`` from ``<out>/summary.json`` (atomically) and return its path.
+
+    Beside each part's tables, the committed seed statistics of that part (``results/seeds_<part>.json``,
+    when there is one; ``results=None`` leaves them out): a run is one seed, the lead it shows may not hold.
+    """
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())
     if what is None:
@@ -122,6 +143,8 @@ def write_index(out: str | os.PathLike, what: dict[str, str] | None = None) -> P
         )
         result = entry.get("result") or {}
         parts.extend(_table(table) for table in result.get("tables", []))
+        if results is not None and _seeds_file(results, package).is_file():
+            parts.append(_seeds_html(_read_seeds(results, package), package))
         parts.extend(_figure(package, figure) for figure in result.get("figures", []))
     parts.append("</body></html>")
     return atomic_write_text(out / "index.html", "\n".join(parts))
@@ -176,8 +199,9 @@ def _decimals(values) -> int:
     return min(most, 3) or 1
 
 
-def seeds_markdown(data: dict) -> list[str]:
-    """The statistics as a Markdown table: ``mean (min .. max)`` per cell, then the comparison rows."""
+def seeds_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    """A ``vlext.seeds`` result as header and rows of text: ``mean (min .. max)`` per cell, then the
+    comparison's difference and in how many seeds the treatment came out higher."""
     columns, stats, n = data["columns"], data["stats"], len(data["seeds"])
     numeric = [c for c in columns[1:] if any(c in cells for cells in stats.values())]
     places = {
@@ -194,23 +218,61 @@ def seeds_markdown(data: dict) -> list[str]:
         f = f"{{:{'+' if sign else ''}.{places[c]}f}}"
         return f"{f.format(s['mean'])} ({f.format(s['min'])} .. {f.format(s['max'])})"
 
-    lines = [
-        f"| {columns[0]}, mean (min .. max) over {n} seeds | " + " | ".join(numeric) + " |",
-        "|---" * (len(numeric) + 1) + "|",
-    ]
-    for label, cells in stats.items():
-        lines.append(f"| {label} | " + " | ".join(cell(cells.get(c), c) for c in numeric) + " |")
+    header = [f"{columns[0]}, mean (min .. max) over {n} seeds", *numeric]
+    rows = [[label, *(cell(cells.get(c), c) for c in numeric)] for label, cells in stats.items()]
     comparison = data.get("comparison")
     if comparison:
         t, c0 = comparison["treatment"], comparison["control"]
         diff, ahead = comparison["difference"], comparison["ahead"]
-        lines.append(f"| {t} minus {c0} | " + " | ".join(cell(diff.get(c), c, True) for c in numeric) + " |")
-        lines.append(
-            f"| seeds where {t} is higher | "
-            + " | ".join(f"{ahead[c]} of {n}" if c in ahead else "" for c in numeric)
-            + " |"
+        rows.append([f"{t} minus {c0}", *(cell(diff.get(c), c, True) for c in numeric)])
+        rows.append(
+            [f"seeds where {t} is higher", *(f"{ahead[c]} of {n}" if c in ahead else "" for c in numeric)]
         )
-    return lines
+    return header, rows
+
+
+def seeds_markdown(data: dict) -> list[str]:
+    """:func:`seeds_table` as Markdown lines."""
+    header, rows = seeds_table(data)
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _seeds_file(results: Path, part: str) -> Path:
+    return results / f"seeds_{part}.json"
+
+
+def _read_seeds(results: Path, part: str) -> dict:
+    path = _seeds_file(results, part)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no seed results; run python -m vlext.seeds --part {part} --seeds 3 and copy its "
+            "seeds.json there"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _numerics_words(data: dict) -> str:
+    numerics = data.get("numerics")
+    if numerics is None:
+        return "CPU kernels not pinned (written before vlext.numerics)"
+    return "CPU kernels pinned to AVX2" if numerics.get("pinned") else "this machine's own CPU kernels"
+
+
+def seeds_headline(data: dict, column: str) -> str:
+    """One sentence: the comparison in ``column`` as mean and range over the seeds, and how often it holds."""
+    comparison = data.get("comparison")
+    if not comparison or column not in comparison["difference"]:
+        raise ValueError(f"seeds_{data['part']}.json has no comparison in column {column!r}")
+    d, n = comparison["difference"][column], len(data["seeds"])
+    places = 1 if column != "final train loss" else 3
+    f = f"{{:+.{places}f}}"
+    return (
+        f"{comparison['treatment']} minus {comparison['control']}, {column}: {f.format(d['mean'])} on average "
+        f"over seeds {', '.join(map(str, data['seeds']))} (from {f.format(d['min'])} to {f.format(d['max'])}); "
+        f"{comparison['treatment']} is higher in {comparison['ahead'][column]} of {n} seeds "
+        f"({'quick sizes, ' if data.get('quick') else ''}{_numerics_words(data)})."
+    )
 
 
 def render_block(spec: str, results: Path = RESULTS) -> list[str]:
@@ -230,7 +292,7 @@ def render_block(spec: str, results: Path = RESULTS) -> list[str]:
                 f"{part} {entry.get('wall_seconds', '?')} s" for part, entry in summary["parts"].items()
             )
             return [
-                f"Run: {mode}, {summary.get('threads', '?')} thread(s) per part, "
+                f"Run: {mode}, {summary.get('threads', '?')} thread(s) per part, {_numerics_words(summary)}, "
                 f"{summary.get('total_seconds', '?')} s in all ({seconds}, each with its start-up)."
             ]
         (part,) = args
@@ -243,13 +305,7 @@ def render_block(spec: str, results: Path = RESULTS) -> list[str]:
         return lines
     if kind == "seeds":
         (part,) = args
-        path = results / f"seeds_{part}.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no seed results; run python -m vlext.seeds --part {part} --seeds 3 and copy its "
-                "seeds.json there"
-            )
-        data = json.loads(path.read_text())
+        data = _read_seeds(results, part)
         mode = " (quick sizes)" if data.get("quick") else ""
         return [
             f"*{data['title']}{mode}; `{data['command']}`, seeds {', '.join(map(str, data['seeds']))}, "
@@ -257,8 +313,12 @@ def render_block(spec: str, results: Path = RESULTS) -> list[str]:
             "",
             *seeds_markdown(data),
         ]
+    if kind == "seeds-headline":
+        part, *column = args
+        return [seeds_headline(_read_seeds(results, part), " ".join(column))]
     raise ValueError(
-        f"unknown block {spec!r}: expected demo <part>, demo-details <part>, demo-run, seeds <part>"
+        f"unknown block {spec!r}: expected demo <part>, demo-details <part>, demo-run, seeds <part>, "
+        "seeds-headline <part> <column>"
     )
 
 

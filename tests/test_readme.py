@@ -222,6 +222,9 @@ def test_quoted_demo_figures_equal_the_committed_results():
         "seeds clip_ext",
     ):
         assert spec in specs, f"no document quotes {spec}"
+    readme = [m["spec"] for m in BLOCK.finditer(README.read_text(encoding="utf-8"))]
+    for spec in ("demo-run", "seeds-headline lavis_ext Avg", "seeds-headline clip_ext i2t R@5"):
+        assert spec in readme, f"README.md does not quote {spec}: each comparison is stated over seeds"
 
 
 def test_the_figure_check_notices_an_edited_number():

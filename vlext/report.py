@@ -255,7 +255,7 @@ def _read_seeds(results: Path, part: str) -> dict:
 def _numerics_words(data: dict) -> str:
     numerics = data.get("numerics")
     if numerics is None:
-        return "CPU kernels not pinned (written before vlext.numerics)"
+        return "CPU kernels not pinned, written before vlext.numerics"
     return "CPU kernels pinned to AVX2" if numerics.get("pinned") else "this machine's own CPU kernels"
 
 

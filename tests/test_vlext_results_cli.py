@@ -88,7 +88,7 @@ def test_every_unpaired_marker_is_named_with_its_line(text, problem):
 
 def test_well_paired_blocks_are_updated_and_prose_kept(tmp_path, capsys):
     page = tmp_path / "notes.md"
-    text = REPO_README_BLOCKS + "<!-- /vlext.report -->\n"
+    text = REPO_README_BLOCKS + "<!-- /vlext.report -->\n\nA block ends with `<!-- /vlext.report -->`.\n"
     page.write_text(text)
     assert report.main(["update", str(page)]) == 0
     new = page.read_text()

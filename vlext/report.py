@@ -42,7 +42,8 @@ BLOCK = re.compile(
 )
 OPENER = "<!-- vlext.report "
 CLOSER = "<!-- /vlext.report -->"
-_MARKER = re.compile(r"<!-- (?P<close>/)?vlext\.report(?P<rest>[^>]*?)-->")
+# a marker counts where it starts a line; one quoted in prose (`<!-- /vlext.report -->`) is text
+_MARKER = re.compile(r"^[ \t]*<!-- (?P<close>/)?vlext\.report(?P<rest>[^>]*?)-->", re.M)
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }

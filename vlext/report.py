@@ -18,7 +18,9 @@ The figures quoted in README.md and docs/*.md come from committed results in ``d
 ``python -m vlext.report tables demo_out/summary.json`` prints a run's tables as Markdown;
 ``python -m vlext.report page demo_out`` rewrites a run's index.html. Blocks: ``demo <part>`` (the part's
 tables), ``demo-details diffusers_ext`` (the adapter's training curve end points), ``demo-run`` (mode,
-threads and seconds of the run) and ``seeds <part>`` (mean and range over seeds).
+threads, numerics and seconds of the run), ``seeds <part>`` (mean and range over seeds) and
+``seeds-headline <part> <column>`` (one sentence: the comparison in that column over the seeds). A marker
+counts where it starts a line; ``update`` refuses a file whose markers do not pair up, naming the line.
 """
 
 from __future__ import annotations

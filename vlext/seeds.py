@@ -6,11 +6,12 @@ vs none). How far such a lead is from noise shows only over several seeds, so th
 ``--jobs`` at a time, as :mod:`vlext.demo` runs its parts) for the seeds ``first, first + 1, ...`` and prints
 each table row's mean and range over them, the treatment-minus-control difference per metric, and in how
 many seeds the treatment came out ahead. The first seed defaults to the demo's own, so ``make demo``'s run is
-one of them (and, with the same ``--threads``, gives the same numbers). The seed is the training seed
+one of them (and, with the same ``--threads`` and numerics, gives the same numbers: both pin the CPU kernels
+by default, :mod:`vlext.numerics`). The seed is the training seed
 (weights, batch order, dropout); the toy data stay the same. Not part of ``make demo``.
 
-Writes ``<out>/seeds.json`` (every seed's table and the statistics); ``python -m vlext.report`` renders it
-into the docs.
+Writes ``<out>/seeds.json`` (every seed's table, the statistics and the numerics); ``python -m vlext.report``
+renders it into the docs. A ``--out`` that already holds results is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ JOBS ?= 2
 # environment every process (each demo part, each test worker and subprocess) recompiled torch, diffusers,
 # transformers and LAVIS from source, about 35 s of CPU per process on 2 cores.
 unexport PYTHONDONTWRITEBYTECODE
+# make demo rebuilds its output folder like any make target (--overwrite); python -m vlext.demo run by hand
+# refuses a used --out. Its CPU numerics are pinned by vlext.demo itself (vlext/numerics.py).
 DEMO_OUT ?= demo_out
 
 .PHONY: all sync demo test lint format bench clean
@@ -26,7 +28,7 @@ sync: $(if $(filter .tools/bin/uv,$(UV)),.tools/bin/uv)
 	$(UV) sync --frozen
 
 demo: sync
-	$(OFFLINE) $(RUN) python -m vlext.demo --out $(DEMO_OUT)
+	$(OFFLINE) $(RUN) python -m vlext.demo --out $(DEMO_OUT) --overwrite
 
 lint: sync
 	$(RUN) ruff check .

@@ -12,6 +12,7 @@ class PageReader(HTMLParser):
         self.images: list[str] = []
         self.links: list[str] = []
         self.tables: list[list[list[str]]] = []
+        self.seed_tables: list[list[list[str]]] = []  # <table class="seeds">: committed seed statistics
         self._cell: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
@@ -21,15 +22,16 @@ class PageReader(HTMLParser):
         elif tag == "a":
             self.links.append(attrs["href"])
         elif tag == "table":
-            self.tables.append([])
+            (self.seed_tables if attrs.get("class") == "seeds" else self.tables).append([])
+            self._current = (self.seed_tables if attrs.get("class") == "seeds" else self.tables)[-1]
         elif tag == "tr":
-            self.tables[-1].append([])
+            self._current.append([])
         elif tag in ("td", "th"):
             self._cell = []
 
     def handle_endtag(self, tag):
         if tag in ("td", "th"):
-            self.tables[-1][-1].append("".join(self._cell))
+            self._current[-1].append("".join(self._cell))
             self._cell = None
 
     def handle_data(self, data):

@@ -222,6 +222,22 @@ def test_quoted_demo_figures_equal_the_committed_results():
         "seeds clip_ext",
     ):
         assert spec in specs, f"no document quotes {spec}"
+    readme = [m["spec"] for m in BLOCK.finditer(README.read_text(encoding="utf-8"))]
+    for spec in ("demo-run", "seeds-headline lavis_ext Avg", "seeds-headline clip_ext i2t R@5"):
+        assert spec in readme, f"README.md does not quote {spec}: each comparison is stated over seeds"
+
+
+def test_the_committed_demo_figures_are_a_full_pinned_run():
+    """README's figures are what any x86-64 machine with AVX2 prints: a full make demo, pinned numerics."""
+    import json
+
+    from vlext.numerics import PINNED
+
+    summary = json.loads((REPO / "docs" / "results" / "demo_summary.json").read_text(encoding="utf-8"))
+    assert summary["quick"] is False and summary["threads"] == 1
+    assert summary["numerics"]["pinned"] is True
+    assert {k: summary["numerics"]["environment"][k] for k in PINNED} == PINNED
+    assert {entry["status"] for entry in summary["parts"].values()} == {"ok"}
 
 
 def test_the_figure_check_notices_an_edited_number():

@@ -6,20 +6,26 @@ vs none). How far such a lead is from noise shows only over several seeds, so th
 ``--jobs`` at a time, as :mod:`vlext.demo` runs its parts) for the seeds ``first, first + 1, ...`` and prints
 each table row's mean and range over them, the treatment-minus-control difference per metric, and in how
 many seeds the treatment came out ahead. The first seed defaults to the demo's own, so ``make demo``'s run is
-one of them (and, with the same ``--threads``, gives the same numbers). The seed is the training seed
+one of them (and, with the same ``--threads`` and numerics, gives the same numbers: both pin the CPU kernels
+by default, :mod:`vlext.numerics`). The seed is the training seed
 (weights, batch order, dropout); the toy data stay the same. Not part of ``make demo``.
 
-Writes ``<out>/seeds.json`` (every seed's table and the statistics); ``python -m vlext.report`` renders it
-into the docs.
+Writes ``<out>/seeds.json`` (every seed's table, the statistics and the numerics); ``python -m vlext.report``
+renders it into the docs. A ``--out`` that already holds results is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import time
 from pathlib import Path
+
+from vlext.atomic_files import atomic_write_json
+from vlext.numerics import numerics_record, pinned_environment
+from vlext.output_folder import output_folder_problem
+from vlext.report import seeds_markdown  # noqa: F401  (re-exported: the table vlext.report renders)
 
 # part -> (treatment row, control row); a label ending in "*" matches the first row that starts with it
 COMPARISONS = {
@@ -33,16 +39,6 @@ def _row(rows: dict[str, list], pattern: str) -> str:
         if label == pattern or (pattern.endswith("*") and label.startswith(pattern[:-1])):
             return label
     raise KeyError(f"no table row matches {pattern!r}; rows are {list(rows)}")
-
-
-def _decimals(values) -> int:
-    """How many decimals the demo printed (at most 3), so the statistics are shown as precisely."""
-    most = 0
-    for v in values:
-        text = repr(float(v))
-        if "e" not in text and "." in text:
-            most = max(most, len(text.split(".")[1].rstrip("0")))
-    return min(most, 3) or 1
 
 
 def seed_statistics(part: str, tables: dict[int, dict]) -> dict:
@@ -81,43 +77,6 @@ def seed_statistics(part: str, tables: dict[int, dict]) -> dict:
     return result
 
 
-def seeds_markdown(data: dict) -> list[str]:
-    """The statistics as a Markdown table: ``mean (min .. max)`` per cell, then the comparison rows."""
-    columns, stats, n = data["columns"], data["stats"], len(data["seeds"])
-    numeric = [c for c in columns[1:] if any(c in cells for cells in stats.values())]
-    places = {
-        c: _decimals(
-            row[j] for rows in data["per_seed"].values() for row in rows.values() if row[j] is not None
-        )
-        for j, c in enumerate(columns[1:])
-        if c in numeric
-    }
-
-    def cell(s: dict | None, c: str, sign: bool = False) -> str:
-        if s is None:
-            return ""
-        f = f"{{:{'+' if sign else ''}.{places[c]}f}}"
-        return f"{f.format(s['mean'])} ({f.format(s['min'])} .. {f.format(s['max'])})"
-
-    lines = [
-        f"| {columns[0]}, mean (min .. max) over {n} seeds | " + " | ".join(numeric) + " |",
-        "|---" * (len(numeric) + 1) + "|",
-    ]
-    for label, cells in stats.items():
-        lines.append(f"| {label} | " + " | ".join(cell(cells.get(c), c) for c in numeric) + " |")
-    comparison = data.get("comparison")
-    if comparison:
-        t, c0 = comparison["treatment"], comparison["control"]
-        diff, ahead = comparison["difference"], comparison["ahead"]
-        lines.append(f"| {t} minus {c0} | " + " | ".join(cell(diff.get(c), c, True) for c in numeric) + " |")
-        lines.append(
-            f"| seeds where {t} is higher | "
-            + " | ".join(f"{ahead[c]} of {n}" if c in ahead else "" for c in numeric)
-            + " |"
-        )
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--part", required=True, help="the demo to repeat: lavis_ext or clip_ext")
@@ -129,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the first seed (default: the demo's own, as in make demo)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: demo_seeds/<part>)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results in a used --out (without it a used --out is refused, naming what is there)",
+    )
+    parser.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="this CPU's widest kernels (faster; the figures then depend on the machine: vlext.numerics)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="seeds run at the same time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per seed's process (default 1)")
     parser.add_argument(
@@ -139,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--seeds, --jobs and --threads must be >= 1, got {args.seeds}, {args.jobs}, {args.threads}"
         )
+    if args.first_seed is not None and args.first_seed < 0:
+        parser.error(
+            f"--first-seed must be >= 0 (numpy and torch take seeds 0 .. 2**32 - 1), got {args.first_seed}"
+        )
     from vlext.manifest import load_demos
 
     demos = {demo.package: demo for demo in load_demos()}
@@ -146,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --part {args.part!r}; registry.yaml lists {sorted(demos)}")
     if args.part not in COMPARISONS:
         parser.error(f"--part {args.part}: seeds run for {sorted(COMPARISONS)} (demos with a training seed)")
+    out = args.out if args.out is not None else Path("demo_seeds") / args.part
+    problem = output_folder_problem(out, args.overwrite)  # before the demo's module (and its host) loads
+    if problem:
+        parser.error(problem)
     import inspect
 
-    from vlext.demo import PartJob, _load, run_parts
+    from vlext.parts import PartJob, load_demo_function, run_parts
 
-    function = _load(demos[args.part].run)
+    function = load_demo_function(demos[args.part].run)
     if function is None:
         parser.error(f"{demos[args.part].run} does not exist")
     seed_parameter = inspect.signature(function).parameters.get("seed")
@@ -158,11 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--part {args.part}: {demos[args.part].run} takes no seed argument")
     first = seed_parameter.default if args.first_seed is None else args.first_seed
     seeds = list(range(first, first + args.seeds))
-    out = args.out if args.out is not None else Path("demo_seeds") / args.part
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     jobs = [PartJob(f"{args.part} seed {s}", args.part, out / f"seed_{s}", seed=s) for s in seeds]
-    entries = run_parts(jobs, args.quick, min(args.jobs, len(jobs)), args.threads)
+    entries = run_parts(jobs, args.quick, min(args.jobs, len(jobs)), args.threads, args.native_kernels)
     failed = [name for name, entry in entries.items() if entry["status"] != "ok"]
     if failed:
         print(f"failed: {', '.join(failed)} (their logs are above)")
@@ -172,16 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     data.update(
         quick=args.quick,
         threads=args.threads,
+        numerics=numerics_record(pinned_environment(os.environ, args.threads, args.native_kernels)),
         title=tables[seeds[0]]["title"],
         command=f"python -m vlext.seeds --part {args.part} --seeds {args.seeds}"
         + (f" --first-seed {args.first_seed}" if args.first_seed is not None else "")
         + (" --quick" if args.quick else ""),
         total_seconds=round(time.perf_counter() - started, 1),
     )
-    path = out / "seeds.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    path = atomic_write_json(out / "seeds.json", data, indent=2)
     print(f"\n=== {data['title']}: seeds {seeds}")
     print("\n".join(seeds_markdown(data)))
     print(f"total: {data['total_seconds']:.0f} s; results: {path}")

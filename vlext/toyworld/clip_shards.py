@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
+from vlext.atomic_files import atomic_write, atomic_write_text
 from vlext.toyworld._output import check_root
 from vlext.toyworld._validation import check_count
 from vlext.toyworld.clip_csv import clip_samples
@@ -65,24 +65,24 @@ def write_clip_shards(
         count = n // shards + (k < n % shards)
         path = folder / f"{k:06d}.tar"
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(count):
-                i, image, caption, regions = next(samples)
-                key = f"{i:06d}"
-                _add(tar, f"{key}.png", _png(image))
-                _add(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add(
-                    tar,
-                    f"{key}.{REGION_MEMBER}",
-                    json.dumps({"regions": regions}, ensure_ascii=False).encode(),
-                )
-        os.replace(tmp, path)
+        chunk = [next(samples) for _ in range(count)]
+
+        def write_shard(f, chunk=chunk) -> None:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i, image, caption, regions in chunk:
+                    key = f"{i:06d}"
+                    _add(tar, f"{key}.png", _png(image))
+                    _add(tar, f"{key}.txt", caption.encode("utf-8"))
+                    _add(
+                        tar,
+                        f"{key}.{REGION_MEMBER}",
+                        json.dumps({"regions": regions}, ensure_ascii=False).encode(),
+                    )
+
+        atomic_write(path, write_shard)
         paths.append(path)
         sizes[path.name] = count
-    tmp = folder / "sizes.json.tmp"
-    tmp.write_text(json.dumps(sizes, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "sizes.json")
+    atomic_write_text(folder / "sizes.json", json.dumps(sizes, indent=2) + "\n")
     return paths
 
 

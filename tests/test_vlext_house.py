@@ -1,0 +1,106 @@
+"""One house (issue 27): one atomic writer for every file the project writes, and no import circle in vlext."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("vlext", "lavis_ext", "diffusers_ext", "clip_ext", "benchmarks")
+WRITER = REPO / "vlext" / "atomic_files.py"
+
+
+def _sources(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (REPO / package).rglob("*.py"))
+
+
+def _renames(path: Path, text: str | None = None) -> list[str]:
+    """``os.replace`` / ``os.rename`` calls and ``<path>.replace(<one arg>)`` / ``.rename(...)`` calls."""
+    found = []
+    text = path.read_text(encoding="utf-8") if text is None else text
+    for node in ast.walk(ast.parse(text)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        name, owner = node.func.attr, node.func.value
+        if isinstance(owner, ast.Name) and owner.id == "os" and name in ("replace", "rename"):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: os.{name}")
+        elif name == "rename" or (name == "replace" and len(node.args) == 1 and not node.keywords):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: .{name}()")
+    return found
+
+
+def test_the_rename_finder_finds_what_the_old_code_wrote():
+    old = "import os\nos.replace(tmp, path)\ntmp.replace(path)\ntext.replace('a', 'b')\nstaging.rename(folder)\n"
+    assert _renames(WRITER, old) == [
+        "vlext/atomic_files.py:2: os.replace",
+        "vlext/atomic_files.py:3: .replace()",
+        "vlext/atomic_files.py:5: .rename()",
+    ]
+
+
+def test_vlext_renames_files_only_in_atomic_files():
+    found = [line for p in _sources("vlext") if p != WRITER for line in _renames(p)]
+    assert found == [], "write through vlext.atomic_files instead: " + "; ".join(found)
+
+
+# renames in files other engineers own, fixed on their branches (issue 27 names the first)
+ELSEWHERE = [
+    "diffusers_ext/training/conditioning_cache.py:166: os.replace",  # h-train
+    "lavis_ext/tiny.py:89: .rename()",  # the tiny model's staging folder: vlext.atomic_files.publish_folder
+]
+
+
+def test_no_extension_renames_a_file_itself():
+    """Every package writes through vlext.atomic_files; strict: fails once the list changes either way."""
+    found = [line for p in _sources(*PACKAGES[1:]) for line in _renames(p)]
+    if found == ELSEWHERE:
+        pytest.xfail("fixed on other branches: " + "; ".join(ELSEWHERE))
+    assert found == [], "write through vlext.atomic_files instead: " + "; ".join(found)
+
+
+def _vlext_imports(path: Path) -> set[str]:
+    """The vlext modules ``path`` imports anywhere (module level or inside a function)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("vlext.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlext"):
+            if node.module == "vlext":
+                names |= {f"vlext.{a.name}" for a in node.names}
+            else:
+                names.add(node.module)
+    return names
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_vlext_has_no_import_circle():
+    graph = {_module(p): _vlext_imports(p) for p in _sources("vlext")}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError("import circle: " + " -> ".join([*path[path.index(module) :], module]))
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            visit(dep, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert graph["vlext.seeds"] >= {"vlext.parts", "vlext.report"}
+    assert "vlext.seeds" not in graph["vlext.report"] and "vlext.demo" not in graph["vlext.seeds"]
+
+
+@pytest.mark.parametrize("module", ["vlext.demo", "vlext.report", "vlext.seeds", "vlext.parts"])
+def test_each_results_module_imports_alone_without_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -13,7 +13,7 @@ Truncated files are only caught while PIL's process-wide ``ImageFile.LOAD_TRUNCA
 
 from __future__ import annotations
 
-from vlext.images import BadImageError, bad_image_error, load_image, truncated_images_refused
+from vlext.images import BadImageError, as_displayed, bad_image_error, load_image, truncated_images_refused
 
 __all__ = ["NamingTransform", "find_bad_images", "name_unopenable_images"]
 
@@ -35,7 +35,8 @@ class NamingTransform:
                 image.load()
         except (OSError, ValueError, SyntaxError) as e:
             raise bad_image_error(path, e, SKIP_HINT) from e
-        return self.transform(image)
+        # open_clip's own convert("RGB") clips 16-bit grey to white and blackens transparent palettes
+        return self.transform(as_displayed(image, "RGB"))
 
 
 _NAMING_CLASSES: dict[type, type] = {}

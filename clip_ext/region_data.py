@@ -236,7 +236,7 @@ class ClipExtCsvDataset(Dataset):
 
     def __getitem__(self, index):
         idx = self.rows[index]
-        image = self.transform(load_image(str(self.base.images[idx]), mode=None, hint=SKIP_HINT))
+        image = self.transform(load_image(str(self.base.images[idx]), hint=SKIP_HINT))
         text = self.base.tokenize([str(self.base.captions[idx])])[0]
         extras = {"sample_ids": self.sample_ids[idx]}
         if self.regions is not None:

@@ -133,7 +133,8 @@ def draw_retrieval_panel(examples: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
+
+    from vlext.images import load_image
 
     top_k = len(examples[0]["top"])
     fig, axes = plt.subplots(
@@ -145,7 +146,7 @@ def draw_retrieval_panel(examples: list[dict], path: Path, title: str) -> None:
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].imshow(Image.open(ex["paths"][ex["reference"]]).convert("RGB"))
+        row[0].imshow(load_image(ex["paths"][ex["reference"]]))
         row[0].set_ylabel(f"query {r + 1}", fontsize=8)
         row[1].axis("off")
         row[1].text(
@@ -154,7 +155,7 @@ def draw_retrieval_panel(examples: list[dict], path: Path, title: str) -> None:
         )  # fmt: skip
         for k, name in enumerate(ex["top"]):
             ax = row[k + 2]
-            ax.imshow(Image.open(ex["paths"][name]).convert("RGB"))
+            ax.imshow(load_image(ex["paths"][name]))
             hit = name == ex["target"]
             for spine in ax.spines.values():
                 spine.set_edgecolor("limegreen" if hit else "lightgray")

@@ -85,10 +85,6 @@ def tiny_bert_folder(config: dict, cache_dir: str | os.PathLike | None = None) -
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".bert-"))
     (staging / "vocab.txt").write_text("\n".join(vocab) + "\n")
     bert_config.save_pretrained(staging)
-    try:
-        staging.rename(folder)
-    except OSError:  # another process finished first; its folder has the same content
-        import shutil
+    from vlext.atomic_files import publish_folder_once
 
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return publish_folder_once(staging, folder)  # another process may finish first: same content

@@ -45,18 +45,9 @@ def test_vlext_renames_files_only_in_atomic_files():
     assert found == [], "write through vlext.atomic_files instead: " + "; ".join(found)
 
 
-# renames in files other engineers own, fixed on their branches (issue 27 names the first)
-ELSEWHERE = [
-    "diffusers_ext/training/conditioning_cache.py:166: os.replace",  # h-train
-    "lavis_ext/tiny.py:89: .rename()",  # the tiny model's staging folder: vlext.atomic_files.publish_folder
-]
-
-
 def test_no_extension_renames_a_file_itself():
-    """Every package writes through vlext.atomic_files; strict: fails once the list changes either way."""
+    """Every package writes through vlext.atomic_files."""
     found = [line for p in _sources(*PACKAGES[1:]) for line in _renames(p)]
-    if found == ELSEWHERE:
-        pytest.xfail("fixed on other branches: " + "; ".join(ELSEWHERE))
     assert found == [], "write through vlext.atomic_files instead: " + "; ".join(found)
 
 

@@ -114,3 +114,41 @@ def test_an_8_bit_rgb_image_is_unchanged(tmp_path):
     path = tmp_path / "rgb.png"
     path.write_bytes(buffer.getvalue())
     assert (np.asarray(load_image(path)) == pixels).all()
+
+
+def test_open_clips_csv_path_sees_a_16_bit_grey_image_as_a_viewer_does(tmp_path):
+    """open_clip's CsvDataset opens images itself and its transform converts with ``convert("RGB")``; the
+    transform clip_ext wraps around it decodes as a viewer does first (mid grey stays mid grey)."""
+    from clip_ext.image_check import NamingTransform
+
+    path = _save(tmp_path, Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)), "grey16.png")
+    seen = NamingTransform(lambda image: np.asarray(image.convert("RGB")))(Image.open(path))
+    assert seen.shape == (4, 4, 3)
+    assert abs(int(seen.mean()) - 127) <= 1
+
+
+def test_every_package_decodes_images_through_vlext_images():
+    """A plain ``Image.open(...)`` followed by ``convert`` clips 16-bit grey and blackens transparency; only
+    header reads (the size) may open a file without :mod:`vlext.images`."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    header_only = {"diffusers_ext/training/dataset.py": 1, "diffusers_ext/evaluation/evaluate.py": 1}
+    found: dict[str, int] = {}
+    for package in ("lavis_ext", "diffusers_ext", "clip_ext", "vlext"):
+        for path in (repo / package).rglob("*.py"):
+            rel = path.relative_to(repo).as_posix()
+            if rel == "vlext/images.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                func = getattr(node, "func", None)
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(func, ast.Attribute)
+                    and func.attr == "open"
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "Image"
+                ):
+                    found[rel] = found.get(rel, 0) + 1
+    assert found == header_only

@@ -173,6 +173,25 @@ def folder_files(folder: str | os.PathLike, marker: str = MARKER) -> dict[str, i
     }
 
 
+def publish_folder_once(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename ``staging`` to ``final`` unless ``final`` already exists, for content-addressed folders (the
+    name is a hash of the content, so a folder already there holds the same files): the first writer wins
+    and a later one removes its own copy. Unlike :func:`publish_folder` it never moves a folder away that
+    another process may be reading. Returns ``final``."""
+    staging, final = Path(staging), Path(final)
+    for name in folder_files(staging, MARKER):
+        fsync_path(staging / name)
+    fsync_path(staging)
+    try:
+        os.rename(staging, final)  # fails when final exists (a non-empty folder) or another writer won
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_path(final.parent)
+    return final
+
+
 def publish_folder(
     staging: str | os.PathLike,
     final: str | os.PathLike,

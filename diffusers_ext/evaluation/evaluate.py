@@ -518,6 +518,8 @@ def _fid(feature_module, real_paths, fake_paths, size) -> float | None:
     from PIL import Image
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    from vlext.images import load_image
+
     if len(real_paths) < 2 or len(fake_paths) < 2:
         return None
 
@@ -527,9 +529,9 @@ def _fid(feature_module, real_paths, fake_paths, size) -> float | None:
 
     metric = FrechetInceptionDistance(feature=feature_module, reset_real_features=True)
     for start in range(0, len(real_paths), 16):
-        metric.update(as_uint8([Image.open(p) for p in real_paths[start : start + 16]]), real=True)
+        metric.update(as_uint8([load_image(p) for p in real_paths[start : start + 16]]), real=True)
     for start in range(0, len(fake_paths), 16):
-        metric.update(as_uint8([Image.open(p) for p in fake_paths[start : start + 16]]), real=False)
+        metric.update(as_uint8([load_image(p) for p in fake_paths[start : start + 16]]), real=False)
     return float(metric.compute())
 
 
@@ -819,6 +821,7 @@ def _merge(out, rows, jobs, keys, settings, fingerprint, detector_name, seeds, n
     from PIL import Image
 
     from diffusers_ext.evaluation.layout_scoring import summarize
+    from vlext.images import load_image
 
     summary_rows, all_records, grid_images, grid_records = [], [], {}, {}
     for gate_scale in settings:
@@ -853,7 +856,7 @@ def _merge(out, rows, jobs, keys, settings, fingerprint, detector_name, seeds, n
             }
         )
         all_records += ordered
-        grid_images[name] = [Image.open(p).convert("RGB") for p in fake[:GRID_COLUMNS]]
+        grid_images[name] = [load_image(p) for p in fake[:GRID_COLUMNS]]
         grid_records[name] = ordered[:GRID_COLUMNS]
 
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_records)

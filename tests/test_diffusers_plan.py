@@ -54,14 +54,16 @@ def test_a_component_the_placement_leaves_on_the_host_is_named(tiny_sd, monkeypa
 
 def test_bytes_per_parameter_are_the_trainers(tiny_sd):
     """bf16: frozen UNet, VAE and text encoder at 2 bytes a parameter, the fp32 adapter at 4, AdamW's two
-    fp32 moments at 8 a trainable parameter; with --cache-dir --cache-latents no encoder is on the device."""
+    fp32 moments at 8 a trainable parameter, the EMA copy at 4; with --cache-dir --cache-latents no encoder is
+    on the device during the step."""
     from diffusers_ext.spatial_adapter import SpatialAdapter
 
     adapter = _numel(SpatialAdapter.for_unet(tiny_sd.unet, phrase_dim=32))
     frozen = {name: _numel(getattr(tiny_sd, name)) for name in ("unet", "vae", "text_encoder")}
     full = plan.rehearse(_opts(), pipeline=plan.meta_copy(tiny_sd))
     assert full.step["Parameter"] == 2 * sum(frozen.values()) + 4 * adapter
-    assert full.step["Optstate"] == 8 * adapter
+    # at the tiny size the peak falls in the optimizer step: AdamW's moments plus its foreach temporaries
+    assert 8 * adapter <= full.step["Optstate"] < 12 * adapter
     cached = plan.rehearse(
         _opts(cache_dir=True, cache_latents=True, ema=True), pipeline=plan.meta_copy(tiny_sd)
     )

@@ -106,6 +106,8 @@ class Rehearsal:
     seconds: float
     cpu_seconds: float = 0.0  # CPU time (wall time counts the other jobs of a shared machine)
     step_rise: int = 0  # the step's peak over the memory in use before it (what a measured step peak sees)
+    batch: dict = field(default_factory=dict, repr=False)  # the rehearsed batch (host placeholders)
+    empty_prompt: dict | None = field(default=None, repr=False)  # the cached empty prompt's entry, if cached
     notes: list[str] = field(default_factory=list)
 
     def fits(self, gpu_gib: float, headroom: float = HEADROOM) -> bool:
@@ -652,7 +654,7 @@ def rehearse(opts: argparse.Namespace, pipeline=None) -> Rehearsal:
     return Rehearsal(
         flags=argv[6:], step=step, cache_pass=cache_peak, peak=max(total, cache_peak),
         seconds=time.perf_counter() - started, step_rise=step_rise,
-        cpu_seconds=time.process_time() - cpu_started,
+        cpu_seconds=time.process_time() - cpu_started, batch=batch, empty_prompt=empty,
     )  # fmt: skip
 
 

@@ -75,8 +75,11 @@ def test_rehearsed_step_peak_is_the_measured_one_within_15_percent(size, checkpo
     from diffusers_ext.testing.tiny_pipelines import tiny_sd_pipeline
 
     make = tiny_sd_pipeline if size == "tiny" else _real_width_sd_pipeline
+    # the tiny UNet at batch 8: at batch 2 its tensors are a few MB and the heap's fixed costs (autograd's
+    # graph nodes, allocation headers), which a tracker of tensors does not see, are a fifth of them
+    batch = "8" if size == "tiny" else "2"
     opts = plan._with(
-        plan.parse_args(["--model", "sd15", "--cache-dir", "--cache-latents", "--batch-size", "2"]),
+        plan.parse_args(["--model", "sd15", "--cache-dir", "--cache-latents", "--batch-size", batch]),
         autocast_rules="cpu",
         gradient_checkpointing=checkpointing,
     )

@@ -3,16 +3,19 @@
 Random weights at published sizes (``diffusers_ext/testing/published_unets.py``), nothing downloaded:
 
 * ``device``: torch, the device name (``torch.cuda.get_device_name``) and its memory.
-* ``train-sd15``, ``train-sdxl``, ``train-kolors``: adapter training steps as the trainer runs them with
-  ``--mixed-precision bf16 --gradient-checkpointing`` and cached conditioning: frozen bf16 UNet, fp32 adapter
-  under bf16 autocast, AdamW, random prompt / pooled embeddings and phrase features of the real shapes (no
-  text encoders, no VAE), 30 boxes; SD1.5 at 512 px, SDXL and Kolors at 1024 px; batch 1 and 4. Prints
-  seconds per step (median of the timed steps after one warm-up step) and peak memory
-  (``torch.cuda.max_memory_allocated``).
-* ``generate-sd15``: images/s of a 512 px SD1.5-sized pipeline (random weights, a CLIP ViT-L/14-sized text
-  encoder, the SD VAE) with and without the adapter, 20 DDIM steps, batch 4.
+* ``train-sd15``, ``train-sdxl``, ``train-kolors``: the trainer's own ``build_trainables`` and
+  ``training_step`` with ``--mixed-precision bf16 --gradient-checkpointing --cache-dir --cache-latents``: the
+  placement rule, the frozen UNet built directly on the device in bf16 (never in fp32 then cast), the fp32
+  adapter created on the device, bf16 autocast, AdamW, 30 objects, the batch the rehearsal used with random
+  values; SD1.5 at 512 px, SDXL and Kolors at 1024 px; batch 1 and 4. Prints seconds per step (median of the
+  timed steps after one warm-up step) and the rehearsal's predicted peak
+  (``diffusers_ext/training/plan.py``) beside ``torch.cuda.max_memory_allocated``.
+* ``generate-sd15``: images/s of a 512 px SD1.5-sized pipeline (random weights built in fp16 on the device, a
+  CLIP ViT-L/14-sized text encoder, the SD VAE), 20 DDIM steps, batch 4: without the adapter, with GLIGEN's
+  schedule (the number of grounded steps in the label) and grounded on every step (the per-step cost).
 
-``--tiny``: the same code on tiny configs on CPU in seconds (a check that it runs, not a measurement).
+``--tiny``: the same code on tiny pipelines on CPU with bf16 autocast (generation in bf16): a check that the
+GPU path runs, not a measurement.
 """
 
 from __future__ import annotations

@@ -154,3 +154,24 @@ def test_bad_options_are_refused_before_anything_is_built(argv, message, capsys)
     with pytest.raises(SystemExit):
         plan.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_pipeline_folder_is_rehearsed_from_its_configs_and_preflight_judges_it(tmp_path):
+    """--pretrained-model: the folder's configs on the meta device (no weights read); the trainer's
+    pre-flight check refuses a card the run does not fit and names the flags that would."""
+    from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+    from diffusers_ext.training.train_spatial_adapter import parse_args
+
+    folder = save_tiny_pipeline(tmp_path / "sd")
+    for weights in folder.glob("*/*.safetensors"):
+        weights.write_bytes(b"not read")  # a rehearsal never opens them
+    result = plan.rehearse(plan.parse_args(["--pretrained-model", str(folder), "--batch-size", "4"]))
+    assert result.step["Parameter"] > 0 and result.step["Activation"] > 0
+    targs = parse_args(["--mixed-data", "x.jsonl", "--pretrained-model", str(folder), "--output-dir", "o",
+                        "--batch-size", "4"])  # fmt: skip
+    fits, message = plan.preflight(targs, gpu_gib=result.peak / GiB)  # 90 % of it is the budget
+    assert not fits
+    assert message.startswith("verdict: does NOT fit on ")
+    assert "; --mixed-precision no --batch-size" in message and "--cache-dir DIR" in message, message
+    fits, message = plan.preflight(targs, gpu_gib=2 * result.peak / GiB)
+    assert fits and message.startswith("verdict: fits on ")

@@ -185,6 +185,35 @@ def meta_pipeline(model: str, workdir: str | Path | None = None):
                           scheduler=scheduler)  # fmt: skip
 
 
+def folder_pipeline(folder: str | Path):
+    """The pipeline of a ``--pretrained-model`` folder with no weights read: UNet, VAE and text encoders built
+    from their ``config.json`` on the meta device (host placeholders), tokenizers and scheduler loaded as
+    the trainer loads them."""
+    import importlib
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    modules = {}
+    with torch.device("meta"):
+        modules["unet"] = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(folder, subfolder="unet")
+        )
+        modules["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        for name in ("text_encoder", "text_encoder_2"):
+            library, cls_name = index.get(name, (None, None))
+            if cls_name is None:
+                continue
+            package = "transformers" if library == "transformers" else f"diffusers.pipelines.{library}"
+            cls = getattr(importlib.import_module(package), cls_name)
+            modules[name] = cls(cls.config_class.from_pretrained(folder, subfolder=name))
+    for module in modules.values():
+        host_placeholders(module)
+    return DiffusionPipeline.from_pretrained(folder, **modules)
+
+
 def meta_copy(pipe):
     """A pipeline built from ``pipe`` (e.g. a tiny one with real weights) whose weights are host placeholders."""
     import copy
@@ -401,7 +430,7 @@ def _tracked_autocast(factory):
 # ------------------------------------------------------------------------------------------- rehearsal
 def trainer_argv(opts: argparse.Namespace) -> list[str]:
     """The trainer's flags for a rehearsal's options (data and output paths are never read)."""
-    argv = ["--mixed-data", "rehearsal.jsonl", "--pretrained-model", opts.model,
+    argv = ["--mixed-data", "rehearsal.jsonl", "--pretrained-model", getattr(opts, "pretrained_model", None) or opts.model,
             "--output-dir", "rehearsal", "--batch-size", str(opts.batch_size),
             "--mixed-precision", opts.mixed_precision, "--max-objs", str(opts.max_objs)]  # fmt: skip
     if opts.resolution:
@@ -585,7 +614,12 @@ def rehearse(opts: argparse.Namespace, pipeline=None) -> Rehearsal:
     started, cpu_started = time.perf_counter(), time.process_time()
     argv = trainer_argv(opts)
     targs = trainer.parse_args(argv)
-    pipe = pipeline if pipeline is not None else meta_pipeline(opts.model)
+    if pipeline is not None:
+        pipe = pipeline
+    elif getattr(opts, "pretrained_model", None):
+        pipe = folder_pipeline(opts.pretrained_model)
+    else:
+        pipe = meta_pipeline(opts.model)
     kind = pipeline_kind(pipe)
     placement = plan_placement(
         targs.mixed_precision,
@@ -745,7 +779,8 @@ def format_table(opts, result: Rehearsal) -> str:
     """The category table of one rehearsal (GiB at the step's peak), its cache pass and its peak."""
     rows = [f"| {k.lower()} | {v / GiB:.2f} |" for k, v in result.step.items() if v or k in ("Activation",)]
     lines = [
-        f"{opts.model} at {opts.resolution or 'its default'} px: {user_flags(opts)}",
+        f"{getattr(opts, 'pretrained_model', None) or opts.model} at {opts.resolution or 'its default'} px: "
+        f"{user_flags(opts)}",
         "| at the step's peak | GiB |",
         "|---|---|",
         *rows,
@@ -818,31 +853,15 @@ def verdict(opts, result: Rehearsal, gpu_gib: float | None) -> str:
             f"= {opts.headroom:.0%} of the card)")  # fmt: skip
 
 
-def model_of(pretrained_model: str) -> str:
-    """``sd15``, ``sdxl`` or ``kolors`` from a pipeline folder's ``model_index.json`` (no weights read)."""
-    import json
-
-    name = json.loads((Path(pretrained_model) / "model_index.json").read_text())["_class_name"]
-    for model, classes in (
-        ("kolors", ("Kolors",)),
-        ("sdxl", ("StableDiffusionXL",)),
-        ("sd15", ("StableDiffusion",)),
-    ):
-        if name.startswith(classes):
-            return model
-    raise ValueError(
-        f"{pretrained_model}: pipeline class {name} is none of StableDiffusion, StableDiffusionXL, Kolors"
-    )
-
-
 def preflight(trainer_args, gpu_gib: float | None = None) -> tuple[bool, str]:
-    """For the trainer, before it loads weights: rehearse its flags on the published-size configs of the
-    ``--pretrained-model``'s kind and judge them against ``gpu_gib`` (default: the visible GPU; without one
-    everything passes). Returns (fits, a verdict line with the flags that would fit when it does not)."""
+    """For the trainer, before it loads weights: rehearse its flags on the ``--pretrained-model`` folder's
+    configs (:func:`folder_pipeline`, no weights read) and judge them against ``gpu_gib`` (default: the
+    visible GPU; without one everything passes). Returns (fits, a verdict line naming the flags that would fit
+    when it does not)."""
     gpu_gib = gpu_gib if gpu_gib is not None else visible_gpu_gib()
     opts = _with(
         parse_args([]),
-        model=model_of(trainer_args.pretrained_model),
+        pretrained_model=trainer_args.pretrained_model,
         resolution=trainer_args.resolution,
         batch_size=trainer_args.batch_size,
         mixed_precision=trainer_args.mixed_precision,

@@ -24,6 +24,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from diffusers_ext.fuser_presets import resolve_layers
 from diffusers_ext.gated_self_attention import GROUNDING_KEYS, GatedSelfAttnProcessor, check_gate_scale
 from diffusers_ext.grounding_tokenizer import GroundingTokenizer, as_tensor, check_grounding_inputs
 
@@ -153,14 +154,21 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
         self._installed: dict | None = None
 
     @classmethod
-    def for_unet(cls, unet, phrase_dim: int, layers: list[str] | None = None, **config) -> SpatialAdapter:
-        """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` whose name starts with one
-        of ``layers`` (all blocks when None).
+    def for_unet(
+        cls, unet, phrase_dim: int, layers: str | list[str] | None = None, **config
+    ) -> SpatialAdapter:
+        """An adapter shaped for ``unet``: one fuser per ``BasicTransformerBlock`` chosen by ``layers``.
+
+        ``layers`` names a placement preset of :data:`diffusers_ext.fuser_presets.FUSER_PRESETS` (``"all"``,
+        ``"migc"``, ``"one-per-stack"``, ...), or lists presets and block-name prefixes (matched on dot
+        boundaries). The chosen blocks are stored by name in the adapter's config, so a saved adapter loads
+        without knowing the preset.
 
         Args:
             unet: a ``UNet2DConditionModel`` or a pipeline carrying one.
             phrase_dim: size of the phrase features (:func:`diffusers_ext.phrase_dim` of the pipeline).
-            layers: block-name prefixes to adapt, e.g. ``["mid_block", "up_blocks.1"]``; None adapts all.
+            layers: a preset name, or presets and block-name prefixes to adapt, e.g. ``"migc"`` or
+                ``["mid_block", "up_blocks.1"]``; None adapts all (GLIGEN).
             **config: other :class:`SpatialAdapter` arguments; ``token_dim`` defaults to the UNet's
                 cross-attention dim.
 
@@ -181,11 +189,8 @@ class SpatialAdapter(ModelMixin, ConfigMixin):
                 f"{type(unet).__name__} has no BasicTransformerBlock: a spatial adapter needs a UNet with "
                 "cross-attention blocks (CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D)"
             )
-        if layers is not None:
-            unknown = [p for p in layers if not any(n.startswith(p) for n in blocks)]
-            if unknown:
-                raise ValueError(f"layers {unknown} match no transformer block; available: {sorted(blocks)}")
-            blocks = {n: b for n, b in blocks.items() if any(n.startswith(p) for p in layers)}
+        chosen = resolve_layers(list(blocks), layers)
+        blocks = {n: blocks[n] for n in chosen}
         spec = []
         for name, block in blocks.items():
             if block.norm_type != "layer_norm":

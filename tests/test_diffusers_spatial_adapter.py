@@ -224,7 +224,9 @@ def test_a_chosen_subset_of_blocks():
         "up_blocks.1.attentions.0.transformer_blocks.0",
         "up_blocks.1.attentions.1.transformer_blocks.0",
     ]
-    with pytest.raises(ValueError, match="match no transformer block"):
+    with pytest.raises(
+        ValueError, match=r"\['down_blocks.7'\] are neither a fuser preset nor a block-name prefix"
+    ):
         SpatialAdapter.for_unet(unet, phrase_dim=PHRASE_DIM, layers=["down_blocks.7"])
 
 

@@ -123,3 +123,23 @@ def test_the_cache_pass_holds_only_the_encoder_it_uses_on_the_device(monkeypatch
     with encoders_on_device(pipe, placement, ["text_encoder"]):
         assert moves == [("text_encoder", "cpu", "torch.bfloat16")]
     assert moves == [("text_encoder", "cpu", "torch.bfloat16"), ("text_encoder", "cpu")]  # back where it was
+
+
+def test_under_fp16_the_vae_encodes_in_fp32(monkeypatch):
+    """Issue 26 finding 2: the VAE encoded in the weight dtype; an SDXL/Kolors VAE (``force_upcast``) overflows
+    to NaN latents in fp16. The placement keeps it in fp32 and the step feeds it fp32 pixels."""
+    from diffusers_ext.training.train_spatial_adapter import batch_latents, sample_generators
+
+    pipe = tiny_sd_pipeline()
+    args = _args("--mixed-precision", "fp16")
+    placement = plan_placement("fp16", "cpu", cache_dir=False, cache_latents=False)
+    trainables = build_trainables(args, pipe, placement)
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    seen = []
+    real = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    state = RunState(
+        args=args, pipe=pipe, kind="sd", placement=placement, trainables=trainables, resolution=64
+    )
+    latents = batch_latents(state, _batch(), sample_generators(0, 0, range(2)))
+    assert seen == [torch.float32] and latents.dtype == torch.float32 and torch.isfinite(latents).all()

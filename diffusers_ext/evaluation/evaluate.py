@@ -601,7 +601,16 @@ def _running_iou(records: dict) -> float:
 
 
 def _setting_name(gate_scale: float | None) -> str:
-    return "baseline" if gate_scale is None else f"gate_{gate_scale:g}"
+    """The results folder of one row: ``baseline`` or ``gate_<scale>``, one folder per distinct value.
+
+    ``:g`` keeps six digits, so 1.0000001 and 1.0000002 both became ``gate_1`` and the second row's images
+    overwrote the first's. The short form is kept where it reads back as the same float (``gate_1``,
+    ``gate_0.5``); otherwise the shortest round-trip repr is used, and two names are equal only for
+    equal floats."""
+    if gate_scale is None:
+        return "baseline"
+    short = f"{gate_scale:g}"
+    return f"gate_{short if float(short) == gate_scale else repr(float(gate_scale))}"
 
 
 def _generate(pipe, adapter, rows, jobs, gate_scale, steps, guidance, sched):

@@ -60,10 +60,17 @@ def verify_images(
     report: CleaningReport,
     log: Callable[[str], None] = logger.warning,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[list], list] | None = None,
 ) -> list[dict]:
     """Decode every row's image once before training. A missing file is always an error (usually a wrong
     ``--image-dir``); an unreadable one is an error naming every such file, or with ``skip_bad`` the row is
-    left out, logged and counted in ``report.rows_skipped_bad_image``."""
+    left out, logged and counted in ``report.rows_skipped_bad_image``.
+
+    With ``world`` processes each decodes only its share (every ``world``-th row from ``rank``) and
+    ``gather`` (accelerate's ``gather_object``: every rank's list, concatenated) combines the bad rows, so
+    the images are decoded once in all, not once per process, and every rank keeps the same rows."""
     from tqdm.auto import tqdm
 
     image_dir = Path(image_dir)
@@ -73,21 +80,30 @@ def verify_images(
             f"{len(absent)} images not found under --image-dir {image_dir} "
             f"(first: {absent[0]['where']}: {image_dir / absent[0]['image']})"
         )
-    kept, bad = [], []
-    for row in tqdm(rows, desc="checking images", disable=not progress, leave=False):
+    bad = []
+    share = range(rank, len(rows), world)
+    for i in tqdm(share, desc="checking images", disable=not progress, leave=False):
+        row = rows[i]
         try:
             load_image(image_dir / row["image"])
-            kept.append(row)
         except BadImageError as e:
-            bad.append(f"{row.get('where', 'row')}: {e}")
+            bad.append((i, f"{row.get('where', 'row')}: {e}"))
+    if world > 1:
+        if gather is None:
+            raise ValueError("verify_images with world > 1 needs gather (accelerate.utils.gather_object)")
+        bad = gather(bad)
+    bad.sort()
     if bad and not skip_bad:
-        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        lines = [line for _, line in bad]
+        shown = "\n  ".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
         raise BadImageError(
             f"{len(bad)} of {len(rows)} images cannot be read:\n  {shown}\n"
             "replace or remove them, or pass --skip-bad-images to train without those rows (each is logged)"
         )
-    for line in bad:
+    for _, line in bad:
         log(f"skipping bad image: {line}")
+    dropped = {i for i, _ in bad}
+    kept = [row for i, row in enumerate(rows) if i not in dropped]
     report.rows_skipped_bad_image += len(bad)
     report.rows_kept = len(kept)
     return kept
@@ -242,8 +258,12 @@ class GroundingCrops(torch.utils.data.Dataset):
         return len(self.rows)
 
     def plan(self, epoch: int, index: int) -> CropPlan:
-        w, h = self.rows[index]["size"]
-        rng = augmentation_rng(self.seed, epoch, index)
+        """The crop and flip of sample ``index`` in ``epoch``, drawn for the row's ``crop_key`` (its index
+        before ``prepare_rows`` dropped rows without boxes), so the crop a row was cleaned with is the crop
+        it trains on."""
+        row = self.rows[index]
+        w, h = row["size"]
+        rng = augmentation_rng(self.seed, epoch, row.get("crop_key", index))
         return plan_crop(w, h, self.resolution, self.crop, rng, self.flip)
 
     def layout(self, epoch: int, index: int, report: CleaningReport | None = None):
@@ -283,8 +303,11 @@ def prepare_rows(dataset: GroundingCrops, report: CleaningReport) -> list[dict]:
     no box left in their crop are dropped (``rows_dropped_no_boxes``). Returns the kept rows (also set on
     ``dataset``). With ``--random-crop`` later epochs crop elsewhere and clean the same way per sample."""
     kept = []
-    for row in dataset.rows:
+    for i, row in enumerate(dataset.rows):
         row.setdefault("size", image_size(dataset.image_dir / row["image"]))
+        # the crop is drawn for this key, which stays with the row when the rows are renumbered below (it
+        # used to be the index: a kept row then trained on the crop of the row that had its new index)
+        row.setdefault("crop_key", i)
     all_rows = dataset.rows
     for i, row in enumerate(all_rows):
         _, boxes, _ = dataset.layout(0, i, report)
@@ -298,13 +321,17 @@ def prepare_rows(dataset: GroundingCrops, report: CleaningReport) -> list[dict]:
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """This rank's batches of one epoch: step ``s`` takes ``order[s*B*W + r*B : ... + B]`` of the
-    permutation seeded by ``seed + epoch`` (B per process, W processes, rank r), from ``start_step`` on.
+    """This rank's batches of one epoch: (micro-)step ``s`` takes ``order[s*B*W + r*B : ... + B]`` of the
+    permutation seeded by ``seed + epoch`` (B per process, W processes, rank r), from ``start_step`` on;
+    with ``accumulation`` micro-batches per optimizer step, a whole number of optimizer steps.
     ``set_epoch`` picks the epoch and the first step (a resumed run starts mid-epoch)."""
 
-    def __init__(self, n: int, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(
+        self, n: int, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0, accumulation: int = 1
+    ):
         self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
-        self.steps_per_epoch = n // (batch_size * world)
+        # micro-batches: a whole number of optimizer steps of ``accumulation`` micro-batches each
+        self.steps_per_epoch = n // (batch_size * world * accumulation) * accumulation
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -40,8 +40,10 @@ class Placement:
     """The device and dtypes of one run.
 
     ``weight_dtype``: the frozen UNet and text encoders (autocast computes in it); ``vae_dtype``: the VAE
-    (fp32 under fp16 for a ``force_upcast`` VAE, else the weight dtype); ``trainable_dtype``: the adapter,
-    the LoRA parameters and the EMA copy (fp32 master weights, as accelerate's mixed precision expects).
+    (fp32 under fp16 for a ``force_upcast`` VAE, else the weight dtype); ``trainable_dtype``: the adapter
+    and the LoRA parameters (fp32 master weights, as accelerate's mixed precision expects; bf16 with
+    ``--bf16-adapter``, whose optimizer rounds stochastically); ``ema_dtype``: the EMA copy (fp32: an
+    average with decay 0.9999 moves by less than bf16 can hold).
     ``cache_text``/``cache_latents``: the text encoders / the VAE are used only by the cache pass and are
     freed before training, so they have no place during training."""
 
@@ -49,6 +51,7 @@ class Placement:
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     trainable_dtype: torch.dtype = torch.float32
+    ema_dtype: torch.dtype = torch.float32
     cache_text: bool = False
     cache_latents: bool = False
 
@@ -63,8 +66,9 @@ class Placement:
         if not self.cache_text:
             for name in TEXT_ENCODERS:
                 out[name] = (self.device, self.weight_dtype)
-        for name in ("adapter", "lora", "ema"):
+        for name in ("adapter", "lora"):
             out[name] = (self.device, self.trainable_dtype)
+        out["ema"] = (self.device, self.ema_dtype)
         if components is not None:
             out = {k: v for k, v in out.items() if k in set(components)}
         return out
@@ -84,6 +88,7 @@ def plan_placement(
     cache_dir: bool,
     cache_latents: bool,
     vae_force_upcast: bool = True,
+    bf16_adapter: bool = False,
 ) -> Placement:
     """The placement for ``--mixed-precision`` on ``device``.
 
@@ -94,17 +99,21 @@ def plan_placement(
         cache_latents: whether the VAE latents are cached too (the VAE then serves only the cache pass).
         vae_force_upcast: the VAE config's ``force_upcast`` (True for SD, SDXL and Kolors VAEs): under fp16
             such a VAE encodes in fp32, as diffusers' SDXL scripts and pipelines do.
+        bf16_adapter: ``--bf16-adapter``: the adapter and LoRA weights in bf16 (with bf16 mixed precision).
     """
     if mixed_precision not in _DTYPES:
         raise ValueError(f"mixed_precision {mixed_precision!r}: expected one of {sorted(_DTYPES)}")
     if cache_latents and not cache_dir:
         raise ValueError("cache_latents needs cache_dir (the latents are cached in it)")
+    if bf16_adapter and mixed_precision != "bf16":
+        raise ValueError(f"bf16_adapter needs mixed_precision 'bf16', got {mixed_precision!r}")
     weight = _DTYPES[mixed_precision]
     vae = torch.float32 if mixed_precision == "fp16" and vae_force_upcast else weight
     return Placement(
         device=torch.device(device),
         weight_dtype=weight,
         vae_dtype=vae,
+        trainable_dtype=torch.bfloat16 if bf16_adapter else torch.float32,
         cache_text=bool(cache_dir),
         cache_latents=bool(cache_latents),
     )

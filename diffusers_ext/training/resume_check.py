@@ -18,7 +18,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["FIXED", "OVERRIDABLE", "apply_optimizer_overrides", "check_resumed_flags", "recorded_flags"]
+__all__ = [
+    "FIXED",
+    "OVERRIDABLE",
+    "RESOLVED",
+    "RUN_FACTS",
+    "data_fingerprint",
+    "apply_optimizer_overrides",
+    "check_resumed_flags",
+    "recorded_flags",
+]
 
 _PATHS = ("pretrained_model", "mixed_data", "image_dir")
 
@@ -39,6 +48,11 @@ FIXED = (
     "lora_rank",
     "lora_alpha",
     "batch_size",
+    "gradient_accumulation_steps",
+    "crop",
+    "random_flip",
+    "optimizer",
+    "bf16_adapter",
     "lr_scheduler",
     "lr_warmup_steps",
     "mixed_precision",
@@ -46,6 +60,15 @@ FIXED = (
     "ema_decay",
     "seed",
 )
+# Facts of the run that are not flags but decide which sample a step sees: the number of processes (the
+# global batch and each rank's share of the permutation) and the rows' content. Compared like FIXED.
+RUN_FACTS = {
+    "world_size": "the number of processes",
+    "data_fingerprint": "the content of the --mixed-data rows (SHA-256 of image names, captions, boxes, phrases)",
+}
+# Flags whose default stands for a value the trainer works out (the UNet's size, the rank, 0 or 1 by
+# --init-mode): recorded resolved; a checkpoint that recorded None (an older version) is not compared on them.
+RESOLVED = ("resolution", "lora_alpha", "gate_init_value")
 OVERRIDABLE = (
     "lr",
     "weight_decay",
@@ -59,19 +82,23 @@ OVERRIDABLE = (
 
 
 def recorded_flags(args) -> dict:
-    """The flags a checkpoint records: every fixed and overridable one, as JSON values."""
+    """The flags a checkpoint records: every fixed and overridable one and the run facts, as JSON values."""
     flags = {name: getattr(args, name) for name in (*FIXED, *OVERRIDABLE)}
+    flags.update({name: getattr(args, name, None) for name in RUN_FACTS})
     for name in _PATHS:  # the same file from another working directory is the same file
         if flags[name] is not None:
             flags[name] = str(Path(flags[name]).resolve())
     return flags
 
 
-def check_resumed_flags(saved: dict | None, args, checkpoint) -> list[str]:
-    """Refuse a change of a :data:`FIXED` flag; return one line per changed :data:`OVERRIDABLE` flag.
+def check_resumed_flags(saved: dict | None, args, checkpoint, *, names=None) -> list[str]:
+    """Refuse a change of a :data:`FIXED` flag or a :data:`RUN_FACTS` fact, naming every difference; return
+    one line per changed :data:`OVERRIDABLE` flag.
 
     ``saved`` is the checkpoint's ``flags`` (None for a checkpoint written before they were recorded: then
-    nothing can be compared, and the single returned line says so).
+    nothing can be compared, and the single returned line says so). ``names`` limits the comparison (the
+    trainer compares the :data:`RESOLVED` flags once the pipeline is loaded and their values are known); a
+    :data:`RESOLVED` flag or a fact that is None on either side is not compared.
     """
     if saved is None:
         return [
@@ -82,19 +109,44 @@ def check_resumed_flags(saved: dict | None, args, checkpoint) -> list[str]:
         return "--" + name.replace("_", "-")
 
     now = recorded_flags(args)
-    fixed = [name for name in FIXED if name in saved and saved[name] != now[name]]
-    if fixed:
-        changes = "; ".join(f"{flag(n)} {saved[n]!r} in the checkpoint, {now[n]!r} now" for n in fixed)
+    wanted = set(names) if names is not None else set(FIXED) | set(RUN_FACTS) | set(OVERRIDABLE)
+
+    def differs(name: str) -> bool:
+        if name not in wanted or name not in saved:
+            return False
+        if (name in RESOLVED or name in RUN_FACTS) and (saved[name] is None or now[name] is None):
+            return False
+        return saved[name] != now[name]
+
+    changes = [f"{flag(n)} {saved[n]!r} in the checkpoint, {now[n]!r} now" for n in FIXED if differs(n)]
+    changes += [
+        f"{what}: {saved[n]!r} in the checkpoint, {now[n]!r} now"
+        for n, what in RUN_FACTS.items()
+        if differs(n)
+    ]
+    if changes:
         raise SystemExit(
-            f"--resume {checkpoint}: {changes}. These flags shape the model, the data order or the numerics the "
-            "checkpoint was trained with and cannot change in a resumed run; resume with the checkpoint's values, "
-            "or start a new run in another --output-dir"
+            f"--resume {checkpoint}: {'; '.join(changes)}. These decide the model, which samples each step sees "
+            "or the numerics the checkpoint was trained with and cannot change in a resumed run; resume with the "
+            "checkpoint's values, or start a new run in another --output-dir"
         )
     return [
         f"--resume: {flag(n)} {now[n]!r} overrides the checkpoint's {saved[n]!r} from the resumed step on"
         for n in OVERRIDABLE
-        if n in saved and saved[n] != now[n]
+        if differs(n)
     ]
+
+
+def data_fingerprint(rows: list[dict]) -> str:
+    """SHA-256 of what the rows say (image name, caption, boxes, phrases, in order): the same path does not
+    vouch for the same data (a file edited or regenerated in place)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps([row["image"], row["caption"], row["boxes"], row["phrases"]]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def apply_optimizer_overrides(saved: dict | None, args, optimizer, lr_scheduler) -> None:

@@ -16,7 +16,9 @@ text encoders (and the VAE) then stay off the accelerator. docs/diffusers_traini
 
 Exact resume. Data order is a permutation seeded by (seed, epoch), each sample's crop and flip come from
 (seed, epoch, index) (so any number of loader workers gives the same samples), and every random draw of a
-step (noise, timesteps, dropouts, VAE sampling) comes from a generator seeded by (seed, step, rank), so a
+sample (noise, timestep, dropouts, VAE sampling) comes from a generator seeded by (seed, optimizer step, the
+sample's position in the step's global batch), so it does not depend on how the batch is split into
+processes or ``--gradient-accumulation-steps`` micro-batches, and a
 run resumed from ``checkpoint-<step>`` (model, optimizer, LR scheduler, EMA, step and RNG states via
 ``accelerator.save_state``) computes the same next loss as an uninterrupted one. Checkpoints hold only
 the trainable weights (adapter, LoRA), not the frozen base model.
@@ -39,9 +41,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusers_ext.fuser_presets import PRESETS_HELP
 from diffusers_ext.training.resume_check import (
+    RESOLVED,
     apply_optimizer_overrides,
     check_resumed_flags,
+    data_fingerprint,
     recorded_flags,
 )
 from diffusers_ext.training.run_folder import (
@@ -62,9 +67,11 @@ __all__ = [
     "Trainables",
     "build_parser",
     "build_trainables",
+    "load_checkpoint",
     "load_pipeline",
     "main",
     "parse_args",
+    "run_steps",
     "save_adapter",
     "save_checkpoint",
     "train",
@@ -194,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--hidden-dim", type=int, default=512, help="grounding tokenizer MLP width (GLIGEN: 512)"
     )
-    model.add_argument(
-        "--layers", nargs="*", default=None, help="transformer-block name prefixes to adapt (default: all)"
-    )
+    model.add_argument("--layers", nargs="*", default=None, help=PRESETS_HELP.replace("%", "%%"))
     model.add_argument(
         "--lora-rank", type=int, default=0, help="LoRA on the UNet attention projections via peft (0: off)"
     )
@@ -204,11 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     optim = p.add_argument_group("optimization")
     optim.add_argument("--output-dir", required=True)
     optim.add_argument("--batch-size", type=int, default=4, help="per process")
+    optim.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="micro-batches of --batch-size per optimizer step (accelerate's accumulate): the update of N x B "
+        "samples in the memory of B; --max-train-steps, checkpoints and the LR schedule count optimizer steps",
+    )
     optim.add_argument("--epochs", type=int, default=1)
     optim.add_argument(
         "--max-train-steps", type=int, default=None, help="stop after this many steps in total"
     )
     optim.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (GLIGEN: 5e-5)")
+    optim.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit"),
+        default="adamw",
+        help="adamw: torch AdamW (8 bytes of state per parameter); adamw8bit: bitsandbytes' 8-bit AdamW "
+        "(about 2 bytes; diffusers' --use_8bit_adam). training/optimizers.py",
+    )
+    optim.add_argument(
+        "--use-8bit-adam",
+        dest="optimizer",
+        action="store_const",
+        const="adamw8bit",
+        help="the same as --optimizer adamw8bit (the name diffusers' training scripts use)",
+    )
+    optim.add_argument(
+        "--bf16-adapter",
+        action="store_true",
+        help="keep the adapter (and LoRA) weights and gradients in bf16, updated with stochastic rounding "
+        "(half the weight and gradient memory; needs --mixed-precision bf16); the EMA stays fp32",
+    )
     optim.add_argument("--weight-decay", type=float, default=0.0)
     optim.add_argument("--lr-scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
     optim.add_argument("--lr-warmup-steps", type=int, default=0)
@@ -242,18 +274,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FLOAT_FLAGS = (
+    "min_area", "min_side", "phrase_dropout", "box_dropout", "caption_dropout", "gate_init_value", "lora_alpha",
+    "lr", "weight_decay", "max_grad_norm", "ema_decay",
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _check_args(args) -> None:
+    """Every numeric flag in its range (NaN and infinity refused first: they pass ``<``/``>`` checks
+    silently), and the combinations that cannot work, before anything is loaded or deleted."""
+    import math
+
+    for name in _FLOAT_FLAGS:
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise SystemExit(f"{_flag(name)} must be a finite number, got {v}")
     for name in ("phrase_dropout", "box_dropout", "caption_dropout", "min_area", "min_side"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    for name in ("batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size"):
+            raise SystemExit(f"{_flag(name)} must be in [0, 1], got {v}")
+    for name in (
+        "batch_size", "epochs", "max_objs", "save_epoch", "cache_batch_size", "hidden_dim",
+        "gradient_accumulation_steps",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.dataloader_num_workers < 0:
-        raise SystemExit(f"--dataloader-num-workers must be >= 0, got {args.dataloader_num_workers}")
+            raise SystemExit(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in (
+        "dataloader_num_workers", "weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps",
+        "lora_rank", "log_gate_stats", "seed",
+    ):  # fmt: skip
+        if getattr(args, name) < 0:
+            raise SystemExit(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     if args.cache_latents and not args.cache_dir:
         raise SystemExit("--cache-latents needs --cache-dir DIR (the folder the latents are cached in)")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise SystemExit(
+            f"--cache-dir {args.cache_dir} is a file; give a folder for the conditioning cache (it is created if "
+            "absent, and reused by later runs)"
+        )
     if args.cache_latents and args.crop == "random":
         raise SystemExit(
             "--cache-latents with --random-crop: the crop offset is drawn anew every epoch, so the VAE "
@@ -264,19 +326,117 @@ def _check_args(args) -> None:
         raise SystemExit(f"--max-train-steps must be >= 1, got {args.max_train_steps}")
     if not args.lr > 0:  # 0 trains nothing; a negative lr used to fail only after the pipeline loaded
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
-    for name in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpointing_steps", "lora_rank"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.hidden_dim < 1:
-        raise SystemExit(f"--hidden-dim must be >= 1, got {args.hidden_dim}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.lora_alpha is not None:
+        if not args.lora_rank:
+            raise SystemExit(
+                f"--lora-alpha {args.lora_alpha} without --lora-rank: LoRA is off (--lora-rank 0), so the alpha "
+                "would be ignored; give --lora-rank N to train LoRA, or drop --lora-alpha"
+            )
+        if not args.lora_alpha > 0:
+            raise SystemExit(
+                f"--lora-alpha must be > 0 (LoRA scales its update by alpha / rank), got {args.lora_alpha}; "
+                "leave it out for alpha = the rank"
+            )
+    if args.bf16_adapter and args.mixed_precision != "bf16":
+        raise SystemExit(
+            f"--bf16-adapter needs --mixed-precision bf16 (got {args.mixed_precision}): bf16 adapter weights "
+            "meet the UNet's activations in bf16 only under bf16 autocast"
+        )
+    if args.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SystemExit(
+                "--optimizer adamw8bit / --use-8bit-adam needs bitsandbytes (pip install 'bitsandbytes>=0.50'); "
+                "or use --optimizer adamw"
+            )
+    if args.resolution is not None and args.resolution < 1:
+        raise SystemExit(
+            f"--resolution must be a positive number of pixels (a multiple of the VAE's scale factor, 8 for "
+            f"SD, SDXL and Kolors), got {args.resolution}; leave it out for the UNet's own size"
+        )
 
 
-def _step_generator(seed: int, step: int, rank: int):
+def resolve_defaults(args, pipe) -> None:
+    """Put the values the defaults stand for into ``args`` (``--resolution``: the UNet's size,
+    ``--lora-alpha``: the rank, ``--gate-init-value``: 0 for ``gate``, 1 for ``zero_out``), so that a
+    checkpoint records what was trained and a resume compares values, not ``None``. Refuses a resolution
+    that is not a multiple of the VAE's scale factor (the latents would not cover the image)."""
+    scale = pipe.vae_scale_factor
+    if args.resolution is None:
+        args.resolution = default_resolution(pipe)
+    elif args.resolution % scale:
+        raise SystemExit(
+            f"--resolution {args.resolution} is not a multiple of the VAE's scale factor {scale} (the latent is "
+            f"resolution / {scale} wide); use e.g. {max(scale, args.resolution // scale * scale)}, or leave it "
+            f"out for the UNet's own size {default_resolution(pipe)}"
+        )
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.gate_init_value is None:
+        args.gate_init_value = 0.0 if args.init_mode == "gate" else 1.0
+
+
+def check_layers_before_loading(args, pipeline=None) -> None:
+    """``--layers`` (presets or block-name prefixes) against the UNet that ``--pretrained-model``'s
+    ``unet/config.json`` describes, built on the meta device: refused naming the presets and this UNet's
+    prefixes before any weights load (it used to be a traceback after the pipeline had loaded)."""
+    if args.layers is None:
+        return
+    from diffusers_ext.fuser_presets import layers_for_config
+
+    if pipeline is not None:
+        config = dict(pipeline.unet.config)
+    else:
+        from diffusers_ext.training.conditioning_cache import model_folder
+
+        try:
+            path = model_folder(args.pretrained_model) / "unet" / "config.json"
+            config = json.loads(path.read_text())
+        except Exception:  # noqa: BLE001  (no local config, e.g. a hub id not yet downloaded)
+            return  # the check after loading (check_layers) then says what is wrong
+    try:
+        layers_for_config(config, args.layers)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def check_layers(args, pipe, phrase_width: int) -> None:
+    """Build the adapter ``--layers`` and the model flags ask for on the meta device (no memory, no random
+    draws), so a bad placement or flag combination is refused, saying what is accepted, before anything is
+    deleted or computed."""
     import torch
 
-    return torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * rank)
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+
+    try:
+        with torch.device("meta"):
+            SpatialAdapter.for_unet(
+                pipe.unet,
+                phrase_dim=phrase_width,
+                layers=args.layers,
+                max_objs=args.max_objs,
+                hidden_dim=args.hidden_dim,
+                init_mode=args.init_mode,
+                gate_init=args.gate_init_value,
+                freeze_gate=args.freeze_gate,
+            )
+    except ValueError as e:
+        if str(e).startswith("--layers"):  # fuser_presets.resolve_layers names the flag, presets and prefixes
+            raise SystemExit(str(e)) from None
+        raise SystemExit(f"--init-mode / --gate-init-value / --freeze-gate / --layers: {e}") from None
+
+
+def sample_generators(seed: int, step: int, positions) -> list:
+    """One generator per sample, seeded by (seed, optimizer step, the sample's position in the step's global
+    batch): every random draw of a sample (caption dropout, VAE sampling, layout dropouts, noise, timestep)
+    comes from its own, so a step sees the same draws however its global batch is split into processes and
+    accumulated micro-batches, and a resumed run the same as an uninterrupted one."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed + 1_000_003 * step + 7919 * p) for p in positions]
 
 
 def _time_ids(pipe, batch: dict, resolution: int, dtype, projection_dim: int):
@@ -324,7 +484,7 @@ def _encode_text(pipe, kind: str, captions: list[str], device, batch: dict, reso
         return text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, device):
+def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, gens, args, device):
     """Boxes, phrase features (the batch's cached ones, or encoded now) and masks (B, max_objs, ...) with
     GLIGEN's object and layout dropout."""
     import torch
@@ -351,8 +511,8 @@ def _batch_layouts(pipe, batch: dict, max_objs: int, phrase_dim: int, g, args, d
             feats[i, :n] = encoded[k : k + n]
         masks[i, :n] = 1
         k += n
-    masks = masks * (torch.rand(b, max_objs, generator=g) >= args.phrase_dropout)
-    masks = masks * (torch.rand(b, 1, generator=g) >= args.box_dropout)
+    masks = masks * (torch.stack([torch.rand(max_objs, generator=g) for g in gens]) >= args.phrase_dropout)
+    masks = masks * (torch.stack([torch.rand(1, generator=g) for g in gens]) >= args.box_dropout)
     return boxes.to(device), feats, masks.to(device)
 
 
@@ -434,6 +594,7 @@ class RunState:
     empty_prompt: dict | None = None
     accelerator: object | None = None
     rank: int = 0
+    world: int = 1
     autocast: object | None = None
     scaling: float | None = None  # the VAE's latent scale; give it when the VAE was freed (cached latents)
 
@@ -467,6 +628,7 @@ def build_trainables(
     from diffusers_ext.generation import phrase_dim
     from diffusers_ext.spatial_adapter import SpatialAdapter
     from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
+    from diffusers_ext.training.optimizers import build_optimizer
     from diffusers_ext.training.placement import check_placement, place_for_training
 
     unet = pipe.unet
@@ -506,7 +668,14 @@ def build_trainables(
     trainable_ids = {id(p) for p in params}
     names = [f"adapter.{n}" for n, p in adapter.named_parameters() if id(p) in trainable_ids]
     names += [n for n, p in unet.named_parameters() if "lora_" in n and id(p) in trainable_ids]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(
+        params,
+        name=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        bf16_stochastic_rounding=args.bf16_adapter,
+        seed=args.seed,
+    )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
@@ -547,7 +716,7 @@ def _forward_context(state: RunState):
     return torch.autocast(placement.device.type, dtype=placement.weight_dtype)
 
 
-def batch_latents(state: RunState, batch: dict, g):
+def batch_latents(state: RunState, batch: dict, gens):
     """The step's VAE latents: sampled from the batch's cached distribution, or encoded now by the VAE in
     its placement dtype (fp32 under fp16 for a ``force_upcast`` VAE), then scaled. The sample is drawn in
     fp32 (the forward's autocast casts the UNet's input)."""
@@ -565,36 +734,44 @@ def batch_latents(state: RunState, batch: dict, g):
             pixels = to_unit_range(batch["pixels"].to(device, non_blocking=True)).to(placement.vae_dtype)
             dist = state.pipe.vae.encode(pixels).latent_dist
             mean, std = dist.mean.to(weight_dtype), dist.std.to(weight_dtype)
-        return (mean.float() + std.float() * torch.randn(mean.shape, generator=g).to(device)) * state.scaling
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(device)
+        return (mean.float() + std.float() * eps) * state.scaling
 
 
-def training_step(state: RunState, batch: dict, step: int):
-    """One optimizer step on ``batch`` (the keys :func:`~diffusers_ext.training.dataset.collate_samples`
-    gives, with or without the cache's entries): caption dropout, latents, text, layouts with their
-    dropouts, noise and timesteps (all drawn from the (seed, step, rank) generator), the grounded UNet's
-    forward, the loss, backward, clipping, the optimizer and LR scheduler steps and the EMA update.
-    Returns the loss (a 0-dim tensor with no graph)."""
+def training_step(state: RunState, batch: dict, step: int, *, micro: int = 0):
+    """One micro-batch of optimizer step ``step`` on ``batch`` (the keys
+    :func:`~diffusers_ext.training.dataset.collate_samples` gives, with or without the cache's entries):
+    caption dropout, latents, text, layouts with their dropouts, noise and timesteps (each sample's from its
+    own generator, :func:`sample_generators`), the grounded UNet's forward, the loss, backward, and, when the
+    gradients are complete (always without gradient accumulation), clipping, the optimizer and LR scheduler
+    steps and the EMA update. ``micro`` is the micro-batch's index within the step
+    (``--gradient-accumulation-steps``; run it inside ``accelerator.accumulate``). Returns the loss (a 0-dim
+    tensor with no graph)."""
     import torch
     import torch.nn.functional as F
 
     args, t_ = state.args, state.trainables
     device = state.placement.device
     accelerator = state.accelerator
-    g = _step_generator(args.seed, step, state.rank)
+    b = len(batch["caption"])
+    first = micro * args.batch_size * state.world + state.rank * args.batch_size
+    gens = sample_generators(args.seed, step, range(first, first + b))
     captions = [
-        "" if torch.rand(1, generator=g).item() < args.caption_dropout else c for c in batch["caption"]
+        "" if torch.rand(1, generator=g).item() < args.caption_dropout else c
+        for g, c in zip(gens, batch["caption"], strict=True)
     ]
-    latents = batch_latents(state, batch, g)
+    latents = batch_latents(state, batch, gens)
     with torch.no_grad():
         text, added = _encode_text(
             state.pipe, state.kind, captions, device, batch, state.resolution, state.empty_prompt
         )
     boxes, feats, masks = _batch_layouts(
-        state.pipe, batch, args.max_objs, t_.adapter.config.phrase_dim, g, args, device
+        state.pipe, batch, args.max_objs, t_.adapter.config.phrase_dim, gens, args, device
     )
-    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device, latents.dtype)
     scheduler = t_.noise_scheduler
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=g).to(device)
+    t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
+    t = t.to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     target = (
         scheduler.get_velocity(latents, noise, t)
@@ -604,18 +781,20 @@ def training_step(state: RunState, batch: dict, step: int):
     with _forward_context(state):
         pred = t_.denoiser(noisy, t, text, boxes, feats, masks, added)
     loss = F.mse_loss(pred.float(), target.float())
+    complete = accelerator is None or accelerator.sync_gradients
     if accelerator is not None:
-        accelerator.backward(loss)
-        if args.max_grad_norm > 0:
+        accelerator.backward(loss)  # divides by the accumulation steps
+        if complete and args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(t_.params, args.max_grad_norm)
     else:
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(t_.params, args.max_grad_norm)
+    # accelerate's optimizer and scheduler wrappers skip these until the accumulated gradients are complete
     t_.optimizer.step()
     t_.lr_scheduler.step()
     t_.optimizer.zero_grad(set_to_none=True)
-    if t_.ema is not None:
+    if complete and t_.ema is not None:
         t_.ema.step(t_.adapter.parameters())
     return loss.detach()
 
@@ -703,6 +882,7 @@ def _make_accelerator(args, output_dir: Path):
 
     return Accelerator(
         mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="tensorboard" if args.log_tensorboard else None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
@@ -722,23 +902,33 @@ def _refuse_fp16_without_gpu(args) -> None:
         )
 
 
-def read_rows(args, accelerator, say):
-    """The grounding rows, their boxes checked and every image decoded once (``--skip-bad-images``)."""
+def read_rows(args):
+    """The grounding rows of ``--mixed-data``, their boxes checked (not yet cleaned) and the image folder."""
     from diffusers_ext.layout_rows import read_grounding_rows
-    from diffusers_ext.training.dataset import verify_images
 
     # boxes are only checked here; --min-area, --min-side and --max-objs apply in the crop (prepare_rows)
     rows, report = read_grounding_rows(args.mixed_data, min_area=0.0, min_side=0.0, max_objs=2**31)
     image_dir = Path(args.image_dir) if args.image_dir else Path(args.mixed_data).parent
-    rows = verify_images(
+    return rows, report, image_dir
+
+
+def check_images(args, rows, report, image_dir: Path, accelerator, say) -> list[dict]:
+    """Every image decoded once before training, each process its share (``--skip-bad-images``)."""
+    from accelerate.utils import gather_object
+
+    from diffusers_ext.training.dataset import verify_images
+
+    return verify_images(
         rows,
         image_dir,
         skip_bad=args.skip_bad_images,
         report=report,
         log=say,
         progress=accelerator.is_local_main_process,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        gather=gather_object,
     )
-    return rows, report, image_dir
 
 
 def build_dataset(args, rows, image_dir: Path, resolution: int, report):
@@ -763,11 +953,15 @@ def build_dataset(args, rows, image_dir: Path, resolution: int, report):
 
 
 def schedule_length(args, n_rows: int, world: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) for ``n_rows`` samples and ``world`` processes."""
-    steps_per_epoch = n_rows // (args.batch_size * world)
+    """(optimizer steps per epoch, total optimizer steps) for ``n_rows`` samples, ``world`` processes and
+    ``--gradient-accumulation-steps`` micro-batches per step."""
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = n_rows // (args.batch_size * world * accumulation)
     if steps_per_epoch == 0:
         raise SystemExit(
-            f"{n_rows} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes)"
+            f"{n_rows} rows after cleaning is fewer than one global batch ({args.batch_size} x {world} processes"
+            + (f" x {accumulation} accumulated micro-batches" if accumulation > 1 else "")
+            + ")"
         )
     total = steps_per_epoch * args.epochs
     if args.max_train_steps is not None:
@@ -801,9 +995,13 @@ def fill_conditioning_cache(args, pipe, kind: str, dataset, placement, accelerat
         resolution=resolution,
         crop=args.crop,
     )
-    if args.cache_latents:
-        for row in dataset.rows:
-            row["sha256"] = file_digest(dataset.image_dir / row["image"])
+    if args.cache_latents:  # each process hashes its share of the images; all learn every digest
+        from accelerate.utils import gather_object
+
+        rows = dataset.rows
+        mine = [(i, file_digest(dataset.image_dir / rows[i]["image"])) for i in range(rank, len(rows), world)]
+        for i, digest in gather_object(mine) if world > 1 else mine:
+            rows[i]["sha256"] = digest
     counts = fill_cache(
         cache,
         pipe,
@@ -869,10 +1067,95 @@ def _log_step(
     return stats
 
 
+def load_checkpoint(
+    accelerator, folder: Path, saved_flags, args, trainables: Trainables, metrics_path: Path, say
+) -> int:
+    """Resume from ``folder``: the trainable weights, optimizer, LR scheduler, EMA and RNG states, the flags a
+    resume may change put in (:func:`apply_optimizer_overrides`), and the metrics after the checkpoint's step
+    removed (they are trained again). Returns the step to continue from."""
+    accelerator.load_state(str(folder))
+    apply_optimizer_overrides(saved_flags, args, trainables.optimizer, trainables.lr_scheduler)
+    step = json.loads((folder / STATE).read_text())["global_step"]
+    accelerator.print(f"resumed from {folder} at step {step}")
+    if accelerator.is_main_process:
+        dropped = truncate_metrics(metrics_path, step)
+        if dropped:
+            say(f"{metrics_path}: removed {dropped} rows after step {step}; they are trained again")
+    return step
+
+
+def run_steps(
+    state: RunState, dataset, output_dir: Path, global_step: int, total_steps: int, steps_per_epoch: int
+):
+    """The loop: this process's batches from ``global_step`` on (:class:`EpochBatchSampler`, the loader
+    workers), :func:`training_step` per micro-batch inside ``accelerator.accumulate``, and per optimizer step
+    the metrics row, checkpoints (``--checkpointing-steps``) and epoch exports (``--save-epoch``). Returns
+    the mean loss of each optimizer step taken."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffusers_ext.training.dataset import EpochBatchSampler, collate_samples
+
+    args, accelerator, trainables = state.args, state.accelerator, state.trainables
+    unet, metrics_path = state.pipe.unet, output_dir / "metrics.jsonl"
+    accumulation = args.gradient_accumulation_steps
+    sampler = EpochBatchSampler(
+        len(dataset),
+        args.batch_size,
+        world=state.world,
+        rank=state.rank,
+        seed=args.seed,
+        accumulation=accumulation,
+    )
+    workers = args.dataloader_num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_samples,
+        num_workers=workers,
+        pin_memory=state.placement.device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    losses = []
+    bar = tqdm(
+        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
+    )
+    while global_step < total_steps:
+        epoch = global_step // steps_per_epoch
+        sampler.set_epoch(epoch, (global_step % steps_per_epoch) * accumulation)
+        micro_losses = []
+        for batch in loader:
+            with accelerator.accumulate(trainables.denoiser):
+                micro_losses.append(training_step(state, batch, global_step, micro=len(micro_losses)))
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            mean_loss = accelerator.gather(torch.stack(micro_losses).mean().reshape(1)).mean().item()
+            micro_losses = []
+            losses.append(mean_loss)
+            stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args)
+            if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
+                if accelerator.is_main_process:
+                    save_adapter(
+                        output_dir / f"epoch-{epoch + 1}", trainables, unet, lora=bool(args.lora_rank)
+                    )
+            if global_step >= total_steps:
+                break
+    bar.close()
+    return losses
+
+
 def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
-    """Run training from command-line arguments: parse and check, read the data, load the pipeline (or take
-    ``pipeline``), plan the placement, fill the cache, build the trainables, then :func:`training_step` with
-    checkpoints and adapter exports. Returns steps, per-step losses, final gate stats, the cleaning report,
+    """Run training from command-line arguments: parse and check (flags, resume, rows, ``--layers``, images),
+    load the pipeline (or take ``pipeline``: the only weights read), resolve the defaults and check the rest,
+    clear the previous run (``--overwrite``, only now), plan the placement, fill the cache, build the
+    trainables, load a checkpoint, then :func:`run_steps` (:func:`training_step` with checkpoints and
+    exports) and export the adapter. Returns steps, per-step losses, final gate stats, the cleaning report,
     the names of the trained parameters, the UNet's dtype, whether it recomputes activations (gradient
     checkpointing), the modules on the device and the cache counts."""
     args = parse_args(argv)
@@ -880,11 +1163,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
     _refuse_fp16_without_gpu(args)
 
-    import torch
-    from tqdm.auto import tqdm
-
     from diffusers_ext.generation import phrase_dim, pipeline_kind
-    from diffusers_ext.training.dataset import EpochBatchSampler, collate_samples
     from diffusers_ext.training.placement import plan_placement
 
     accelerator = _make_accelerator(args, output_dir)
@@ -893,12 +1172,28 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     def say(message: str) -> None:
         accelerator.print(message, file=sys.stderr, flush=True)
 
+    # every check before anything is deleted (--overwrite) or computed: flags, resume, rows, images, layers
     resume_from = _resume_folder(args, output_dir, say) if args.resume else None
+    rows, report, image_dir = read_rows(args)
+    args.world_size, args.data_fingerprint = world, data_fingerprint(rows)
     saved_flags = None
     if resume_from is not None:
         saved_flags = json.loads((resume_from / STATE).read_text()).get("flags")
         for line in check_resumed_flags(saved_flags, args, resume_from):
             say(line)
+    check_layers_before_loading(args, pipeline)
+    rows = check_images(args, rows, report, image_dir, accelerator, say)
+    pipe = pipeline if pipeline is not None else load_pipeline(args)
+    kind = pipeline_kind(pipe)
+    scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
+    resolve_defaults(args, pipe)
+    if resume_from is not None:  # the defaults' values are known now
+        check_resumed_flags(saved_flags, args, resume_from, names=RESOLVED)
+    check_layers(args, pipe, phrase_width)
+    resolution = args.resolution
+    dataset = build_dataset(args, rows, image_dir, resolution, report)
+    accelerator.print(f"data cleaning: {report.summary()}")
+    steps_per_epoch, total_steps = schedule_length(args, len(dataset), world)
     if args.overwrite:
         if accelerator.is_main_process:
             removed = clear_previous_run(output_dir)
@@ -906,23 +1201,15 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
                 say(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
         accelerator.wait_for_everyone()
 
-    rows, report, image_dir = read_rows(args, accelerator, say)
-    pipe = pipeline if pipeline is not None else load_pipeline(args)
-    kind = pipeline_kind(pipe)
-    resolution = args.resolution or default_resolution(pipe)
-    dataset = build_dataset(args, rows, image_dir, resolution, report)
-    accelerator.print(f"data cleaning: {report.summary()}")
-    steps_per_epoch, total_steps = schedule_length(args, len(dataset), world)
-
     placement = plan_placement(
         args.mixed_precision,
         device,
         cache_dir=bool(args.cache_dir),
         cache_latents=args.cache_latents,
         vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", True)),
+        bf16_adapter=args.bf16_adapter,
     )
     freeze_pipeline(pipe)
-    scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
     cache, cache_counts, empty_prompt = None, None, None
     if args.cache_dir:
         cache, cache_counts, empty_prompt = fill_conditioning_cache(
@@ -953,22 +1240,16 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         empty_prompt=empty_prompt,
         accelerator=accelerator,
         rank=rank,
+        world=world,
         scaling=scaling,
     )
 
-    global_step = 0
     metrics_path = output_dir / "metrics.jsonl"
+    global_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        apply_optimizer_overrides(saved_flags, args, trainables.optimizer, trainables.lr_scheduler)
-        global_step = json.loads((resume_from / STATE).read_text())["global_step"]
-        accelerator.print(f"resumed from {resume_from} at step {global_step}")
-        if accelerator.is_main_process:
-            dropped = truncate_metrics(metrics_path, global_step)
-            if dropped:
-                say(
-                    f"{metrics_path}: removed {dropped} rows after step {global_step}; they are trained again"
-                )
+        global_step = load_checkpoint(
+            accelerator, resume_from, saved_flags, args, trainables, metrics_path, say
+        )
     if args.log_tensorboard:
         accelerator.init_trackers(
             "spatial_adapter",
@@ -980,48 +1261,13 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         )
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    sampler = EpochBatchSampler(len(dataset), args.batch_size, world=world, rank=rank, seed=args.seed)
-    workers = args.dataloader_num_workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_samples,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-    losses = []
-    bar = tqdm(
-        total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps"
-    )
-    while global_step < total_steps:
-        epoch = global_step // steps_per_epoch
-        sampler.set_epoch(epoch, global_step % steps_per_epoch)
-        for batch in loader:
-            loss = training_step(state, batch, global_step)
-            global_step += 1
-            mean_loss = accelerator.gather(loss.reshape(1)).mean().item()
-            losses.append(mean_loss)
-            stats = _log_step(accelerator, args, state, global_step, epoch, mean_loss, metrics_path)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", gate=f"{stats['mean']:.4f}")
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args)
-            if global_step % steps_per_epoch == 0 and (epoch + 1) % args.save_epoch == 0:
-                if accelerator.is_main_process:
-                    save_adapter(
-                        output_dir / f"epoch-{epoch + 1}", trainables, unet, lora=bool(args.lora_rank)
-                    )
-            if global_step >= total_steps:
-                break
-    bar.close()
+    losses = run_steps(state, dataset, output_dir, global_step, total_steps, steps_per_epoch)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_adapter(output_dir, trainables, unet, lora=bool(args.lora_rank))
     accelerator.end_training()
     return {
-        "steps": global_step,
+        "steps": global_step + len(losses),
         "losses": losses,
         "gate_stats": trainables.adapter.gate_stats(),
         "cleaning": report,

@@ -447,6 +447,8 @@ def trainer_argv(opts: argparse.Namespace) -> list[str]:
         argv.append("--ema")
     if opts.layers:
         argv += ["--layers", *opts.layers]
+    if getattr(opts, "accumulation", 1) > 1:  # memory of one micro-batch; the trainer records the flag
+        argv += ["--gradient-accumulation-steps", str(opts.accumulation)]
     return argv + list(opts.trainer_flags or [])
 
 
@@ -627,6 +629,7 @@ def rehearse(opts: argparse.Namespace, pipeline=None) -> Rehearsal:
         cache_dir=bool(targs.cache_dir),
         cache_latents=targs.cache_latents,
         vae_force_upcast=bool(getattr(pipe.vae.config, "force_upcast", True)),
+        bf16_adapter=getattr(targs, "bf16_adapter", False),
     )
     resolution = targs.resolution or trainer.default_resolution(pipe)
     scaling = pipe.vae.config.scaling_factor
@@ -725,9 +728,32 @@ LEVERS = (
     Lever("--gradient-checkpointing", lambda o: not o.gradient_checkpointing,
           lambda o: _with(o, gradient_checkpointing=True)),
     Lever("smaller --batch-size with gradient accumulation", lambda o: o.batch_size > 1, _halve_batch),
-    Lever("--use-8bit-adam", lambda o: _trainer_has("--use-8bit-adam") and "--use-8bit-adam" not in o.trainer_flags,
-          lambda o: _with(o, trainer_flags=[*o.trainer_flags, "--use-8bit-adam"])),
+    # --use-8bit-adam is not a lever here yet: bitsandbytes' AdamW8bit builds its quantization map with
+    # .tolist() and steps through its own kernels, neither of which runs on the meta device
+    Lever("--bf16-adapter", lambda o: o.mixed_precision == "bf16" and _trainer_has("--bf16-adapter")
+          and "--bf16-adapter" not in o.trainer_flags,
+          lambda o: _with(o, trainer_flags=[*o.trainer_flags, "--bf16-adapter"])),
+    # lighter fuser placements (diffusers_ext/fuser_presets.py) change the model, so they come last
+    *(Lever(f"--layers {preset}", lambda o, p=preset: _presets_exist() and _lighter(o.layers, p),
+            lambda o, p=preset: _with(o, layers=[p])) for preset in ("migc", "migc-one-per-stack")),
 )  # fmt: skip
+
+
+_LIGHTER = ("all", "migc", "migc-one-per-stack")
+
+
+def _presets_exist() -> bool:
+    try:
+        from diffusers_ext.fuser_presets import FUSER_PRESETS
+    except ImportError:
+        return False
+    return all(p in FUSER_PRESETS for p in _LIGHTER)
+
+
+def _lighter(layers, preset: str) -> bool:
+    """Whether ``preset`` adapts fewer blocks than ``layers`` (None: all); prefix lists are left as given."""
+    current = "all" if not layers else (layers[0] if len(layers) == 1 and layers[0] in _LIGHTER else None)
+    return current is not None and _LIGHTER.index(preset) > _LIGHTER.index(current)
 
 
 def user_flags(opts) -> str:

@@ -27,8 +27,9 @@ if not __package__:  # run by path: the repository before fairscale's top-level 
 GiB = 2**30
 CARDS = (24, 48, 80)
 CACHED = ["--cache-dir", "--cache-latents"]
-SUBSET = ["--layers", "mid_block", "up_blocks"]
 # rows, fastest first (the start-here line takes the first that fits); per model: GLIGEN's batch for SD1.5
+LEAN = ["--batch-size", "1", "--gradient-accumulation-steps", "8", *CACHED, "--gradient-checkpointing",
+        "--trainer-flag=--bf16-adapter"]  # fmt: skip
 GRID = {
     "sd15": [
         ["--batch-size", "8", *CACHED],
@@ -36,20 +37,17 @@ GRID = {
         ["--batch-size", "1"],
         ["--batch-size", "1", *CACHED, "--gradient-checkpointing"],
     ],
-    "sdxl": [
-        ["--batch-size", "4", *CACHED, "--gradient-checkpointing"],
-        ["--batch-size", "1", *CACHED],
-        ["--batch-size", "1", *CACHED, "--gradient-checkpointing"],
-        ["--batch-size", "1", *CACHED, "--gradient-checkpointing", *SUBSET],
-        ["--batch-size", "1"],
-    ],
-    "kolors": [
-        ["--batch-size", "4", *CACHED, "--gradient-checkpointing"],
-        ["--batch-size", "1", *CACHED],
-        ["--batch-size", "1", *CACHED, "--gradient-checkpointing"],
-        ["--batch-size", "1", *CACHED, "--gradient-checkpointing", *SUBSET],
-        ["--batch-size", "1"],
-    ],
+    **{
+        model: [
+            ["--batch-size", "4", *CACHED, "--gradient-checkpointing"],
+            ["--batch-size", "1", *CACHED],
+            ["--batch-size", "1", *CACHED, "--gradient-checkpointing"],
+            LEAN,  # all 70 fusers (GLIGEN-XL's layout), effective batch 8
+            [*LEAN, "--layers", "migc"],
+            ["--batch-size", "1"],
+        ]
+        for model in ("sdxl", "kolors")
+    },
 }
 QUICK = {model: rows[-1:] for model, rows in GRID.items()}
 

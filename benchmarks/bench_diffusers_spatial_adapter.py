@@ -5,7 +5,7 @@ and our processor adapter converted from the gated UNet's fusers (``adapter_from
 plain UNet alone (the adapter's overhead). ``--unet sd15-2level`` (default): SD1.5 widths (320/640
 channels, 768-d cross-attention, 8 heads) with two levels at a small latent; ``--unet sd15``: the whole
 SD1.5 UNet (published config, 859.5M parameters, random weights; the plain UNets share the gated UNet's
-tensors, so the base weights are in memory once). 30 grounding objects. Goal: processor / native <= 1.0.
+tensors, so the base weights are in memory once, built on ``--device``). 30 grounding objects. Goal: processor / native <= 1.0.
 Forward memory: the rise of memory in use at the peak of one forward (``benchmarks/peak_memory.py``: CUDA
 peak allocated, or on CPU the C heap in use sampled after every aten op).
 
@@ -87,7 +87,9 @@ def _build(args):
 
     torch.manual_seed(0)
     config = _config(args)
-    gated = UNet2DConditionModel(**config, attention_type="gated").eval()
+    dev = torch.device(args.device)
+    with dev:  # built where it runs; the other two UNets share its tensors there: one copy of the weights
+        gated = UNet2DConditionModel(**config, attention_type="gated").eval()
     with torch.no_grad():
         for name, p in gated.named_parameters():
             if "alpha_" in name:
@@ -104,18 +106,15 @@ def _build(args):
     boxes = torch.cat([lo, lo + 0.4], dim=-1)
     phrases = torch.randn(b, n, 768, generator=g)
     masks = torch.ones(b, n)
-    dev = torch.device(args.device)
     x, t, ehs, boxes, phrases, masks = (v.to(dev) for v in (x, t, ehs, boxes, phrases, masks))
     gligen = {"boxes": boxes, "positive_embeddings": phrases, "masks": masks}
     fns = {}
-    gated.to(dev)
     fns["native_gated"] = lambda: gated(x, t, ehs, cross_attention_kwargs={"gligen": gligen}).sample
-    with_adapter.to(dev), adapter.to(dev)
+    adapter.to(dev)
     kwargs = adapter.cross_attention_kwargs
     fns["processor"] = lambda: (
         with_adapter(x, t, ehs, cross_attention_kwargs=kwargs(boxes, phrases, masks)).sample
     )
-    plain.to(dev)
     fns["plain"] = lambda: plain(x, t, ehs).sample
     return fns
 

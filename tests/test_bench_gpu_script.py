@@ -29,6 +29,8 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tiny_run_on_cpu_passes_every_section_with_its_figures():
+    """--tiny runs the GPU path's code on CPU: the trainer's own steps in bf16 autocast (the loss is finite),
+    the rehearsal's prediction beside the measurement, the generate ratio labelled with its grounded steps."""
     run = _run("--tiny")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
@@ -36,12 +38,24 @@ def test_tiny_run_on_cpu_passes_every_section_with_its_figures():
     assert "GPU: none (CPU)" in out and "all sections passed" in out
     for model in ("sd15", "sdxl", "kolors"):
         for batch in (1, 4):
-            step = re.search(rf"train {model} 128px batch {batch}: ([0-9.]+) s/step", out)
-            assert step and float(step.group(1)) > 0, model
+            step = re.search(
+                rf"train {model} \d+px batch {batch}: .*bf16 autocast.*: ([0-9.]+) s/step, .* loss ([0-9.]+)",
+                out,
+            )
+            assert step and float(step.group(1)) > 0 and float(step.group(2)) < 100, model
+            memory = re.search(rf"memory {model} batch {batch}: rehearsal ([0-9.]+) GiB, measured", out)
+            assert memory and float(memory.group(1)) > 0, model
     ratio = float(out.split("processor / native gated = ")[1].split()[0])
     assert ratio > 0
-    rates = re.findall(r"batch 2 (without|with) adapter: ([0-9.]+) images/s", out)
-    assert [r[0] for r in rates] == ["without", "with"] and all(float(r[1]) > 0 for r in rates)
+    assert "generate with / without adapter = " in out and "(1 of 4 steps grounded)" in out
+    assert float(out.split("per grounded step / plain step = ")[1].split()[0]) > 0
+    rates = re.findall(r"batch 2 (without adapter|with adapter, [^:]+): ([0-9.]+) images/s", out)
+    assert [r[0] for r in rates] == [
+        "without adapter",
+        "with adapter, GLIGEN schedule (1 of 4 steps grounded)",
+        "with adapter, grounded on every step (4 of 4)",
+    ]
+    assert all(float(r[1]) > 0 for r in rates)
 
 
 def test_a_failing_section_does_not_stop_the_others():

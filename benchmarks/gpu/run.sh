@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU figures of diffusers_ext in one command (under 8 minutes on one GPU, random weights at published sizes):
 #   bash benchmarks/gpu/run.sh          # on a machine with a CUDA GPU
-#   bash benchmarks/gpu/run.sh --tiny   # the same sections on tiny configs on CPU (a check that it runs)
-# Sections (benchmarks/gpu/sections.py): device name; adapter training step time and peak memory for SD1.5 at
-# 512 px and SDXL / Kolors at 1024 px (batch 1 and 4, bf16, gradient checkpointing, cached conditioning);
-# processor vs diffusers' native gated UNet at SD1.5 (benchmarks/bench_diffusers_spatial_adapter.py);
-# generate images/s with and without the adapter. Each section is its own process with its own time limit,
+#   bash benchmarks/gpu/run.sh --tiny   # the same code on tiny pipelines on CPU, bf16 autocast included
+# Sections (benchmarks/gpu/sections.py): device name; the trainer's own steps (build_trainables, training_step)
+# for SD1.5 at 512 px and SDXL / Kolors at 1024 px (batch 1 and 4, bf16, gradient checkpointing, cached
+# conditioning), UNets built on the device in bf16, with the meta-device rehearsal's peak beside
+# torch.cuda.max_memory_allocated; processor vs diffusers' native gated UNet at SD1.5 (one copy of the
+# weights); generate images/s without the adapter, with GLIGEN's schedule (the grounded steps named) and
+# grounded on every step. Each section is its own process with its own time limit,
 # so a failure (an out-of-memory, a crash) is reported and the others still run; a total time guard skips
 # the sections that would start after the budget. Exit status: 0 when every section passed, else 1.
 set -u
@@ -21,7 +23,8 @@ for arg in "$@"; do
     *) echo "unknown argument $arg; accepted: --tiny" >&2; exit 2 ;;
   esac
 done
-# on a GPU the sections fit in 450 s; --tiny on a shared CPU spends its time importing, so it gets more
+# on a GPU the sections fit in 450 s (each train section also rehearses its two runs on the CPU); --tiny on a
+# shared CPU spends its time importing, so it gets more
 if [ -n "$TINY" ]; then SCALE=4; export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; else SCALE=1; fi
 BUDGET="${GPU_BENCH_BUDGET_S:-$((450 * SCALE))}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
@@ -46,9 +49,9 @@ run_section() {  # name, per-section limit in seconds, command...
   fi
 }
 run_section device 60 "$PY" -m benchmarks.gpu.sections device $TINY
-run_section train-sd15 90 "$PY" -m benchmarks.gpu.sections train-sd15 $TINY
-run_section train-sdxl 120 "$PY" -m benchmarks.gpu.sections train-sdxl $TINY
-run_section train-kolors 120 "$PY" -m benchmarks.gpu.sections train-kolors $TINY
+run_section train-sd15 120 "$PY" -m benchmarks.gpu.sections train-sd15 $TINY
+run_section train-sdxl 150 "$PY" -m benchmarks.gpu.sections train-sdxl $TINY
+run_section train-kolors 150 "$PY" -m benchmarks.gpu.sections train-kolors $TINY
 if [ -n "$TINY" ]; then
   run_section processor-vs-native 90 "$PY" -m benchmarks.bench_diffusers_spatial_adapter --unet tiny --latent 8 --batch 1 --repeats 1
 else

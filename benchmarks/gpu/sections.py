@@ -3,21 +3,25 @@
 Random weights at published sizes (``diffusers_ext/testing/published_unets.py``), nothing downloaded:
 
 * ``device``: torch, the device name (``torch.cuda.get_device_name``) and its memory.
-* ``train-sd15``, ``train-sdxl``, ``train-kolors``: adapter training steps as the trainer runs them with
-  ``--mixed-precision bf16 --gradient-checkpointing`` and cached conditioning: frozen bf16 UNet, fp32 adapter
-  under bf16 autocast, AdamW, random prompt / pooled embeddings and phrase features of the real shapes (no
-  text encoders, no VAE), 30 boxes; SD1.5 at 512 px, SDXL and Kolors at 1024 px; batch 1 and 4. Prints
-  seconds per step (median of the timed steps after one warm-up step) and peak memory
-  (``torch.cuda.max_memory_allocated``).
-* ``generate-sd15``: images/s of a 512 px SD1.5-sized pipeline (random weights, a CLIP ViT-L/14-sized text
-  encoder, the SD VAE) with and without the adapter, 20 DDIM steps, batch 4.
+* ``train-sd15``, ``train-sdxl``, ``train-kolors``: the trainer's own ``build_trainables`` and
+  ``training_step`` with ``--mixed-precision bf16 --gradient-checkpointing --cache-dir --cache-latents``: the
+  placement rule, the frozen UNet built directly on the device in bf16 (never in fp32 then cast), the fp32
+  adapter created on the device, bf16 autocast, AdamW, 30 objects, the batch the rehearsal used with random
+  values; SD1.5 at 512 px, SDXL and Kolors at 1024 px; batch 1 and 4. Prints seconds per step (median of the
+  timed steps after one warm-up step) and the rehearsal's predicted peak
+  (``diffusers_ext/training/plan.py``) beside ``torch.cuda.max_memory_allocated``.
+* ``generate-sd15``: images/s of a 512 px SD1.5-sized pipeline (random weights built in fp16 on the device, a
+  CLIP ViT-L/14-sized text encoder, the SD VAE), 20 DDIM steps, batch 4: without the adapter, with GLIGEN's
+  schedule (the number of grounded steps in the label) and grounded on every step (the per-step cost).
 
-``--tiny``: the same code on tiny configs on CPU in seconds (a check that it runs, not a measurement).
+``--tiny``: the same code on tiny pipelines on CPU with bf16 autocast (generation in bf16): a check that the
+GPU path runs, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -26,9 +30,8 @@ from pathlib import Path
 if not __package__:  # run by path: the repository before fairscale's top-level `benchmarks` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.bench_diffusers_train_memory import MODELS, SD_VAE, TINY_UNET  # noqa: E402
+from diffusers_ext.training.plan import CLIP_L, SD_VAE  # noqa: E402
 
-MAX_OBJS = 30
 TRAIN_STEPS = 4  # timed, after one warm-up step
 GEN_STEPS = 20
 
@@ -61,94 +64,107 @@ def section_device(tiny: bool) -> None:
         print("GPU: none (CPU)")
 
 
-def _train(model: str, tiny: bool) -> None:
+@contextlib.contextmanager
+def _built_as(device: str, dtype):
+    """Modules created inside are created on ``device`` in ``dtype``: a published-size UNet is never built in
+    fp32 and then cast (SDXL's would hold 10 GB of fp32 weights for a moment)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from diffusers_ext.spatial_adapter import SpatialAdapter
-    from diffusers_ext.training.grounded_denoiser import GroundedDenoiser
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _tiny_pipeline(model: str):
+    import tempfile
+
+    from diffusers_ext.testing import tiny_pipelines
+
+    if model == "sd15":
+        return tiny_pipelines.tiny_sd_pipeline()
+    if model == "sdxl":
+        return tiny_pipelines.tiny_sdxl_pipeline()
+    return tiny_pipelines.tiny_kolors_pipeline(tempfile.mkdtemp(prefix="gpu_bench_kolors_"))
+
+
+def _random_like(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return torch.randn(value.shape, dtype=value.dtype)
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [_random_like(v) for v in value]
+    return value
+
+
+def _train(model: str, tiny: bool) -> None:
+    """The trainer's own steps (``build_trainables``, ``training_step``) with ``--mixed-precision bf16
+    --gradient-checkpointing --cache-dir --cache-latents``, the rehearsal's prediction beside the measured
+    peak. ``--tiny``: the same code on tiny pipelines on CPU, bf16 autocast included."""
+    import torch
+
+    from diffusers_ext.generation import phrase_dim, pipeline_kind
+    from diffusers_ext.training import plan
+    from diffusers_ext.training import train_spatial_adapter as trainer
+    from diffusers_ext.training.placement import plan_placement
 
     device = _device(tiny)
-    spec = dict(MODELS[model])
-    latent = spec["latent"]
-    if tiny:
-        spec["unet"] = {**TINY_UNET, **({} if spec["pooled"] is None else {})}
-        if spec["pooled"] is not None:  # SDXL-style added conditions at tiny width
-            spec["unet"] = {**spec["unet"], "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-                            "projection_class_embeddings_input_dim": 6 * 8 + 16}  # fmt: skip
-            spec["pooled"] = 16
-        spec["phrase_dim"], spec["seq"], latent = 16, 8, 16
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**spec["unet"])
-    # bf16 as --mixed-precision bf16 on the GPU; --tiny stays fp32 (CPU bf16 kernels take seconds per tiny step)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    unet.requires_grad_(False).to(dtype)
-    with torch.device(device):
-        adapter = SpatialAdapter.for_unet(unet, phrase_dim=spec["phrase_dim"])  # fp32, as the trainer's
-    adapter.install(unet)
-    unet.enable_gradient_checkpointing()
-    unet.train()
-    denoiser = GroundedDenoiser(unet, adapter)
-    optimizer = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=5e-5)
-    n_adapter = sum(p.numel() for p in adapter.parameters())
-    cross = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
-    side = latent * 8
-    frozen = str(dtype).removeprefix("torch.")
-    print(f"{model}: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M (frozen, {frozen}), adapter "
-          f"{n_adapter / 1e6:.1f} M (fp32), {side} px, {'fp32' if tiny else 'bf16 autocast'}, gradient checkpointing")  # fmt: skip
-    for batch in (1, 4):
-        inputs = _train_inputs(spec, batch, latent, cross, device)
+    for batch_size in (1, 4):
+        argv = ["--model", model, "--batch-size", str(batch_size), "--mixed-precision", "bf16",
+                "--gradient-checkpointing", "--cache-dir", "--cache-latents"]  # fmt: skip
+        opts = plan.parse_args(argv)
+        if tiny:  # judged by CPU autocast's op lists, as the CPU runs it
+            opts = plan._with(opts, autocast_rules="cpu")
+        predicted = plan.rehearse(opts, pipeline=plan.meta_copy(_tiny_pipeline(model)) if tiny else None)
+        targs = trainer.parse_args(plan.trainer_argv(opts))
+        placement = plan_placement("bf16", device, cache_dir=True, cache_latents=True)
+        torch.manual_seed(0)
+        if tiny:
+            pipe = _tiny_pipeline(model)
+        else:  # published configs: the UNet built on the device in bf16, the cached encoders never built
+            from diffusers import UNet2DConditionModel
 
-        def step(inputs=inputs):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=not tiny):
-                out = denoiser(*inputs["args"], added_cond_kwargs=inputs["added"])
-            loss = torch.nn.functional.mse_loss(out.float(), inputs["target"])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
+            pipe = plan.meta_pipeline(model)
+            with _built_as(device, placement.weight_dtype):
+                pipe.unet = UNet2DConditionModel(**plan._published(model))
+        kind, width, scaling = pipeline_kind(pipe), phrase_dim(pipe), pipe.vae.config.scaling_factor
+        resolution = trainer.default_resolution(pipe)
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
+        batch = {k: _random_like(v) for k, v in predicted.batch.items()}
+        empty = {k: _random_like(v) for k, v in predicted.empty_prompt.items()}
+        with torch.device(device):  # the adapter is created where it trains
+            trainables = trainer.build_trainables(targs, pipe, placement, phrase_width=width)
+        state = trainer.RunState(args=targs, pipe=pipe, kind=kind, placement=placement, trainables=trainables,
+                                 resolution=resolution, empty_prompt=empty, scaling=scaling)  # fmt: skip
         if device == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
-        for i in range(1 + (1 if tiny else TRAIN_STEPS)):
+        for step in range(1 + (1 if tiny else TRAIN_STEPS)):
             _sync(device)
             start = time.perf_counter()
-            loss = step()
+            loss = trainer.training_step(state, batch, step)
             _sync(device)
-            if i:
+            if step:
                 times.append(time.perf_counter() - start)
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a (CPU)"
+        measured = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a (CPU)"
         median = statistics.median(times)
-        print(f"train {model} {side}px batch {batch}: {median:.3f} s/step, {batch / median:.2f} samples/s, "
-              f"peak memory {peak}, loss {float(loss):.4f}", flush=True)  # fmt: skip
-        inputs = None
-
-
-def _train_inputs(spec: dict, batch: int, latent: int, cross: int, device: str) -> dict:
-    """Cached conditioning as the trainer reads it from --cache-dir: random tensors of the real shapes."""
-    import torch
-
-    g = torch.Generator(device).manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, device=device)
-
-    noisy = rand(batch, 4, latent, latent)
-    timesteps = torch.randint(0, 1000, (batch,), generator=g, device=device)
-    text = rand(batch, spec["seq"], cross)
-    boxes = torch.rand(batch, MAX_OBJS, 4, generator=g, device=device).sort(dim=-1).values
-    feats, masks = rand(batch, MAX_OBJS, spec["phrase_dim"]), torch.ones(batch, MAX_OBJS, device=device)
-    added = None
-    if spec["pooled"] is not None:
-        added = {"text_embeds": rand(batch, spec["pooled"]), "time_ids": rand(batch, 6)}
-    return {
-        "args": (noisy, timesteps, text, boxes, feats, masks),
-        "added": added,
-        "target": rand(*noisy.shape),
-    }
+        adapter = sum(p.numel() for p in trainables.params)
+        unet = sum(p.numel() for p in pipe.unet.parameters()) - adapter
+        print(f"train {model} {resolution}px batch {batch_size}: UNet {unet / 1e6:.1f} M bf16, adapter "
+              f"{adapter / 1e6:.1f} M fp32, bf16 autocast, checkpointing, cached conditioning: "
+              f"{median:.3f} s/step, {batch_size / median:.2f} samples/s, loss {float(loss):.4f}", flush=True)  # fmt: skip
+        print(f"memory {model} batch {batch_size}: rehearsal {predicted.peak / 2**30:.2f} GiB, "
+              f"measured max_memory_allocated {measured}", flush=True)  # fmt: skip
+        del state, trainables, pipe, batch
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _sd15_pipeline(tiny: bool, device: str):
@@ -156,16 +172,16 @@ def _sd15_pipeline(tiny: bool, device: str):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from benchmarks.bench_diffusers_train_memory import CLIP_L
     from diffusers_ext.testing.published_unets import SD15
     from diffusers_ext.testing.tiny_pipelines import tiny_clip_tokenizer, tiny_sd_pipeline
 
+    dtype = _half(device)
     if tiny:
-        return tiny_sd_pipeline().to(device)
+        return tiny_sd_pipeline().to(device, dtype)
     from transformers import CLIPTextConfig
 
     torch.manual_seed(0)
-    with torch.device(device):
+    with _built_as(device, dtype):
         tokenizer = tiny_clip_tokenizer(max_length=77)  # a byte-level vocabulary; the model is CLIP-L sized
         config = {**CLIP_L, "vocab_size": max(CLIP_L["vocab_size"], len(tokenizer)),
                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -187,7 +203,14 @@ def _sd15_pipeline(tiny: bool, device: str):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    return pipe.to(device, torch.float16)
+    return pipe
+
+
+def _half(device: str):
+    """The half type a pipeline generates in: fp16 on the GPU, bf16 on the CPU (which has no fast fp16)."""
+    import torch
+
+    return torch.float16 if device == "cuda" else torch.bfloat16
 
 
 def section_generate(tiny: bool) -> None:
@@ -200,7 +223,7 @@ def section_generate(tiny: bool) -> None:
     pipe = _sd15_pipeline(tiny, device)
     pipe.set_progress_bar_config(disable=True)
     adapter = SpatialAdapter.for_unet(pipe.unet, phrase_dim=phrase_dim(pipe)).to(device, pipe.unet.dtype)
-    batch, steps = (2, 2) if tiny else (4, GEN_STEPS)
+    batch, steps = (2, 4) if tiny else (4, GEN_STEPS)  # 4: the fewest steps GLIGEN's schedule grounds one of
     prompts = ["a photo of a red cube and a blue ball on a table"] * batch
     phrases = [["a red cube", "a blue ball"]] * batch
     boxes = [[[0.1, 0.2, 0.45, 0.6], [0.55, 0.3, 0.9, 0.8]]] * batch
@@ -217,8 +240,21 @@ def section_generate(tiny: bool) -> None:
         gen = torch.Generator(device).manual_seed(0)
         return generate(pipe, adapter, prompts, phrases, boxes, generator=gen, **common).images
 
+    grounded_steps = int(0.3 * steps)  # GLIGEN's default schedule grounds the first 30 % of the steps
+
+    def every_step():
+        if installed_adapter(pipe) is None:
+            adapter.install(pipe)
+        gen = torch.Generator(device).manual_seed(0)
+        return generate(pipe, adapter, prompts, phrases, boxes, generator=gen, schedule=None, **common).images
+
     rates = {}
-    for name, fn in (("without adapter", plain), ("with adapter", grounded)):
+    runs = (
+        ("without adapter", plain),
+        (f"with adapter, GLIGEN schedule ({grounded_steps} of {steps} steps grounded)", grounded),
+        (f"with adapter, grounded on every step ({steps} of {steps})", every_step),
+    )
+    for name, fn in runs:
         fn()  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -228,7 +264,13 @@ def section_generate(tiny: bool) -> None:
         print(
             f"generate sd15 {images[0].size[0]}px, {steps} steps, batch {batch} {name}: {rates[name]:.2f} images/s"
         )
-    print(f"generate with / without adapter = {rates['with adapter'] / rates['without adapter']:.3f}")
+    base = rates["without adapter"]
+    scheduled, every = rates[runs[1][0]], rates[runs[2][0]]
+    print(
+        f"generate with / without adapter = {scheduled / base:.3f} ({grounded_steps} of {steps} steps grounded)"
+    )
+    # time per denoising step, grounded vs not: (1/every - 1/base) over the steps, relative to a plain step
+    print(f"per grounded step / plain step = {base / every:.3f} (grounding on every step)")
 
 
 SECTIONS = {

@@ -898,6 +898,7 @@ def preflight(trainer_args, gpu_gib: float | None = None) -> tuple[bool, str]:
         ema=trainer_args.ema,
         layers=trainer_args.layers,
         max_objs=trainer_args.max_objs,
+        trainer_flags=["--bf16-adapter"] if getattr(trainer_args, "bf16_adapter", False) else [],
     )
     if gpu_gib is None:
         return True, "verdict: no GPU visible, nothing to judge against"

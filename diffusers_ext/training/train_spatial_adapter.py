@@ -271,7 +271,35 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--log-tensorboard", action="store_true", help="TensorBoard scalars under <output-dir>/logs"
     )
+    logs.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="train even when the memory rehearsal (python -m diffusers_ext.training.plan, run on the model's "
+        "configs before any weights load) says these flags will not fit the visible GPU",
+    )
     return p
+
+
+def check_memory_before_loading(args, say) -> None:
+    """On a GPU, rehearse these flags on the model's configs (``training.plan.preflight``: the trainer's own
+    step on the meta device, no weights read) and refuse a run that would run out of memory, naming the flags
+    that would fit, before minutes of loading. 8-bit Adam cannot be rehearsed (bitsandbytes' kernels), so its
+    optimizer state is counted as AdamW's, an upper bound: then the verdict is shown but not enforced."""
+    if args.no_memory_check:
+        return
+    from diffusers_ext.training import plan
+
+    gpu_gib = plan.visible_gpu_gib()
+    if gpu_gib is None:
+        return
+    fits, message = plan.preflight(args, gpu_gib)
+    say(message)
+    if fits:
+        return
+    if args.optimizer == "adamw8bit":
+        say("the rehearsal counts AdamW8bit's state as AdamW's (an upper bound), so the run goes on")
+        return
+    raise SystemExit(f"{message}; --no-memory-check trains anyway")
 
 
 _FLOAT_FLAGS = (
@@ -1183,6 +1211,8 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
             say(line)
     check_layers_before_loading(args, pipeline)
     rows = check_images(args, rows, report, image_dir, accelerator, say)
+    if pipeline is None:
+        check_memory_before_loading(args, say)
     pipe = pipeline if pipeline is not None else load_pipeline(args)
     kind = pipeline_kind(pipe)
     scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them

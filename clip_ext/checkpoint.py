@@ -14,7 +14,7 @@ kind into a plain open_clip state dict.
 
 Atomic writes. open_clip writes ``epoch_N.pt`` in place, so a crash during ``torch.save`` leaves a truncated
 file under the final name and ``--resume latest`` picks it. :func:`atomic_save` writes a temporary name in
-the same folder, flushes and fsyncs it, then ``os.replace``-s it (and fsyncs the folder), with
+the same folder, flushes and fsyncs it, then renames it over the old one and fsyncs the folder, with
 :func:`vlext.atomic_files.atomic_torch_save`; :func:`latest_complete_checkpoint` skips ``epoch_N.pt`` files
 that do not open as complete archives, naming them.
 """
@@ -133,7 +133,7 @@ def plain_state_dict(checkpoint) -> dict:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary name, flush, fsync, ``os.replace`` onto ``path``: a reader sees the old
+    """``torch.save`` to a temporary name, flush, fsync, an atomic rename onto ``path``: a reader sees the old
     file or the complete new one, never half of it.
 
     Args:

@@ -681,7 +681,7 @@ def _webdataset_region_data(args, preprocess_fns, epoch, tokenizer):
 
 class _TorchWithAtomicSave:
     """``torch`` as open_clip_train.main sees it, except ``save``: checkpoints go to a temporary name, fsync,
-    ``os.replace`` (open_clip writes ``epoch_N.pt`` in place), with our state split off under
+    an atomic rename (open_clip writes ``epoch_N.pt`` in place), with our state split off under
     ``checkpoint["clip_ext"]`` so that plain open_clip loads the file (see :mod:`clip_ext.checkpoint`)."""
 
     def __init__(self, torch_module):

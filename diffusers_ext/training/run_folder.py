@@ -83,7 +83,7 @@ def clear_previous_run(output_dir: Path) -> list[str]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write ``path`` under a temporary name, flush, fsync, then ``os.replace``: never half a file."""
+    """Write ``path`` under a temporary name, flush, fsync, then an atomic rename (``vlext.atomic_files``): never half a file."""
     atomic_write_json(path, obj)
 
 

@@ -42,8 +42,9 @@ GRID = {
             ["--batch-size", "4", *CACHED, "--gradient-checkpointing"],
             ["--batch-size", "1", *CACHED],
             ["--batch-size", "1", *CACHED, "--gradient-checkpointing"],
-            LEAN,  # all 70 fusers (GLIGEN-XL's layout), effective batch 8
-            [*LEAN, "--layers", "migc"],
+            LEAN,  # all 70 fusers (GLIGEN-XL's layout), effective batch 8, fp32 AdamW moments
+            [*LEAN, "--trainer-flag=--use-8bit-adam"],  # the same with bitsandbytes' 8-bit moments
+            [*LEAN, "--trainer-flag=--use-8bit-adam", "--layers", "migc"],
             ["--batch-size", "1"],
         ]
         for model in ("sdxl", "kolors")

@@ -175,3 +175,98 @@ def test_a_pipeline_folder_is_rehearsed_from_its_configs_and_preflight_judges_it
     assert "; --mixed-precision no --batch-size" in message and "--cache-dir DIR" in message, message
     fits, message = plan.preflight(targs, gpu_gib=2 * result.peak / GiB)
     assert fits and message.startswith("verdict: fits on ")
+
+
+def _state_layout(optimizer) -> tuple[list[dict], int]:
+    """Per parameter, each state tensor's dtype and shape; and the bytes held, a shared map counted once."""
+    layout, seen, total = [], set(), 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            layout.append(
+                {k: (v.dtype, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)}
+            )
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.numel() * v.element_size()
+    return layout, total
+
+
+@pytest.mark.parametrize("bf16_adapter", [False, True], ids=["fp32-adapter", "bf16-adapter"])
+def test_the_rehearsed_8bit_adam_holds_the_state_bitsandbytes_holds(bf16_adapter):
+    """--use-8bit-adam on the meta device: after one step the stand-in holds, parameter by parameter, the
+    state tensors the real bitsandbytes AdamW8bit holds after one CPU step (uint8 moments and fp32 absmax
+    per 256 values from 4096 values on, fp32 moments below, two shared 256-value maps), byte for byte."""
+    import bitsandbytes as bnb
+
+    from diffusers_ext.training.optimizers import build_optimizer
+
+    def adapter():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({
+            "proj": torch.nn.Linear(128, 96),  # 12288-value weight (48 blocks), 96-value bias
+            "ff": torch.nn.Linear(64, 65),  # 4160 values: 17 blocks, the last one partial
+            "norm": torch.nn.LayerNorm(64),
+            "edge": torch.nn.Linear(4095, 1, bias=False),  # one value short of min_8bit_size
+            "gate": torch.nn.Linear(4096, 1, bias=False),  # exactly min_8bit_size: 8-bit
+        })  # fmt: skip
+
+    dtype = torch.bfloat16 if bf16_adapter else torch.float32
+    real_params = list(adapter().to(dtype).parameters())
+    real = build_optimizer(real_params, name="adamw8bit", lr=1e-3, bf16_stochastic_rounding=bf16_adapter)
+    for p in real_params:
+        p.grad = torch.randn_like(p)
+    real.step()
+
+    meta_params = list(adapter().to(dtype).to("meta").parameters())
+    with plan._rehearsed_8bit_adam(True):
+        stand_in = build_optimizer(
+            meta_params, name="adamw8bit", lr=1e-3, bf16_stochastic_rounding=bf16_adapter
+        )
+    assert bnb.optim.AdamW8bit.__name__ == "AdamW8bit"  # the real class is back after the rehearsal
+    for p in meta_params:
+        p.grad = torch.zeros_like(p)
+    stand_in.step()
+
+    real_layout, real_bytes = _state_layout(real)
+    meta_layout, meta_bytes = _state_layout(stand_in)
+    assert meta_layout == real_layout
+    assert all(v.is_meta for s in stand_in.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    sizes = [p.numel() for p in real_params]
+    expected = sum(2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes) + 2 * 256 * 4
+    # 8-bit: 12288, 4160 and 4096 values (48, 17 and 16 blocks); fp32: the biases, the norm and 4095 values
+    assert (
+        meta_bytes
+        == real_bytes
+        == expected
+        == 2 * (12288 + 4160 + 4096) + 8 * (48 + 17 + 16) + 2_048 + 8 * (96 + 65 + 128 + 4095)
+    )
+
+
+def test_the_rehearsal_counts_8bit_adam_state(tiny_sd):
+    """The rehearsal runs --use-8bit-adam through the trainer's build_optimizer: optimizer state at the step's
+    peak is what bitsandbytes holds for the adapter, not AdamW's 8 bytes a parameter."""
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+
+    sizes = [p.numel() for p in SpatialAdapter.for_unet(tiny_sd.unet, phrase_dim=32).parameters()]
+    held = sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in sizes) + 2 * 256 * 4
+    eight = plan.rehearse(_opts(trainer_flags=["--use-8bit-adam"]), pipeline=plan.meta_copy(tiny_sd))
+    assert eight.step["Optstate"] == held < 8 * sum(sizes)
+
+
+def test_8bit_adam_is_a_lever_before_the_lighter_presets_and_preflight_passes_it_on():
+    """8-bit moments cost no capacity: the advice tries them before it shrinks the adapter, once, and the
+    trainer's --optimizer adamw8bit is rehearsed as such."""
+    from diffusers_ext.training.train_spatial_adapter import parse_args
+
+    names = [lever.name for lever in plan.LEVERS]
+    assert names.index("--use-8bit-adam") < names.index("--layers migc")
+    eight = next(lever for lever in plan.LEVERS if lever.name == "--use-8bit-adam")
+    with_it = eight.apply(_opts())
+    assert plan.user_flags(with_it).endswith(" --use-8bit-adam")
+    assert not eight.applies(with_it)
+    assert not eight.applies(_opts(trainer_flags=["--optimizer", "adamw8bit"]))
+    targs = parse_args(["--mixed-data", "x.jsonl", "--pretrained-model", "p", "--output-dir", "o", "--use-8bit-adam",
+                        "--mixed-precision", "bf16", "--bf16-adapter"])  # fmt: skip
+    assert plan._preflight_flags(targs) == ["--bf16-adapter", "--use-8bit-adam"]

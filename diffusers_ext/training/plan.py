@@ -6,7 +6,8 @@ published-size pipeline (SD1.5, SDXL or Kolors configs: the UNets of ``diffusers
 CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, ChatGLM3-6B built with diffusers' own Kolors class, the
 SD VAE) is built on the meta device, and the trainer's own code runs on it with the flags given: its
 placement (``training.placement``), the cache pass's encoders (``encoders_on_device``), ``build_trainables``
-(LoRA, adapter, AdamW, EMA) and two ``training_step`` calls (forward, backward, clipping, optimizer, EMA).
+(LoRA, adapter, AdamW or bitsandbytes' 8-bit AdamW, EMA) and two ``training_step`` calls (forward,
+backward, clipping, optimizer, EMA).
 
 How the meta device stands in for a GPU:
 
@@ -26,8 +27,9 @@ How the meta device stands in for a GPU:
   CPU step). Gradient checkpointing recomputes under the same emulation.
 * memory is counted by PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker`` (parameters,
   buffers, gradients, activations, temporaries, optimizer state) over the second step, when AdamW's state
-  exists, plus the EMA copy; the cache pass is counted apart (its encoders never share the device with
-  the UNet).
+  exists, plus the EMA copy; ``--use-8bit-adam`` runs bitsandbytes' own AdamW8bit, whose quantization maps
+  alone are made on the meta device (:func:`_meta_adamw8bit`); the cache pass is counted apart (its
+  encoders never share the device with the UNet).
 
 It prints the table, the peak, and a verdict for ``--gpu-memory`` (default: the visible GPU's); when the run
 does not fit it rehearses the levers of :data:`LEVERS` in order, adding one at a time, and names the first
@@ -478,6 +480,48 @@ def _ema_bytes(ema) -> int:
     return sum(p.numel() * p.element_size() for p in ema.shadow_params)
 
 
+def _meta_adamw8bit():
+    """bitsandbytes' ``AdamW8bit`` as the rehearsal runs it (Dettmers et al. 2022, 8-bit optimizers via
+    block-wise quantization). Everything but the quantization maps is bitsandbytes' own: ``init_state`` gives
+    each parameter of at least ``min_8bit_size`` values uint8 ``state1``/``state2`` of its shape and fp32
+    ``absmax1``/``absmax2`` per block of 256, smaller ones fp32 32-bit moments, and ``update_step`` calls the
+    fused kernel, whose meta registration allocates nothing, as the CUDA kernel updates in place. Only
+    ``fill_qmap`` differs: bitsandbytes computes its two 256-value fp32 maps with ``.tolist()``, which has no
+    data to read on the meta device, so the stand-in makes maps of the same shape and dtype there.
+    tests/test_diffusers_plan.py checks its state bytes against the real optimizer's after a CPU step."""
+    import bitsandbytes as bnb
+    import torch
+
+    class MetaAdamW8bit(bnb.optim.AdamW8bit):
+        def fill_qmap(self):
+            for name in ("dynamic", "udynamic"):
+                self.name2qmap[name] = torch.zeros(256, dtype=torch.float32, device="meta")
+
+    return MetaAdamW8bit
+
+
+@contextlib.contextmanager
+def _rehearsed_8bit_adam(enabled: bool):
+    """While the rehearsal builds its trainables, ``--use-8bit-adam`` builds :func:`_meta_adamw8bit` through
+    the trainer's own ``build_optimizer`` (its lever tag and stochastic rounding included)."""
+    if not enabled:
+        yield
+        return
+    import bitsandbytes as bnb
+
+    from diffusers_ext.training import optimizers
+
+    real, cached = bnb.optim.AdamW8bit, dict(optimizers._CLASSES)
+    bnb.optim.AdamW8bit = _meta_adamw8bit()
+    optimizers._CLASSES.clear()
+    try:
+        yield
+    finally:
+        bnb.optim.AdamW8bit = real
+        optimizers._CLASSES.clear()
+        optimizers._CLASSES.update(cached)
+
+
 def _prime_optimizer(optimizer) -> None:
     """Leave AdamW's state as a first step leaves it (both moments of every parameter), so the rehearsed
     step is any later one: an optimizer step over zero gradients, which cost nothing on the meta device."""
@@ -657,7 +701,11 @@ def rehearse(opts: argparse.Namespace, pipeline=None) -> Rehearsal:
             # LoRA and the adapter are created where they train, not on the host; Module.to keeps each
             # Parameter object and swaps its payload (host placeholders and meta tensors cannot share storage
             # types, and the placement holds on to the adapter's parameters while it moves the UNet)
-            with torch.device("meta"), _swap_on_conversion():
+            with (
+                torch.device("meta"),
+                _swap_on_conversion(),
+                _rehearsed_8bit_adam(getattr(targs, "optimizer", "adamw") == "adamw8bit"),
+            ):
                 trainables = trainer.build_trainables(targs, pipe, placement, phrase_width=phrase_width)
             if targs.gradient_checkpointing:
                 pipe.unet.enable_gradient_checkpointing(_checkpoint_under(autocast_factory))
@@ -728,8 +776,9 @@ LEVERS = (
     Lever("--gradient-checkpointing", lambda o: not o.gradient_checkpointing,
           lambda o: _with(o, gradient_checkpointing=True)),
     Lever("smaller --batch-size with gradient accumulation", lambda o: o.batch_size > 1, _halve_batch),
-    # --use-8bit-adam is not a lever here yet: bitsandbytes' AdamW8bit builds its quantization map with
-    # .tolist() and steps through its own kernels, neither of which runs on the meta device
+    # 8-bit moments and bf16 weights cost no capacity, so they come before the lighter presets
+    Lever("--use-8bit-adam", lambda o: _trainer_has("--use-8bit-adam") and not _uses_8bit_adam(o.trainer_flags),
+          lambda o: _with(o, trainer_flags=[*o.trainer_flags, "--use-8bit-adam"])),
     Lever("--bf16-adapter", lambda o: o.mixed_precision == "bf16" and _trainer_has("--bf16-adapter")
           and "--bf16-adapter" not in o.trainer_flags,
           lambda o: _with(o, trainer_flags=[*o.trainer_flags, "--bf16-adapter"])),
@@ -740,6 +789,13 @@ LEVERS = (
 
 
 _LIGHTER = ("all", "migc", "migc-one-per-stack")
+
+
+def _uses_8bit_adam(flags) -> bool:
+    flags = list(flags)
+    pairs = zip(flags, [*flags[1:], None])
+    return any(f in ("--use-8bit-adam", "--optimizer=adamw8bit") or (f, n) == ("--optimizer", "adamw8bit")
+               for f, n in pairs)  # fmt: skip
 
 
 def _presets_exist() -> bool:
@@ -879,6 +935,14 @@ def verdict(opts, result: Rehearsal, gpu_gib: float | None) -> str:
             f"= {opts.headroom:.0%} of the card)")  # fmt: skip
 
 
+def _preflight_flags(trainer_args) -> list[str]:
+    """The trainer's memory flags that this module's options pass on as ``--trainer-flag``."""
+    flags = ["--bf16-adapter"] if getattr(trainer_args, "bf16_adapter", False) else []
+    if getattr(trainer_args, "optimizer", "adamw") == "adamw8bit":
+        flags.append("--use-8bit-adam")
+    return flags
+
+
 def preflight(trainer_args, gpu_gib: float | None = None) -> tuple[bool, str]:
     """For the trainer, before it loads weights: rehearse its flags on the ``--pretrained-model`` folder's
     configs (:func:`folder_pipeline`, no weights read) and judge them against ``gpu_gib`` (default: the
@@ -898,7 +962,7 @@ def preflight(trainer_args, gpu_gib: float | None = None) -> tuple[bool, str]:
         ema=trainer_args.ema,
         layers=trainer_args.layers,
         max_objs=trainer_args.max_objs,
-        trainer_flags=["--bf16-adapter"] if getattr(trainer_args, "bf16_adapter", False) else [],
+        trainer_flags=_preflight_flags(trainer_args),
     )
     if gpu_gib is None:
         return True, "verdict: no GPU visible, nothing to judge against"

@@ -1,6 +1,5 @@
 """The trainer rehearses its flags before it loads weights (issue 26): on a GPU a run that will not fit is
-refused with the flags that would fit; --no-memory-check and 8-bit Adam (whose state the rehearsal can only
-bound) let it go on. The GPU is faked: the visible card's size is patched."""
+refused with the flags that would fit (8-bit Adam's runs too); --no-memory-check lets it go on. The GPU is faked: the visible card's size is patched."""
 
 import pytest
 
@@ -44,12 +43,13 @@ def test_a_run_that_will_not_fit_the_visible_gpu_is_refused_before_loading(tiny_
     assert said and said[0].startswith("verdict: does NOT fit on ")
 
 
-def test_no_memory_check_and_8_bit_adam_go_on(tiny_folder, small_gpu):
+def test_no_memory_check_goes_on_and_8_bit_adam_is_judged_too(tiny_folder, small_gpu):
     said = []
     check_memory_before_loading(_args(tiny_folder, "--no-memory-check"), said.append)
     assert said == []
-    check_memory_before_loading(_args(tiny_folder, "--use-8bit-adam"), said.append)
-    assert said[0].startswith("verdict: does NOT fit") and "upper bound" in said[1]
+    with pytest.raises(SystemExit, match="--no-memory-check trains anyway"):
+        check_memory_before_loading(_args(tiny_folder, "--use-8bit-adam"), said.append)
+    assert said[0].startswith("verdict: does NOT fit")
 
 
 def test_without_a_gpu_nothing_is_rehearsed(tiny_folder, monkeypatch):
@@ -63,4 +63,4 @@ def test_the_preflight_rehearses_the_bf16_adapter_it_was_given(tiny_folder, monk
     monkeypatch.setattr(plan, "rehearse", lambda opts: seen.append(opts.trainer_flags) or pytest.skip("seen"))
     with pytest.raises(pytest.skip.Exception):
         plan.preflight(_args(tiny_folder, "--bf16-adapter", "--mixed-precision", "bf16"), gpu_gib=24)
-    assert seen == [["--bf16-adapter"]]
+    assert seen and "--bf16-adapter" in seen[0]

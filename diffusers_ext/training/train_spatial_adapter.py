@@ -283,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_memory_before_loading(args, say) -> None:
     """On a GPU, rehearse these flags on the model's configs (``training.plan.preflight``: the trainer's own
     step on the meta device, no weights read) and refuse a run that would run out of memory, naming the flags
-    that would fit, before minutes of loading. 8-bit Adam cannot be rehearsed (bitsandbytes' kernels), so its
-    optimizer state is counted as AdamW's, an upper bound: then the verdict is shown but not enforced."""
+    that would fit, before minutes of loading (8-bit Adam's state included, as bitsandbytes allocates it)."""
     if args.no_memory_check:
         return
     from diffusers_ext.training import plan
@@ -295,9 +294,6 @@ def check_memory_before_loading(args, say) -> None:
     fits, message = plan.preflight(args, gpu_gib)
     say(message)
     if fits:
-        return
-    if args.optimizer == "adamw8bit":
-        say("the rehearsal counts AdamW8bit's state as AdamW's (an upper bound), so the run goes on")
         return
     raise SystemExit(f"{message}; --no-memory-check trains anyway")
 

@@ -280,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def adapter_config(args) -> dict:
+    """The adapter's flags as ``SpatialAdapter.for_unet`` keywords: the early ``--layers`` check on the meta
+    device and the real build use the same ones."""
+    return {
+        "layers": args.layers,
+        "max_objs": args.max_objs,
+        "hidden_dim": args.hidden_dim,
+        "init_mode": args.init_mode,
+        "gate_init": args.gate_init_value,
+        "freeze_gate": args.freeze_gate,
+    }
+
+
 def check_memory_before_loading(args, say) -> None:
     """On a GPU, rehearse these flags on the model's configs (``training.plan.preflight``: the trainer's own
     step on the meta device, no weights read) and refuse a run that would run out of memory, naming the flags
@@ -440,12 +453,7 @@ def check_layers(args, pipe, phrase_width: int) -> None:
             SpatialAdapter.for_unet(
                 pipe.unet,
                 phrase_dim=phrase_width,
-                layers=args.layers,
-                max_objs=args.max_objs,
-                hidden_dim=args.hidden_dim,
-                init_mode=args.init_mode,
-                gate_init=args.gate_init_value,
-                freeze_gate=args.freeze_gate,
+                **adapter_config(args),
             )
     except ValueError as e:
         if str(e).startswith("--layers"):  # fuser_presets.resolve_layers names the flag, presets and prefixes
@@ -676,12 +684,7 @@ def build_trainables(
     adapter = SpatialAdapter.for_unet(
         unet,
         phrase_dim=phrase_width if phrase_width is not None else phrase_dim(pipe),
-        layers=args.layers,
-        max_objs=args.max_objs,
-        hidden_dim=args.hidden_dim,
-        init_mode=args.init_mode,
-        gate_init=args.gate_init_value,
-        freeze_gate=args.freeze_gate,
+        **adapter_config(args),
     )
     adapter.install(unet)
     if args.gradient_checkpointing:

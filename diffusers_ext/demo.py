@@ -96,6 +96,15 @@ DEMO_CONFIG = {
     "base_unet": str(SHIPPED_BASE),
     # a base_unet file whose sha256 differs is refused (a damaged or replaced file); None skips the check
     "base_sha256": SHIPPED_BASE_SHA256,
+    # the trainer's memory levers (issue 28; benchmarks/bench_diffusers_adapter_levers.py weighs what each
+    # costs in layout control): a fuser preset or block prefixes (None: every block, GLIGEN), the optimizer
+    # (diffusers_ext.training.optimizers: "adamw" or "adamw8bit"), each batch split into this many
+    # micro-batches whose gradients add up (the trainer's --gradient-accumulation-steps), and bf16 adapter
+    # weights with stochastic rounding under bf16 autocast (--bf16-adapter; sampled in fp32 like the others)
+    "adapter_layers": None,
+    "adapter_optimizer": "adamw",
+    "gradient_accumulation_steps": 1,
+    "bf16_adapter": False,
 }
 
 # --quick (the command-line test): the same path with a short adapter phase and a small evaluation
@@ -171,7 +180,13 @@ def _sample(unet, adapter, context, boxes, masks, cfg, noise, desc="sample") -> 
     return [Image.fromarray(a) for a in arrays]
 
 
-def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="train"):
+def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="train", seed=None):
+    """``steps`` AdamW steps on random batches of ``data``; the base phase when ``adapter`` is None.
+
+    ``seed`` (default ``cfg["seed"]``) draws the batches, noise and timesteps. For the adapter the levers of
+    ``cfg`` apply: ``adapter_optimizer``, ``gradient_accumulation_steps`` (the batch, drawn as one, is split
+    into micro-batches whose mean-loss gradients add up to the batch's) and ``bf16_adapter``.
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -185,11 +200,21 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="tra
         beta_schedule="squaredcos_cap_v2",
         prediction_type=cfg["prediction_type"],
     )
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    seed = cfg["seed"] if seed is None else seed
+    bf16 = adapter is not None and cfg["bf16_adapter"]
+    if adapter is None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    else:
+        from diffusers_ext.training.optimizers import build_optimizer
+
+        opt = build_optimizer(
+            params, name=cfg["adapter_optimizer"], lr=lr, bf16_stochastic_rounding=bf16, seed=seed
+        )
     schedule = "constant" if adapter is None else cfg["adapter_lr_schedule"]
     lr_sched = get_scheduler(schedule, opt, num_warmup_steps=0, num_training_steps=steps)
     batch = cfg["batch_size"] if adapter is None else cfg["adapter_batch_size"]
-    g = torch.Generator().manual_seed(cfg["seed"] + (1 if adapter is None else 2))
+    micro = 1 if adapter is None else cfg["gradient_accumulation_steps"]
+    g = torch.Generator().manual_seed(seed + (1 if adapter is None else 2))
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True)
     for step in bar:
@@ -199,17 +224,24 @@ def _train(unet, params, data, steps, lr, cfg, adapter=None, log=None, desc="tra
         t_min = 0 if adapter is None else cfg["adapter_min_timestep"]
         t = torch.randint(t_min, cfg["train_timesteps"], (len(idx),), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
-        kwargs = (
-            None if adapter is None else adapter.cross_attention_kwargs(boxes[idx], context[idx], masks[idx])
-        )
         target = x0 if cfg["prediction_type"] == "sample" else noise
-        pred = unet(_with_coords(xt, cfg), t, context[idx], cross_attention_kwargs=kwargs).sample
-        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in torch.arange(len(idx)).chunk(micro):  # one part unless gradients are accumulated
+            i = idx[part]
+            kwargs = (
+                None if adapter is None else adapter.cross_attention_kwargs(boxes[i], context[i], masks[i])
+            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = unet(
+                    _with_coords(xt[part], cfg), t[part], context[i], cross_attention_kwargs=kwargs
+                ).sample
+            part_loss = F.mse_loss(pred.float(), target[part]) * (len(part) / len(idx))
+            part_loss.backward()
+            loss += part_loss.detach()
         opt.step()
         lr_sched.step()
-        losses.append(loss.item())
+        losses.append(float(loss))
         bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", refresh=False)
         if log is not None and (step % cfg["log_every"] == 0 or step == steps - 1):
             log(step, losses)
@@ -395,11 +427,13 @@ def _base(cfg: dict) -> tuple:
     source = cfg["base_unet"]
     if source is None:
         import numpy as np
+        import torch
 
         print(
             f"diffusers_ext: training a base UNet for {cfg['base_steps']} steps (base_unet=None)", flush=True
         )
-        unet, table, losses = train_base(cfg)
+        with torch.random.fork_rng():  # the adapter's init then depends on the training seed alone
+            unet, table, losses = train_base(cfg)
         return unet, table, {"source": "trained here", "loss_first_25": float(np.mean(losses[:25])),
                              "loss_last_25": float(np.mean(losses[-25:]))}  # fmt: skip
     path = Path(source)
@@ -412,11 +446,41 @@ def _base(cfg: dict) -> tuple:
                          "loss_last_25": float(metadata["loss_last_25"])}  # fmt: skip
 
 
-def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
+LEVER_KEYS = ("adapter_layers", "adapter_optimizer", "gradient_accumulation_steps", "bf16_adapter")
+
+
+def _check_levers(cfg: dict, seed: int) -> None:
+    """Refuse a lever value the adapter phase cannot run, before anything loads."""
+    from diffusers_ext.training.optimizers import OPTIMIZERS
+
+    problems = []
+    if cfg["adapter_optimizer"] not in OPTIMIZERS:
+        problems.append(f"adapter_optimizer {cfg['adapter_optimizer']!r} (accepted: {', '.join(OPTIMIZERS)})")
+    k = cfg["gradient_accumulation_steps"]
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= cfg["adapter_batch_size"]):
+        problems.append(
+            f"gradient_accumulation_steps {k!r} (an integer from 1 to adapter_batch_size "
+            f"{cfg['adapter_batch_size']})"
+        )
+    if not isinstance(cfg["bf16_adapter"], bool):
+        problems.append(f"bf16_adapter {cfg['bf16_adapter']!r} (true or false)")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        problems.append(f"seed {seed!r} (an integer >= 0)")
+    if problems:
+        raise ValueError("diffusers_ext demo: bad " + "; bad ".join(problems))
+
+
+def run(
+    out_dir: Path, config: dict | None = None, quick: bool = False, seed: int = DEMO_CONFIG["seed"]
+) -> dict:
     """Load (or train) the base UNet, train the adapter; evaluate layout IoU against the no-adapter baseline.
 
     ``quick`` applies ``QUICK_CONFIG`` (fewer adapter steps, held-out layouts and sampling steps) before
-    ``config``.
+    ``config``. ``seed`` is the training seed: the adapter's init, its batches, noise and timesteps
+    (``python -m vlext.seeds --part diffusers_ext`` repeats the demo over it). The toy scenes, the phrase
+    vectors, the frozen base and the sampling noise belong to ``config["seed"]`` and stay the same, so every
+    training seed is scored on the same held-out layouts from the same noise, and the no-adapter column
+    does not change with it.
     """
     import numpy as np
     import torch
@@ -428,11 +492,12 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
     if unknown:
         raise ValueError(f"unknown demo config key(s) {unknown}; DEMO_CONFIG has {sorted(DEMO_CONFIG)}")
     cfg = {**DEMO_CONFIG, **(QUICK_CONFIG if quick else {}), **(config or {})}
+    _check_levers(cfg, seed)
     if quick and cfg["base_unet"] is None and "base_steps" not in (config or {}):
         cfg["base_steps"] = QUICK_BASE_STEPS
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(seed)  # the base's random init is overwritten by its weights, or trained in a fork
     started = time.perf_counter()
     unet, table, base_info = _base(cfg)
     world = _world(cfg)
@@ -451,8 +516,11 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
         max_objs=cfg["max_objects"],
         hidden_dim=cfg["adapter_hidden_dim"],
         init_mode=cfg["adapter_init_mode"],
+        layers=cfg["adapter_layers"],
     )
     adapter.install(unet)
+    if cfg["bf16_adapter"]:
+        adapter.to(torch.bfloat16)
     curve = {"step": [], "loss": [], "gate_mean": [], "gate_abs_mean": [], "out_norm": []}
     at_init = {"gate_abs_mean": adapter.gate_stats()["abs_mean"], "out_norm": _output_layer_norm(adapter)}
 
@@ -483,7 +551,9 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
         adapter,
         log,
         "adapter",
+        seed=seed,
     )
+    adapter.float()  # sampled in fp32 like every other setting (bf16 -> fp32 is exact)
 
     _, context, boxes, masks, requests = held_out
     noise = torch.randn(
@@ -524,6 +594,10 @@ def run(out_dir: Path, config: dict | None = None, quick: bool = False) -> dict:
         "share_center_in_box_baseline": base["share_center_in_box"],
         "n_objects": ours["n_objects"],
         "adapter_steps": cfg["adapter_steps"],
+        "training_seed": seed,
+        "adapter_parameters": sum(p.numel() for p in adapter.parameters()),
+        "fusers": len(adapter.layer_names),
+        "levers": {k: cfg[k] for k in LEVER_KEYS},
         "base": base_info,
         "seconds": time.perf_counter() - started,
     }
@@ -564,7 +638,13 @@ def main(argv=None) -> None:
         help="adapter init: zero_out (output layers 0, gate tanh(1)) or gate (GLIGEN: gate 0)",
     )
     parser.add_argument("--adapter-steps", type=int, default=DEMO_CONFIG["adapter_steps"])
-    parser.add_argument("--seed", type=int, default=DEMO_CONFIG["seed"])
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEMO_CONFIG["seed"],
+        help="training seed of the adapter phase (default %(default)s, as in make demo); the toy scenes, the "
+        "shipped base and the sampling noise stay the same",
+    )
     parser.add_argument(
         "--train-base",
         type=Path,
@@ -580,8 +660,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.base_unet is not None and not args.base_unet.is_file():
         parser.error(f"--base-unet {args.base_unet}: no such file; write one with --train-base FILE")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.train_base is not None:
-        cfg = {**DEMO_CONFIG, "seed": args.seed}
+        cfg = dict(DEMO_CONFIG)
         unet, table, losses = train_base(cfg)
         save_base(args.train_base, unet, table, cfg, losses)
         print(f"wrote {args.train_base} (sha256 {_sha256(args.train_base)})")
@@ -593,14 +675,10 @@ def main(argv=None) -> None:
         {
             "adapter_init_mode": args.init_mode,
             "adapter_steps": args.adapter_steps,
-            "seed": args.seed,
-            # the shipped base was trained with the default seed's scenes and phrase vectors: another
-            # seed trains its own base first, unless --base-unet names one
-            "base_unet": args.base_unet
-            if args.base_unet is not None
-            else (DEMO_CONFIG["base_unet"] if args.seed == DEMO_CONFIG["seed"] else None),
+            "base_unet": args.base_unet if args.base_unet is not None else DEMO_CONFIG["base_unet"],
             "base_sha256": None if args.base_unet is not None else DEMO_CONFIG["base_sha256"],
         },
+        seed=args.seed,
     )
 
 

@@ -39,15 +39,74 @@ def test_statistics_are_mean_and_range_over_seeds_and_the_comparison_counts_wins
     assert lines[-1] == "| seeds where bank K=64, warmup 4 is higher | 2 of 3 | 3 of 3 |"
 
 
-def test_a_demo_without_a_training_seed_is_refused_before_anything_runs():
+def test_a_demo_without_a_training_seed_is_refused_before_anything_runs(monkeypatch, capsys, tmp_path):
+    import vlext.parts
+    import vlext.seeds
+
+    def run(out_dir, quick=False):  # a registry demo whose run takes no seed
+        raise AssertionError("must not run")
+
+    monkeypatch.setattr(vlext.parts, "load_demo_function", lambda name: run)
+    with pytest.raises(SystemExit) as exit_info:
+        vlext.seeds.main(["--part", "clip_ext", "--out", str(tmp_path / "s")])
+    assert exit_info.value.code == 2
+    assert "--part clip_ext: clip_ext.demo:run takes no seed argument" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_part_compared_in_columns_is_transposed_to_one_row_per_setting():
+    """diffusers_ext's table has one row per score and the settings as columns."""
+    from vlext.seeds import transposed
+
+    table = {
+        "title": "t",
+        "columns": ["score", "adapter", "no adapter"],
+        "rows": [["IoU", 0.5, 0.1], ["hit", 0.4, 0.2]],
+    }
+    assert transposed(table) == {
+        "title": "t",
+        "columns": ["setting", "IoU", "hit"],
+        "rows": [["adapter", 0.5, 0.4], ["no adapter", 0.1, 0.2]],
+    }
+    data = seed_statistics("diffusers_ext", {0: transposed(table)})
+    assert data["comparison"]["difference"]["IoU"]["mean"] == pytest.approx(0.4)
+    assert data["comparison"]["ahead"] == {"IoU": 1, "hit": 1}
+
+
+@pytest.mark.slow
+def test_quick_diffusers_demo_over_two_seeds_varies_the_training_and_not_the_baseline(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "vlext.seeds", "--part", "diffusers_ext"],
-        cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "vlext.seeds",
+            "--part",
+            "diffusers_ext",
+            "--seeds",
+            "2",
+            "--quick",
+            "--out",
+            "s",
+        ],
+        cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
     )
-    assert proc.returncode == 2 and "seeds run for ['clip_ext', 'lavis_ext']" in proc.stderr
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "s" / "seeds.json").read_text())
+    assert data["seeds"] == [0, 1] and data["columns"][0] == "setting"
+    per_seed = data["per_seed"]
+    # the same frozen base, held-out layouts and noise: the no-adapter scores do not move with the seed
+    assert per_seed["0"]["no adapter"] == per_seed["1"]["no adapter"]
+    for seed in (0, 1):
+        result = json.loads((tmp_path / "s" / f"seed_{seed}" / "diffusers_ext" / "result.json").read_text())
+        assert result["result"]["training_seed"] == seed
+        assert per_seed[str(seed)]["adapter"][0] == round(result["result"]["mean_iou_adapter"], 3)
+    assert data["comparison"]["treatment"] == "adapter" and data["comparison"]["control"] == "no adapter"
+    assert "| adapter minus no adapter | " in proc.stdout
 
 
 @pytest.mark.slow

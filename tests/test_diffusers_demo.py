@@ -47,6 +47,65 @@ def test_micro_demo_in_gligen_gate_mode_opens_the_gate(tmp_path):
     assert result["gate_abs_mean_init"] == 0.0 and result["output_layer_norm_init"] > 0.0
 
 
+def _adapter_weights(result_dir):
+    """The adapter's output-layer norm and loss curve end: what a training seed or a lever changes."""
+    data = json.loads((result_dir / "diffusers_demo.json").read_text())
+    return data["output_layer_norm_end"], data["adapter_loss_end"]
+
+
+def test_the_training_seed_moves_the_adapter_and_nothing_else(tmp_path):
+    own = run(tmp_path / "own", MICRO)
+    zero = run(tmp_path / "zero", MICRO, seed=0)
+    other = run(tmp_path / "other", MICRO, seed=5)
+    assert _adapter_weights(tmp_path / "own") == _adapter_weights(tmp_path / "zero")  # 0 is the demo's own
+    assert _adapter_weights(tmp_path / "other") != _adapter_weights(tmp_path / "zero")
+    assert other["training_seed"] == 5 and own["training_seed"] == 0
+    # the base, the held-out layouts and the sampling noise belong to the data seed
+    assert other["base"]["loss_last_25"] == zero["base"]["loss_last_25"]
+    assert other["mean_iou_baseline"] == zero["mean_iou_baseline"]
+
+
+def test_accumulated_micro_batches_take_the_step_of_the_whole_batch(tmp_path):
+    whole = run(tmp_path / "whole", MICRO)
+    parts = run(tmp_path / "parts", {**MICRO, "gradient_accumulation_steps": 2})
+    assert parts["levers"]["gradient_accumulation_steps"] == 2
+    # the same draws, gradients summed in another order: equal to float rounding
+    assert parts["output_layer_norm_end"] == pytest.approx(whole["output_layer_norm_end"], rel=1e-5)
+    assert parts["adapter_loss_end"] == pytest.approx(whole["adapter_loss_end"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [{"adapter_layers": "mid"}, {"adapter_optimizer": "adamw8bit"}, {"bf16_adapter": True}],
+    ids=["mid-preset", "8bit-adam", "bf16-adapter"],
+)
+def test_each_memory_lever_trains_the_adapter_away_from_its_zero_init(tmp_path, lever):
+    result = run(tmp_path, {**MICRO, **lever})
+    assert result["output_layer_norm_init"] == 0.0 < result["output_layer_norm_end"]
+    assert {k: result["levers"][k] for k in lever} == lever
+    if "adapter_layers" in lever:
+        assert result["fusers"] == 1  # the mid block's one transformer block of the tiny UNet
+
+
+@pytest.mark.parametrize(
+    "lever, message",
+    [
+        ({"adapter_optimizer": "sgd"}, "bad adapter_optimizer 'sgd' (accepted: adamw, adamw8bit)"),
+        ({"gradient_accumulation_steps": 0}, "bad gradient_accumulation_steps 0 (an integer from 1 to"),
+        (
+            {"gradient_accumulation_steps": 8},
+            "bad gradient_accumulation_steps 8 (an integer from 1 to adapter_batch_size 4)",
+        ),
+        ({"bf16_adapter": "yes"}, "bad bf16_adapter 'yes' (true or false)"),
+    ],
+)
+def test_a_lever_the_adapter_phase_cannot_run_is_refused_before_anything_loads(tmp_path, lever, message):
+    with pytest.raises(ValueError) as error:
+        run(tmp_path / "out", {**MICRO, **lever})
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_command_line_refuses_a_step_count_it_cannot_run(capsys):
     with pytest.raises(SystemExit):
         main(["--adapter-steps", "0"])

@@ -20,6 +20,7 @@ A used ``--out`` is refused unless ``--overwrite`` (:mod:`vlext.output_folder`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one demo in this process
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # internal, with --part (vlext.seeds)
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # internal, with --part: JSON config overrides
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         (demo,) = [d for d in demos if d.package == args.part]
-        status = run_part(demo.run, args.out / demo.package, args.quick, args.seed)["status"]
+        config = None if args.config is None else json.loads(args.config)
+        status = run_part(demo.run, args.out / demo.package, args.quick, args.seed, config)["status"]
         return 0 if status != "failed" else 1
     problem = output_folder_problem(args.out, args.overwrite)
     if problem:

@@ -41,8 +41,12 @@ def load_demo_function(run: str):
     return getattr(module, function)
 
 
-def run_part(run: str, out_dir: Path, quick: bool, seed: int | None = None) -> dict:
-    """Run one demo in this process; returns ``{"status", "seconds", "result"}`` and writes it to out_dir."""
+def run_part(
+    run: str, out_dir: Path, quick: bool, seed: int | None = None, config: dict | None = None
+) -> dict:
+    """Run one demo in this process; returns ``{"status", "seconds", "result"}`` and writes it to out_dir.
+
+    ``config`` (overrides of the demo's own config) is passed on only when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     function = load_demo_function(run)
     if function is None:
@@ -50,7 +54,8 @@ def run_part(run: str, out_dir: Path, quick: bool, seed: int | None = None) -> d
     else:
         start = time.perf_counter()
         try:
-            result = function(out_dir, quick=quick, **({} if seed is None else {"seed": seed}))
+            kwargs = ({} if seed is None else {"seed": seed}) | ({} if config is None else {"config": config})
+            result = function(out_dir, quick=quick, **kwargs)
             entry = {"status": "ok", "seconds": round(time.perf_counter() - start, 1), "result": result}
         except Exception:
             traceback.print_exc()
@@ -104,6 +109,7 @@ class PartJob:
     out: Path  # the part writes into out/<package>
     what: str = ""
     seed: int | None = None
+    config: str | None = None  # JSON of the demo's config overrides (a benchmark's variant); None: its own
 
 
 def _launch(job: PartJob, quick: bool, threads: int, native: bool) -> tuple:
@@ -122,6 +128,7 @@ def _launch(job: PartJob, quick: bool, threads: int, native: bool) -> tuple:
         + (["--native-kernels"] if native else [])
     )
     cmd += [] if job.seed is None else ["--seed", str(job.seed)]
+    cmd += [] if job.config is None else ["--config", job.config]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     start = time.perf_counter()
     return proc, _Relay(job.name, proc.stdout, start), start

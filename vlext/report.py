@@ -268,7 +268,10 @@ def seeds_headline(data: dict, column: str) -> str:
     if not comparison or column not in comparison["difference"]:
         raise ValueError(f"seeds_{data['part']}.json has no comparison in column {column!r}")
     d, n = comparison["difference"][column], len(data["seeds"])
-    places = 1 if column != "final train loss" else 3
+    j = data["columns"].index(column) - 1
+    places = _decimals(
+        row[j] for rows in data["per_seed"].values() for row in rows.values() if row[j] is not None
+    )
     f = f"{{:+.{places}f}}"
     return (
         f"{comparison['treatment']} minus {comparison['control']}, {column}: {f.format(d['mean'])} on average "

@@ -1,7 +1,7 @@
 """``python -m vlext.seeds --part lavis_ext --seeds 3``: one demo over N training seeds, mean and range.
 
 A demo compares two settings on one seed (lavis_ext: gated fusion vs plain SPRC; clip_ext: the memory bank
-vs none). How far such a lead is from noise shows only over several seeds, so this runs the part's demo
+vs none; diffusers_ext: the adapter vs none, on the same frozen UNet and noise). How far such a lead is from noise shows only over several seeds, so this runs the part's demo
 (the same ``run`` function ``make demo`` runs, each seed in its own process with ``--threads`` torch threads,
 ``--jobs`` at a time, as :mod:`vlext.demo` runs its parts) for the seeds ``first, first + 1, ...`` and prints
 each table row's mean and range over them, the treatment-minus-control difference per metric, and in how
@@ -31,7 +31,21 @@ from vlext.report import seeds_markdown  # noqa: F401  (re-exported: the table v
 COMPARISONS = {
     "lavis_ext": ("sprc+gated_fusion", "sprc"),
     "clip_ext": ("bank K=64, warmup*", "no bank"),
+    "diffusers_ext": ("adapter", "no adapter"),
 }
+# parts whose demo table compares its settings in columns (one row per score): transposed before the
+# statistics, so that every part's seeds.json has one row per setting and one column per score
+BY_COLUMN = {"diffusers_ext"}
+
+
+def transposed(table: dict) -> dict:
+    """A demo table with settings as columns turned into one with settings as rows (``title`` kept)."""
+    columns, rows = table["columns"], table["rows"]
+    return {
+        "title": table["title"],
+        "columns": ["setting", *(row[0] for row in rows)],
+        "rows": [[setting, *(row[j] for row in rows)] for j, setting in enumerate(columns[1:], start=1)],
+    }
 
 
 def _row(rows: dict[str, list], pattern: str) -> str:
@@ -79,7 +93,9 @@ def seed_statistics(part: str, tables: dict[int, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--part", required=True, help="the demo to repeat: lavis_ext or clip_ext")
+    parser.add_argument(
+        "--part", required=True, help="the demo to repeat: lavis_ext, clip_ext or diffusers_ext"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (default 3)")
     parser.add_argument(
         "--first-seed",
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {', '.join(failed)} (their logs are above)")
         return 1
     tables = {s: entries[job.name]["result"]["tables"][0] for s, job in zip(seeds, jobs)}
+    if args.part in BY_COLUMN:
+        tables = {s: transposed(table) for s, table in tables.items()}
     data = seed_statistics(args.part, tables)
     data.update(
         quick=args.quick,

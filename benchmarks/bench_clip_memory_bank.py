@@ -10,27 +10,18 @@ Usage: ``python benchmarks/bench_clip_memory_bank.py [--bank-size 65536] [--batc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+if __package__ in (None, ""):  # started by path: fairscale's `benchmarks` package must not shadow ours
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import interleaved_medians  # noqa: E402
 
 # torch and the libraries under test load in the functions that use them: `--help` answers at once.
 if TYPE_CHECKING:
     from clip_ext.memory_bank import MemoryBank
-
-
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, run in turn (A, B, A, B, ...) so that load drifting on a shared
-    machine hits every variant alike; one warm-up call each first."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _full_bank(size: int, dim: int) -> MemoryBank:
@@ -60,7 +51,7 @@ def bench_loss(size: int, dim: int, batch: int, repeats: int) -> None:
     def step(loss):
         return lambda: loss(image, text, scale).backward()
 
-    medians = _interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
+    medians = interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
     t_plain, t_bank = medians["plain"], medians["bank"]
     print(f"loss fwd+bwd, batch {batch}, K={size}, D={dim}: ClipLoss {1e3 * t_plain:.2f} ms, "
           f"MemoryBankClipLoss {1e3 * t_bank:.2f} ms, ratio {t_bank / t_plain:.2f}")  # fmt: skip
@@ -94,7 +85,7 @@ def bench_step(model_name: str, size: int, batch: int, repeats: int) -> None:
 
         return run
 
-    medians = _interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
+    medians = interleaved_medians({"plain": step(plain), "bank": step(banked)}, repeats)
     t_plain, t_bank = medians["plain"], medians["bank"]
     print(f"train step of {model_name}, batch {batch}, K={size}, D={dim}: without bank {1e3 * t_plain:.1f} ms, "
           f"with bank {1e3 * t_bank:.1f} ms, ratio {t_bank / t_plain:.3f} (goal <= 1.05)")  # fmt: skip

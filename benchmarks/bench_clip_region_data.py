@@ -21,10 +21,15 @@ Usage: ``python benchmarks/bench_clip_region_data.py [--n 1024] [--shards 4] [--
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # started by path: fairscale's `benchmarks` package must not shadow ours
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import interleaved_medians  # noqa: E402
 
 
 def _epoch(loader) -> float:
@@ -32,16 +37,6 @@ def _epoch(loader) -> float:
     for batch in loader:
         samples += len(batch[0])
     return samples / (time.perf_counter() - start)
-
-
-def _interleaved_medians(loaders: dict, repeats: int) -> dict:
-    for loader in loaders.values():
-        _epoch(loader)  # warm-up: workers start, caches fill
-    rates = {name: [] for name in loaders}
-    for _ in range(repeats):
-        for name, loader in loaders.items():
-            rates[name].append(_epoch(loader))
-    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def _loaders(root: Path, args) -> dict:
@@ -102,7 +97,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_clip_region_data_") as tmp:
-        rates = _interleaved_medians(_loaders(Path(tmp), args), args.repeats)
+        rates = interleaved_medians(_loaders(Path(tmp), args), args.repeats, measure=_epoch)
     print(f"loader samples/s, {args.n} toy samples (64 px PNG -> {args.image_size} px), {args.shards} shards, "
           f"{args.workers} workers, batch {args.batch}, median of {args.repeats} epochs")  # fmt: skip
     plain = rates["webdataset, open_clip's loader"]

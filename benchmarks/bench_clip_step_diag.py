@@ -16,21 +16,13 @@ Usage: ``python benchmarks/bench_clip_step_diag.py [--model clip-ext-tiny] [--ba
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
+if __package__ in (None, ""):  # started by path: fairscale's `benchmarks` package must not shadow ours
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, run in turn so that load drift on a shared machine hits all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from benchmarks.timing import interleaved_medians  # noqa: E402
 
 
 def _host_reads(fn) -> int:
@@ -120,7 +112,7 @@ def main() -> None:
     }
     variants = {name: step(*loss) for name, loss in losses.items()}
     reads = {name: _host_reads(loss_reads(*loss)) for name, loss in losses.items()}
-    medians = _interleaved_medians(variants, args.repeats)
+    medians = interleaved_medians(variants, args.repeats)
     base = medians["without bank (ClipLoss)"]
     print(f"train step of {args.model}, batch {args.batch}, K={args.bank_size}, D={dim}, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeats}:")  # fmt: skip

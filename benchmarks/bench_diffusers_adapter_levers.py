@@ -74,10 +74,38 @@ def _from_seeds_file(path: Path, seeds: list[int], quick: bool) -> dict[int, dic
         raise SystemExit(
             f"--baseline {path}: written with --quick {bool(data.get('quick'))}, this run is --quick {quick}"
         )
+    from diffusers_ext.demo import DEMO_CONFIG, QUICK_CONFIG, table_title
+
+    expected = table_title({**DEMO_CONFIG, **(QUICK_CONFIG if quick else {})})
+    if data.get("title") != expected:
+        raise SystemExit(
+            f"--baseline {path}: its runs are {data.get('title')!r}, this benchmark's are {expected!r}"
+        )
     missing = [s for s in seeds if str(s) not in data["per_seed"]]
     if missing:
         raise SystemExit(f"--baseline {path}: has seeds {data['seeds']}, not {missing}")
     return {s: dict(zip(data["columns"][1:], data["per_seed"][str(s)]["adapter"])) for s in seeds}
+
+
+def _finished_run(job, quick: bool) -> dict | None:
+    """The table of a run that finished in ``job.out`` with this job's seed, levers and sizes, else None."""
+    from diffusers_ext.demo import DEMO_CONFIG, LEVER_KEYS, QUICK_CONFIG
+    from vlext.parts import RESULT_FILE
+
+    path = job.out / job.package / RESULT_FILE
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not there, or cut short while written: run it again
+    result = entry.get("result") or {}
+    config = {**DEMO_CONFIG, **(QUICK_CONFIG if quick else {}), **json.loads(job.config or "{}")}
+    same = (
+        entry.get("status") == "ok"
+        and result.get("training_seed") == job.seed
+        and result.get("levers") == {k: config[k] for k in LEVER_KEYS}
+        and result.get("adapter_steps") == config["adapter_steps"]
+    )
+    return result["tables"][0] if same else None
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -174,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench_out/adapter_levers"), help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in a used --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue in a used --out: a run that finished there with the same variant, seed and sizes is "
+        "read back instead of run again (an interrupted benchmark loses only its unfinished runs)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (default 2)")
     parser.add_argument(
         "--quick", action="store_true", help="the demo's --quick sizes (a test of the command)"
@@ -188,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--baseline {args.baseline}: no such file (python -m vlext.seeds --part diffusers_ext)")
     from vlext.output_folder import output_folder_problem
 
-    problem = output_folder_problem(args.out, args.overwrite)
+    if args.resume and args.overwrite:
+        parser.error("--resume keeps the finished runs of --out and --overwrite replaces them: give one")
+    problem = None if args.resume else output_folder_problem(args.out, args.overwrite)
     if problem:
         parser.error(problem)
     seeds = list(range(args.seeds))
@@ -211,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         if variant not in scores
         for s in seeds
     }
+    if args.resume:
+        for key, job in list(jobs.items()):
+            table = _finished_run(job, args.quick)
+            if table is not None:
+                print(f"=== {job.name}: finished in {job.out}, read back (--resume)", flush=True)
+                scores.setdefault(key[0], {})[key[1]] = _scores(table)
+                del jobs[key]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     entries = run_parts(list(jobs.values()), args.quick, args.jobs, threads=1)
@@ -218,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"failed: {', '.join(failed)} (their logs are above)")
         return 1
-    for variant in variants:  # the table in VARIANTS order, whatever order the runs took
-        for s in seeds:
-            if (variant, s) in jobs:
-                table = entries[jobs[variant, s].name]["result"]["tables"][0]
-                scores.setdefault(variant, {})[s] = _scores(table)
+    for (variant, s), job in jobs.items():
+        scores.setdefault(variant, {})[s] = _scores(entries[job.name]["result"]["tables"][0])
+    scores = {
+        v: dict(sorted(scores[v].items())) for v in variants
+    }  # VARIANTS order, whatever order the runs took
     summary = summarize(scores, memory_at_published_size())
     summary.update(
         quick=args.quick,

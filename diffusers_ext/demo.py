@@ -449,6 +449,14 @@ def _base(cfg: dict) -> tuple:
 LEVER_KEYS = ("adapter_layers", "adapter_optimizer", "gradient_accumulation_steps", "bf16_adapter")
 
 
+def table_title(cfg: dict) -> str:
+    """The title of the demo's table: what its scores were computed on (a seeds file carries it too)."""
+    return (
+        f"diffusers_ext: layout control on {cfg['n_eval']} held-out layouts after {cfg['adapter_steps']} "
+        "adapter steps (same noise, same frozen UNet)"
+    )
+
+
 def _check_levers(cfg: dict, seed: int) -> None:
     """Refuse a lever value the adapter phase cannot run, before anything loads."""
     from diffusers_ext.training.optimizers import OPTIMIZERS
@@ -609,8 +617,7 @@ def run(
     rows = [[label, round(a, 3), round(b, 3)] for label, a, b in rows]
     result["tables"] = [
         {
-            "title": f"diffusers_ext: layout control on {cfg['n_eval']} held-out layouts after "
-            f"{cfg['adapter_steps']} adapter steps (same noise, same frozen UNet)",
+            "title": table_title(cfg),
             "columns": ["score", "adapter", "no adapter"],
             "rows": rows,
         }

@@ -15,9 +15,14 @@ from benchmarks.bench_diffusers_adapter_levers import (
     markdown,
     summarize,
 )
+from diffusers_ext.demo import DEMO_CONFIG, QUICK_CONFIG, table_title
 
 REPO = Path(__file__).resolve().parents[1]
-SCORES = ["mean IoU with the requested box (64 objects)", "share of objects with IoU > 0.5", "centre"]
+SCORES = [
+    "mean IoU with the requested box (64 objects)",
+    "share of objects with IoU > 0.5",
+    "share of objects whose centre lies in the box",
+]
 
 
 def _scores(iou):
@@ -45,6 +50,7 @@ def test_the_reference_runs_are_read_from_a_seeds_file_of_the_same_demo(tmp_path
     data = {
         "part": "diffusers_ext",
         "quick": False,
+        "title": table_title(DEMO_CONFIG),
         "seeds": [0, 1],
         "columns": ["setting", *SCORES],
         "per_seed": {
@@ -59,26 +65,47 @@ def test_the_reference_runs_are_read_from_a_seeds_file_of_the_same_demo(tmp_path
         _from_seeds_file(path, [0, 1, 2], quick=False)
     with pytest.raises(SystemExit, match="written with --quick False, this run is --quick True"):
         _from_seeds_file(path, [0], quick=True)
+    path.write_text(json.dumps({**data, "title": table_title({**DEMO_CONFIG, "adapter_steps": 10})}))
+    with pytest.raises(
+        SystemExit, match="its runs are 'diffusers_ext: layout control on 64 held-out layouts after 10"
+    ):
+        _from_seeds_file(path, [0], quick=False)
     path.write_text(json.dumps({**data, "part": "clip_ext"}))
     with pytest.raises(SystemExit, match="not a diffusers_ext seeds.json"):
         _from_seeds_file(path, [0], quick=False)
 
 
 @pytest.mark.slow
-def test_the_quick_benchmark_runs_by_path_from_another_directory(tmp_path):
+def test_the_quick_benchmark_runs_by_path_from_another_directory_and_resumes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    quick_scores = [SCORES[0].replace("64", "8"), *SCORES[1:]]
+    baseline = {  # the all-blocks runs, as `vlext.seeds --part diffusers_ext --quick` writes them
+        "part": "diffusers_ext",
+        "quick": True,
+        "title": table_title({**DEMO_CONFIG, **QUICK_CONFIG}),
+        "seeds": [0],
+        "columns": ["setting", *quick_scores],
+        "per_seed": {"0": {"adapter": [0.25, 0.5, 0.75], "no adapter": [0.1, 0.0, 0.2]}},
+    }
+    (tmp_path / "seeds.json").write_text(json.dumps(baseline))
     script = REPO / "benchmarks" / "bench_diffusers_adapter_levers.py"
     args = [sys.executable, str(script), "--quick", "--seeds", "1", "--variants", "mid", "--out", "b"]
+    args += ["--baseline", "seeds.json"]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((tmp_path / "b" / "levers.json").read_text())
     assert list(data["variants"]) == [REFERENCE, "mid"]
-    for variant, folder in ((REFERENCE, "all_blocks"), ("mid", "mid")):  # every figure is its run's own
-        run = json.loads((tmp_path / "b" / folder / "seed_0" / "diffusers_ext" / "result.json").read_text())
-        assert data["per_seed"][variant]["0"][SCORES[1]] == round(
-            run["result"]["share_iou_gt_0.5_adapter"], 3
-        )
+    assert data["per_seed"][REFERENCE]["0"] == dict(zip(quick_scores, [0.25, 0.5, 0.75]))  # read, not run
+    run = json.loads((tmp_path / "b" / "mid" / "seed_0" / "diffusers_ext" / "result.json").read_text())
+    assert run["result"]["levers"]["adapter_layers"] == "mid" and run["result"]["fusers"] == 1
+    assert data["per_seed"]["mid"]["0"][SCORES[1]] == round(run["result"]["share_iou_gt_0.5_adapter"], 3)
     assert data["variants"]["mid"]["sdxl_blocks"] == 10 and data["variants"][REFERENCE]["sdxl_blocks"] == 70
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a used --out is refused
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "mid seed 0: finished in" in resumed.stdout and "(started" not in resumed.stdout  # nothing re-run
+    assert json.loads((tmp_path / "b" / "levers.json").read_text())["per_seed"] == data["per_seed"]

@@ -169,6 +169,29 @@ def test_init_adapter_base_unet_takes_the_gated_unet_s_base_weights(toy, tmp_pat
     assert torch.equal(seen["conv_in"], toy["gated"].state_dict()["conv_in.weight"])
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="--use-8bit-adam needs bitsandbytes"
+)
+def test_gligen_xl_fine_tunes_with_the_documented_24_gb_levers(toy, tmp_path, monkeypatch):
+    """docs/gligen_xl.md's command line, at the tiny size: every memory lever with the gated UNet as init."""
+    seen = _spy_on_build(monkeypatch)
+    out = tmp_path / "ft"
+    result = _train(_argv(toy, out, *_gligen_xl(toy), "--resolution", "64", "--mixed-precision", "bf16",
+                          "--bf16-adapter", "--use-8bit-adam", "--gradient-checkpointing", "--cache-dir",
+                          str(tmp_path / "cache"), "--cache-latents", "--batch-size", "1",
+                          "--gradient-accumulation-steps", "2", "--max-train-steps", "1"))  # fmt: skip
+    gated = toy["gated"].state_dict()
+    assert torch.equal(seen["gated"][FUSER], gated[FUSER].to(torch.bfloat16).float())  # bf16 on the device
+    assert result["steps"] == 1 and math.isfinite(result["losses"][0]) and result["gradient_checkpointing"]
+    assert result["placement"].table()["adapter"][1] == torch.bfloat16 and result["on_device"] == [
+        "UNet2DConditionModel"
+    ]
+    loaded = load_spatial_adapter(DiffusionPipeline.from_pretrained(toy["sdxl"]), out / "adapter")
+    assert sorted(loaded.layer_names) == sorted(
+        n for n, b in transformer_blocks(toy["gated"]).items() if b.fuser is not None
+    )
+
+
 # ---- starting from an adapter our trainer saved --------------------------------------------------------------
 
 
@@ -284,6 +307,36 @@ def test_a_phrase_width_that_does_not_fit_is_refused_after_loading_and_before_ov
         f"--pretrained-model {toy['sdxl']}'s text encoders give 64" in str(error.value)
     )
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_freeze_gate_keeps_loaded_gates_and_refuses_gates_that_are_all_zero(toy, our_run, tmp_path):
+    result = _train(_argv(toy, tmp_path / "frozen", "--init-adapter", str(our_run / "adapter"), "--freeze-gate",
+                          "--max-train-steps", "1", model="sd"))  # fmt: skip
+    assert result["trainable"] and not any("alpha_" in n for n in result["trainable"])
+    unet = DiffusionPipeline.from_pretrained(toy["sd"]).unet
+    SpatialAdapter.for_unet(unet, 32, layers="mid", hidden_dim=16).save_pretrained(
+        tmp_path / "fresh"
+    )  # gates 0
+    with pytest.raises(SystemExit) as error:
+        _train(
+            _argv(
+                toy, tmp_path / "out", "--init-adapter", str(tmp_path / "fresh"), "--freeze-gate", model="sd"
+            )
+        )
+    assert (
+        f"--freeze-gate with --init-adapter {tmp_path / 'fresh'}: every loaded gate is 0, and a frozen zero gate "
+        "never opens" in str(error.value)
+    )
+
+
+def test_an_unreachable_hub_id_is_named_with_the_flag(toy, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        _train(_argv(toy, tmp_path / "out", "--init-adapter", "nobody/no-such-adapter", model="sd"))
+    assert str(error.value).startswith(
+        "--init-adapter nobody/no-such-adapter: 'nobody/no-such-adapter' is neither a local file or folder nor "
+        "reachable on the Hugging Face hub"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # ---- resume -------------------------------------------------------------------------------------------------------

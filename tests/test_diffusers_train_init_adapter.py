@@ -289,6 +289,59 @@ def test_a_hub_id_passes_the_early_check_and_a_local_typo_does_not(toy, tmp_path
     assert init_module.check_before_loading(args, set()) is None  # only loading it can tell its shape
 
 
+def test_an_official_gligen_checkpoint_file_trains_and_is_checked_once_loaded(toy, tmp_path, monkeypatch):
+    """A GLIGEN .pth (LDM naming, the whole UNet): only loading it tells its shape, so a differing --max-objs
+    is refused after it loads; without one it trains from the checkpoint's fusers."""
+    from diffusers_ext.gligen_conversion import save_gligen_checkpoint
+
+    unet = DiffusionPipeline.from_pretrained(toy["sd"]).unet
+    torch.manual_seed(5)
+    adapter = SpatialAdapter.for_unet(unet, 32, hidden_dim=16, phrase_norm=False, gate_init=0.5)
+    path = save_gligen_checkpoint(adapter, unet, tmp_path / "gligen.pth")
+    with pytest.raises(SystemExit) as error:
+        _train(_argv(toy, tmp_path / "refused", "--init-adapter", str(path), "--max-objs", "4", model="sd"))
+    assert f"--init-adapter {path}: --max-objs 4 against its 30" in str(error.value)
+    seen = _spy_on_build(monkeypatch)
+    result = _train(
+        _argv(toy, tmp_path / "out", "--init-adapter", str(path), "--max-train-steps", "1", model="sd")
+    )
+    assert result["steps"] == 1
+    expected = {k: v.float() for k, v in adapter_to_gated_state_dict(adapter).items()}
+    assert set(seen["gated"]) == set(expected)
+    assert all(torch.equal(seen["gated"][k], v) for k, v in expected.items())
+
+
+def _hub_cache(tmp_path, monkeypatch, folder, repo="tester/gligen-xl-tiny"):
+    """``folder`` as a hub repo downloaded before: the hub cache's layout (refs/main -> snapshots/<commit>)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return repo
+
+
+def test_a_hub_id_in_the_hub_cache_is_checked_before_loading_and_trains_offline(toy, tmp_path, monkeypatch):
+    repo = _hub_cache(tmp_path, monkeypatch, toy["gligen_xl"])
+    hub = ["--init-adapter", repo, "--init-adapter-subfolder", "unet"]
+    with monkeypatch.context() as m:
+        _no_pipeline_load(m)
+        with pytest.raises(SystemExit) as error:
+            _train(_argv(toy, tmp_path / "out", *hub, "--layers", "mid"))
+    assert (
+        f"--init-adapter {repo} (--init-adapter-subfolder unet): --layers mid (1 blocks) against its 7 blocks"
+        in str(error.value)
+    )
+    seen = _spy_on_build(monkeypatch)
+    result = _train(_argv(toy, tmp_path / "out", *hub, "--max-train-steps", "1"))
+    assert result["steps"] == 1
+    assert torch.equal(seen["gated"][FUSER], toy["gated"].state_dict()[FUSER])
+
+
 def test_a_phrase_width_that_does_not_fit_is_refused_after_loading_and_before_overwrite_deletes(
     toy, gligen_xl_run, tmp_path
 ):

@@ -10,8 +10,9 @@ The loaded adapter's config decides its shape: ``--layers``, ``--hidden-dim`` an
 from it (given, each must equal the loaded value), while ``--init-mode`` and ``--gate-init-value`` describe
 only a fresh adapter's first weights and are refused. Every check that configs can answer runs before any
 weights load (our folder's ``config.json``; a gated UNet's ``config.json`` built on the meta device and split
-the way the loader splits it); a single weights file or a hub id is checked right after it loads, still
-before ``--overwrite`` deletes anything.
+the way the loader splits it; for a hub id, those files in the hub cache when it was downloaded before); a
+single weights file or a hub id not in the cache is checked right after it loads, still before
+``--overwrite`` deletes anything.
 
 Base UNet. GLIGEN checkpoints and gated UNets carry a whole UNet. GLIGEN-XL's base weights are SDXL's own,
 the ones ``--pretrained-model`` already holds, so by default only the grounding is taken and
@@ -113,24 +114,41 @@ def _plain_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _describe(args, unet_config: dict) -> dict | None:
-    """The config the loaded adapter will have, from config files only (None: the source is a single
-    weights file or a hub id, checked once it loads). A gated UNet is built on the meta device and split
-    with the loader's own code, so a block this UNet lacks or a width it does not have is refused here."""
+def _config_file(args, relative: str) -> Path | None:
+    """``relative`` (under ``--init-adapter-subfolder``) in a local SOURCE folder, or in the hub cache for a
+    hub id downloaded before (no network: a repo not in the cache is checked once it loads)."""
     folder = _local_folder(args)
-    if folder is None:
-        return None  # a weights file or a hub id
-    config = folder / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if data.get("_class_name") == "SpatialAdapter":
-            return _plain_config(data)
-    for gated_config in (folder / "config.json", folder / "unet" / "config.json"):
-        try:
-            data = json.loads(gated_config.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("attention_type") != "gated":
+    if folder is not None:
+        path = folder / relative
+        return path if path.is_file() else None
+    source = args.init_adapter
+    if Path(source).exists() or not looks_like_hub_id(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    sub = args.init_adapter_subfolder
+    found = try_to_load_from_cache(source, f"{sub}/{relative}" if sub else relative)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _read_json(path: Path | None) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(args, unet_config: dict) -> dict | None:
+    """The config the loaded adapter will have, from config files only: a local folder's, or a hub id's in
+    the hub cache (None: a single weights file, or a hub id not downloaded yet; checked once it loads). A
+    gated UNet is built on the meta device and split with the loader's own code, so a block this UNet lacks
+    or a width it does not have is refused here."""
+    ours = _read_json(_config_file(args, "config.json"))
+    if ours is not None and ours.get("_class_name") == "SpatialAdapter":
+        return _plain_config(ours)
+    for relative in ("config.json", "unet/config.json"):  # where the loader looks for a gated UNet
+        data = _read_json(_config_file(args, relative))
+        if data is None or data.get("attention_type") != "gated":
             continue
         import torch
         from diffusers import UNet2DConditionModel
@@ -144,10 +162,13 @@ def _describe(args, unet_config: dict) -> dict | None:
                 adapter, _ = adapter_from_gated_state_dict(gated.state_dict(), plain)
         except (KeyError, ValueError, RuntimeError) as e:
             raise SystemExit(
-                f"{_where(args)}: its gated UNet ({gated_config}) does not fit --pretrained-model "
+                f"{_where(args)}: its gated UNet ({relative}) does not fit --pretrained-model "
                 f"{args.pretrained_model}'s UNet: {e}"
             ) from None
         return _plain_config(dict(adapter.config))
+    folder = _local_folder(args)
+    if folder is None:
+        return None  # a weights file, or a hub id not (fully) in the cache
     found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
     raise SystemExit(
         f"{_where(args)}: {folder} holds no spatial adapter: expected our save_pretrained folder (config.json "
@@ -239,14 +260,15 @@ def _unet_config(args, pipeline) -> dict | None:
 
 def check_before_loading(args, given: set[str], pipeline=None) -> dict | None:
     """Every ``--init-adapter`` check that config files can answer, before any weights load: SOURCE exists
-    (or is a hub id), no fresh-adapter flag is given, and where SOURCE is a local folder its adapter fits
+    (or is a hub id), no fresh-adapter flag is given, and where its config files are at hand (a local folder,
+    a hub id in the hub cache) its adapter fits
     ``--pretrained-model``'s UNet and agrees with ``--layers``/``--hidden-dim``/``--max-objs`` (then those
     are taken from it). Returns the adapter's config, or None when only loading can tell."""
     check_source(args)
     _refuse_fresh_only(args, given)
-    if args.init_adapter_base_unet and (folder := _local_folder(args)) is not None:
-        config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name") == "SpatialAdapter":
+    if args.init_adapter_base_unet:
+        config = _read_json(_config_file(args, "config.json"))
+        if config is not None and config.get("_class_name") == "SpatialAdapter":
             raise SystemExit(
                 f"--init-adapter-base-unet with {_where(args)}: that folder holds only an adapter (our "
                 "save_pretrained format), no base UNet; drop --init-adapter-base-unet"

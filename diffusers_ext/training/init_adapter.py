@@ -30,6 +30,7 @@ from pathlib import Path
 __all__ = [
     "FRESH_ONLY",
     "INIT_DECIDED",
+    "adapter_for_resume",
     "apply_loaded_config",
     "check_before_loading",
     "given_flags",
@@ -285,14 +286,61 @@ def check_before_loading(args, given: set[str], pipeline=None) -> dict | None:
     return config
 
 
+def _check_phrase_width(args, config: dict, phrase_width: int) -> None:
+    if config["phrase_dim"] != phrase_width:
+        raise SystemExit(
+            f"{_where(args)}: its grounding tokenizer takes {config['phrase_dim']}-wide phrase features, "
+            f"--pretrained-model {args.pretrained_model}'s text encoders give {phrase_width}; it was trained "
+            "for another pipeline"
+        )
+
+
+def _set_trainable(adapter, freeze_gate: bool) -> None:
+    """Every weight learns, the gates unless ``--freeze-gate`` (the flag decides, not the loaded config). The
+    config keeps the source's ``freeze_gate``: with ``gate_init`` 0 recorded beside it, ``freeze_gate=True``
+    would make the saved adapter refuse to load (a frozen zero gate), though its trained gates are open."""
+    import torch
+
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.requires_grad_(True)
+        for fuser in adapter.fusers:
+            fuser.alpha_attn.requires_grad_(not freeze_gate)
+            fuser.alpha_dense.requires_grad_(not freeze_gate)
+    adapter.train()
+
+
+def adapter_for_resume(args, config: dict, phrase_width: int, checkpoint: Path):
+    """On a resume the checkpoint holds every adapter weight, and they win: the adapter is shaped from
+    ``config`` (:func:`check_before_loading`'s) without reading ``--init-adapter``'s weights (GLIGEN-XL's
+    gated UNet is 4.4 B parameters to read only to be overwritten). Returns None when the checkpoint lacks
+    an adapter weight (then the init weights are loaded under it)."""
+    import torch
+    from safetensors import safe_open
+
+    from diffusers_ext.spatial_adapter import SpatialAdapter
+
+    _check_phrase_width(args, config, phrase_width)
+    with safe_open(str(checkpoint / "trainable.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    with torch.device("meta"):  # no memory, no random draws: every tensor is the checkpoint's
+        adapter = SpatialAdapter.from_config(config)
+    if {f"adapter.{k}" for k in adapter.state_dict()} - saved:
+        return None
+    adapter.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in adapter.state_dict().values():
+            tensor.zero_()  # defined values until the checkpoint's are copied in
+    _set_trainable(adapter, args.freeze_gate)
+    return adapter
+
+
 def load_init_adapter(args, pipe, phrase_width: int, given: set[str]):
     """Load ``--init-adapter`` with :func:`~diffusers_ext.load_spatial_adapter` (``load_base_unet`` only with
     ``--init-adapter-base-unet``), take it off the pipeline again (the trainer installs it after LoRA, so
     peft never wraps the fusers' projections), check it against the pipeline and the flags, and put its
     shape into ``args``. ``--freeze-gate`` decides whether its gates learn. Returns the adapter, on the
     host, every other parameter trainable."""
-    import torch
-
     from diffusers_ext.loaders import load_spatial_adapter
 
     try:
@@ -306,12 +354,7 @@ def load_init_adapter(args, pipe, phrase_width: int, given: set[str]):
         raise SystemExit(f"{_where(args)}: {e}") from None
     adapter.remove()
     config = _plain_config(dict(adapter.config))
-    if config["phrase_dim"] != phrase_width:
-        raise SystemExit(
-            f"{_where(args)}: its grounding tokenizer takes {config['phrase_dim']}-wide phrase features, "
-            f"--pretrained-model {args.pretrained_model}'s text encoders give {phrase_width}; it was trained "
-            "for another pipeline"
-        )
+    _check_phrase_width(args, config, phrase_width)
     unet_config = dict(pipe.unet.config)
     _check_against_unet(args, config, unet_config)
     _compare(args, given, config, unet_config)
@@ -322,11 +365,5 @@ def load_init_adapter(args, pipe, phrase_width: int, given: set[str]):
             f"--freeze-gate with {_where(args)}: every loaded gate is 0, and a frozen zero gate never opens "
             "(tanh(0) = 0 stops every gradient); drop --freeze-gate"
         )
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.requires_grad_(True)
-        for g in gates:
-            g.requires_grad_(not args.freeze_gate)
-    adapter.register_to_config(freeze_gate=bool(args.freeze_gate))
-    adapter.train()
+    _set_trainable(adapter, args.freeze_gate)
     return adapter

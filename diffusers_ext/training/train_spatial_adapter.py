@@ -42,7 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_ext.fuser_presets import PRESETS_HELP
-from diffusers_ext.training.init_adapter import INIT_DECIDED, given_flags, load_init_adapter
+from diffusers_ext.training.init_adapter import (
+    INIT_DECIDED,
+    adapter_for_resume,
+    given_flags,
+    load_init_adapter,
+)
 from diffusers_ext.training.init_adapter import check_before_loading as check_init_adapter_before_loading
 from diffusers_ext.training.resume_check import (
     FIXED,
@@ -1258,8 +1263,11 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
         ]
         for line in check_resumed_flags(saved_flags, args, resume_from, names=early):
             say(line)
-    if args.init_adapter:  # its config, where files tell it, decides --layers/--hidden-dim/--max-objs
-        check_init_adapter_before_loading(args, given, pipeline)
+    described = (
+        None  # --init-adapter's config, where files tell it: it decides --layers/--hidden-dim/--max-objs
+    )
+    if args.init_adapter:
+        described = check_init_adapter_before_loading(args, given, pipeline)
     check_layers_before_loading(args, pipeline)
     rows = check_images(args, rows, report, image_dir, accelerator, say)
     if pipeline is None:
@@ -1268,8 +1276,10 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     kind = pipeline_kind(pipe)
     scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
     init_adapter = None
-    # loaded and checked before --overwrite deletes anything; a resume's checkpoint then loads over it
-    if args.init_adapter:
+    if described is not None and resume_from is not None and not args.init_adapter_base_unet:
+        # the checkpoint's adapter weights win: shaped from the config, the init weights are not read
+        init_adapter = adapter_for_resume(args, described, phrase_width, resume_from)
+    if args.init_adapter and init_adapter is None:  # checked before --overwrite deletes anything
         init_adapter = load_init_adapter(args, pipe, phrase_width, given)
     resolve_defaults(args, pipe)
     if resume_from is not None:  # the defaults' values (and --init-adapter's shape) are known now

@@ -192,6 +192,36 @@ def test_gligen_xl_fine_tunes_with_the_documented_24_gb_levers(toy, tmp_path, mo
     )
 
 
+def test_gligen_xl_s_published_layout_is_described_before_any_weights_load(tmp_path):
+    """At SDXL's published width (configs only, the meta device): GLIGEN-XL's hub layout (a gated SDXL
+    ``unet/config.json``) gives the trainer its 70-block placement, 512-wide tokenizer and 30 objects before
+    anything is read, and an SD1.5 --pretrained-model is refused naming the block it lacks."""
+    from diffusers_ext.testing.published_unets import SD15, SDXL
+
+    def folder(path, config):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **config}))
+
+    folder(tmp_path / "gligen-xl-1024" / "unet", {**SDXL, "attention_type": "gated"})
+    folder(tmp_path / "sdxl" / "unet", SDXL)
+    folder(tmp_path / "sd15" / "unet", SD15)
+
+    def argv(model):
+        return ["--mixed-data", "rows.jsonl", "--pretrained-model", str(tmp_path / model), "--output-dir", "out",
+                "--init-adapter", str(tmp_path / "gligen-xl-1024"), "--init-adapter-subfolder", "unet"]  # fmt: skip
+
+    args = parse_args(argv("sdxl"))
+    config = init_module.check_before_loading(args, init_module.given_flags(argv("sdxl")))
+    assert len(args.layers) == 70 and (args.hidden_dim, args.max_objs) == (512, 30)
+    assert (config["phrase_dim"], config["token_dim"], config["phrase_norm"]) == (2048, 2048, False)
+    args = parse_args(argv("sd15"))
+    with pytest.raises(
+        SystemExit,
+        match=r"--pretrained-model .*sd15's UNet: fuser 'down_blocks.1.attentions.0.transformer_blocks.1' has no matching transformer block in this UNet$",
+    ):
+        init_module.check_before_loading(args, set())
+
+
 # ---- starting from an adapter our trainer saved --------------------------------------------------------------
 
 

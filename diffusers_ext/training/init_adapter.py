@@ -148,7 +148,8 @@ def _describe(args, unet_config: dict) -> dict | None:
     if ours is not None and ours.get("_class_name") == "SpatialAdapter":
         return _plain_config(ours)
     for relative in ("config.json", "unet/config.json"):  # where the loader looks for a gated UNet
-        data = _read_json(_config_file(args, relative))
+        path = _config_file(args, relative)
+        data = _read_json(path)
         if data is None or data.get("attention_type") != "gated":
             continue
         import torch
@@ -162,9 +163,10 @@ def _describe(args, unet_config: dict) -> dict | None:
                 plain = UNet2DConditionModel.from_config(_plain_config(unet_config))
                 adapter, _ = adapter_from_gated_state_dict(gated.state_dict(), plain)
         except (KeyError, ValueError, RuntimeError) as e:
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
             raise SystemExit(
-                f"{_where(args)}: its gated UNet ({relative}) does not fit --pretrained-model "
-                f"{args.pretrained_model}'s UNet: {e}"
+                f"{_where(args)}: its gated UNet ({path}) does not fit --pretrained-model "
+                f"{args.pretrained_model}'s UNet: {reason}"
             ) from None
         return _plain_config(dict(adapter.config))
     folder = _local_folder(args)

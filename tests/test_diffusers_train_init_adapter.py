@@ -480,3 +480,21 @@ def test_a_run_resumed_from_its_init_adapter_checkpoint_continues_like_the_unint
         resumed = load_file(str(tmp_path / "resumed" / folder / name))
         reference = load_file(str(out / folder / name))
         assert all(torch.equal(v, reference[k]) for k, v in resumed.items()), folder
+
+
+@pytest.mark.slow
+def test_two_processes_start_from_the_init_adapter_and_take_the_single_process_step(toy, our_run, tmp_path):
+    """Under ``accelerate launch`` with 2 CPU processes each rank loads the init adapter, and the step is the
+    one a single process takes on the same global batch (2 x 1 against 1 x 2 samples)."""
+    from test_diffusers_train_distributed import _launch, _losses
+
+    init = ["--init-adapter", str(our_run / "adapter"), "--max-train-steps", "1"]
+    single = tmp_path / "single"
+    _train(_argv(toy, single, *init, model="sd"))
+    two = tmp_path / "two"
+    _launch(
+        [*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29541
+    )  # the last --batch-size wins
+    assert _losses(two)[1] == pytest.approx(_losses(single)[1], rel=1e-5)
+    again = load_spatial_adapter(DiffusionPipeline.from_pretrained(toy["sd"]), two / "adapter")
+    assert again.layer_names == ["mid_block.attentions.0.transformer_blocks.0"]

@@ -493,7 +493,7 @@ def test_two_processes_start_from_the_init_adapter_and_take_the_single_process_s
     _train(_argv(toy, single, *init, model="sd"))
     two = tmp_path / "two"
     _launch(
-        [*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29541
+        [*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29561
     )  # the last --batch-size wins
     assert _losses(two)[1] == pytest.approx(_losses(single)[1], rel=1e-5)
     again = load_spatial_adapter(DiffusionPipeline.from_pretrained(toy["sd"]), two / "adapter")

@@ -492,9 +492,8 @@ def test_two_processes_start_from_the_init_adapter_and_take_the_single_process_s
     single = tmp_path / "single"
     _train(_argv(toy, single, *init, model="sd"))
     two = tmp_path / "two"
-    _launch(
-        [*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29561
-    )  # the last --batch-size wins
+    # the last --batch-size wins: 2 processes x 1 sample, the single run's global batch of 2
+    _launch([*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29561)
     assert _losses(two)[1] == pytest.approx(_losses(single)[1], rel=1e-5)
     again = load_spatial_adapter(DiffusionPipeline.from_pretrained(toy["sd"]), two / "adapter")
     assert again.layer_names == ["mid_block.attentions.0.transformer_blocks.0"]

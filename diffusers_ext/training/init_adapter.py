@@ -14,10 +14,10 @@ the way the loader splits it; for a hub id, those files in the hub cache when it
 single weights file or a hub id not in the cache is checked right after it loads, still before
 ``--overwrite`` deletes anything.
 
-Base UNet. GLIGEN checkpoints and gated UNets carry a whole UNet. GLIGEN-XL's base weights are SDXL's own,
-the ones ``--pretrained-model`` already holds, so by default only the grounding is taken and
-``--pretrained-model``'s UNet stays (the conditioning cache, LoRA and the memory plan are all about that
-UNet). ``--init-adapter-base-unet`` loads the source's base UNet into the pipeline as well, for checkpoints
+Base UNet. GLIGEN checkpoints and gated UNets carry a whole UNet: the frozen base their fusers were trained
+against. GLIGEN-XL's is SDXL base, which an SDXL ``--pretrained-model`` already holds, so by default only the
+grounding is taken and ``--pretrained-model``'s UNet stays: reading a second copy would cost load time and
+host memory for nothing, and the conditioning cache, LoRA and the memory rehearsal all describe that UNet. ``--init-adapter-base-unet`` loads the source's base UNet into the pipeline as well, for checkpoints
 whose fusers were trained against another base (GLIGEN's SD1.4 checkpoints on an SD1.5 ``--pretrained-model``).
 """
 

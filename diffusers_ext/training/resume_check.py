@@ -59,6 +59,9 @@ FIXED = (
     "ema",
     "ema_decay",
     "seed",
+    "init_adapter",
+    "init_adapter_subfolder",
+    "init_adapter_base_unet",
 )
 # Facts of the run that are not flags but decide which sample a step sees: the number of processes (the
 # global batch and each rank's share of the permutation) and the rows' content. Compared like FIXED.
@@ -88,6 +91,9 @@ def recorded_flags(args) -> dict:
     for name in _PATHS:  # the same file from another working directory is the same file
         if flags[name] is not None:
             flags[name] = str(Path(flags[name]).resolve())
+    source = flags["init_adapter"]
+    if source is not None and Path(source).exists():  # a hub id stays as it is
+        flags["init_adapter"] = str(Path(source).resolve())
     return flags
 
 

@@ -42,8 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_ext.fuser_presets import PRESETS_HELP
+from diffusers_ext.training.init_adapter import (
+    INIT_DECIDED,
+    adapter_for_resume,
+    given_flags,
+    load_init_adapter,
+)
+from diffusers_ext.training.init_adapter import check_before_loading as check_init_adapter_before_loading
 from diffusers_ext.training.resume_check import (
+    FIXED,
+    OVERRIDABLE,
     RESOLVED,
+    RUN_FACTS,
     apply_optimizer_overrides,
     check_resumed_flags,
     data_fingerprint,
@@ -190,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = p.add_argument_group("model")
     model.add_argument("--pretrained-model", required=True, help="SD, SDXL or Kolors pipeline folder")
+    model.add_argument(
+        "--init-adapter",
+        default=None,
+        metavar="SOURCE",
+        help="start from these adapter weights instead of a fresh adapter: anything load_spatial_adapter "
+        "accepts (a folder our trainer saved, e.g. <output-dir>/adapter; a diffusers gated UNet such as "
+        "GLIGEN-XL's, jiuntian/gligen-xl-1024 with --init-adapter-subfolder unet; an official GLIGEN .pth; "
+        "a hub id). Its config decides --layers, --hidden-dim and --max-objs (given, they must equal it); "
+        "--init-mode and --gate-init-value are refused. Only the grounding is taken: --pretrained-model's "
+        "UNet stays (see --init-adapter-base-unet). docs/gligen_xl.md",
+    )
+    model.add_argument(
+        "--init-adapter-subfolder",
+        default=None,
+        metavar="SUB",
+        help="the folder inside --init-adapter's repo or folder that holds the weights (GLIGEN-XL: unet)",
+    )
+    model.add_argument(
+        "--init-adapter-base-unet",
+        action="store_true",
+        help="with a GLIGEN checkpoint or gated UNet as --init-adapter, also load the base UNet stored with "
+        "its fusers into --pretrained-model's UNet (for fusers trained against another base, e.g. GLIGEN's "
+        "SD1.4 checkpoints on SD1.5); default: keep --pretrained-model's UNet (GLIGEN-XL's base is SDXL's own)",
+    )
     model.add_argument("--init-mode", choices=("gate", "zero_out"), default="gate")
     model.add_argument(
         "--gate-init-value",
@@ -346,6 +380,10 @@ def _check_args(args) -> None:
     ):  # fmt: skip
         if getattr(args, name) < 0:
             raise SystemExit(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if args.init_adapter is None:
+        for name in ("init_adapter_subfolder", "init_adapter_base_unet"):
+            if getattr(args, name):
+                raise SystemExit(f"{_flag(name)} needs --init-adapter SOURCE (the weights it applies to)")
     if args.cache_latents and not args.cache_dir:
         raise SystemExit("--cache-latents needs --cache-dir DIR (the folder the latents are cached in)")
     if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
@@ -644,10 +682,19 @@ def freeze_pipeline(pipe) -> None:
 
 
 def build_trainables(
-    args, pipe, placement, *, total_steps: int = 1, world: int = 1, phrase_width: int | None = None
+    args,
+    pipe,
+    placement,
+    *,
+    total_steps: int = 1,
+    world: int = 1,
+    phrase_width: int | None = None,
+    init_adapter=None,
 ) -> Trainables:
     """LoRA (``--lora-rank``), the spatial adapter, both initialised after ``torch.manual_seed(--seed)``
-    (so two runs with one seed start equal), installed into the UNet; every component placed by
+    (so two runs with one seed start equal), installed into the UNet (``init_adapter``: the adapter
+    ``--init-adapter`` loaded, :func:`~diffusers_ext.training.init_adapter.load_init_adapter`, used instead
+    of a fresh one; the EMA then starts from its weights); every component placed by
     ``placement`` (:func:`~diffusers_ext.training.placement.place_for_training`); AdamW over the trainable
     parameters, the LR schedule (``world`` processes each step it once per step, as accelerate does), the
     EMA copy and the noise scheduler. The encoders the cache serves must already be freed (then give
@@ -681,11 +728,14 @@ def build_trainables(
         lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.requires_grad_(True)
-    adapter = SpatialAdapter.for_unet(
-        unet,
-        phrase_dim=phrase_width if phrase_width is not None else phrase_dim(pipe),
-        **adapter_config(args),
-    )
+    if init_adapter is not None:
+        adapter = init_adapter
+    else:
+        adapter = SpatialAdapter.for_unet(
+            unet,
+            phrase_dim=phrase_width if phrase_width is not None else phrase_dim(pipe),
+            **adapter_config(args),
+        )
     adapter.install(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -1186,6 +1236,7 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     the names of the trained parameters, the UNet's dtype, whether it recomputes activations (gradient
     checkpointing), the modules on the device and the cache counts."""
     args = parse_args(argv)
+    given = given_flags(sys.argv[1:] if argv is None else argv)
     output_dir = Path(args.output_dir)
     refuse_reused_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
     _refuse_fp16_without_gpu(args)
@@ -1206,8 +1257,17 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     saved_flags = None
     if resume_from is not None:
         saved_flags = json.loads((resume_from / STATE).read_text()).get("flags")
-        for line in check_resumed_flags(saved_flags, args, resume_from):
+        # with --init-adapter, the shape flags are known for certain once it has loaded: compared then
+        early = [
+            n for n in (*FIXED, *RUN_FACTS, *OVERRIDABLE) if not (args.init_adapter and n in INIT_DECIDED)
+        ]
+        for line in check_resumed_flags(saved_flags, args, resume_from, names=early):
             say(line)
+    described = (
+        None  # --init-adapter's config, where files tell it: it decides --layers/--hidden-dim/--max-objs
+    )
+    if args.init_adapter:
+        described = check_init_adapter_before_loading(args, given, pipeline)
     check_layers_before_loading(args, pipeline)
     rows = check_images(args, rows, report, image_dir, accelerator, say)
     if pipeline is None:
@@ -1215,10 +1275,18 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
     pipe = pipeline if pipeline is not None else load_pipeline(args)
     kind = pipeline_kind(pipe)
     scaling, phrase_width = pipe.vae.config.scaling_factor, phrase_dim(pipe)  # before the cache frees them
+    init_adapter = None
+    if described is not None and resume_from is not None and not args.init_adapter_base_unet:
+        # the checkpoint's adapter weights win: shaped from the config, the init weights are not read
+        init_adapter = adapter_for_resume(args, described, phrase_width, resume_from)
+    if args.init_adapter and init_adapter is None:  # checked before --overwrite deletes anything
+        init_adapter = load_init_adapter(args, pipe, phrase_width, given)
     resolve_defaults(args, pipe)
-    if resume_from is not None:  # the defaults' values are known now
-        check_resumed_flags(saved_flags, args, resume_from, names=RESOLVED)
-    check_layers(args, pipe, phrase_width)
+    if resume_from is not None:  # the defaults' values (and --init-adapter's shape) are known now
+        names = RESOLVED + (INIT_DECIDED if args.init_adapter else ())
+        check_resumed_flags(saved_flags, args, resume_from, names=names)
+    if init_adapter is None:
+        check_layers(args, pipe, phrase_width)
     resolution = args.resolution
     dataset = build_dataset(args, rows, image_dir, resolution, report)
     accelerator.print(f"data cleaning: {report.summary()}")
@@ -1245,7 +1313,13 @@ def train(argv: list[str] | None = None, *, pipeline=None) -> dict:
             args, pipe, kind, dataset, placement, accelerator, resolution=resolution
         )
     trainables = build_trainables(
-        args, pipe, placement, total_steps=total_steps, world=world, phrase_width=phrase_width
+        args,
+        pipe,
+        placement,
+        total_steps=total_steps,
+        world=world,
+        phrase_width=phrase_width,
+        init_adapter=init_adapter,
     )
     on_device = [
         type(getattr(pipe, name)).__name__

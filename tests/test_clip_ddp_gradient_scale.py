@@ -16,12 +16,11 @@ term gives the towers 1 / world size of that gradient; the region InfoNCE follow
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import torchrun_test_file
 
 B, R, M, DIN, D, BANK = 3, 2, 2, 6, 4, 16  # per rank: 3 images of 2 regions, 2 hard-negative slots each
 TERMS = {  # term: (loss entry, bank)
@@ -127,13 +126,7 @@ def _worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def ratios(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_scale")
-    env = {**os.environ, "CLIP_EXT_DIST_OUT": str(out), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve())]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun_test_file(__file__, out)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,12 +9,11 @@ and under the global loss every rank needs the ids of the whole global batch.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import torchrun_test_file
 
 STEPS, LOCAL_BATCH, DIM, BANK = 4, 3, 8, 10  # 6 per global step: the bank wraps with no divisibility
 
@@ -130,13 +129,7 @@ MODES = {"global_loss": False, "local_loss": True}
 
 def _torchrun(out_dir):
     """One torchrun for both loss modes: each rank runs the global-loss and then the local-loss case."""
-    env = {**os.environ, "CLIP_EXT_DIST_OUT": str(out_dir), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve())]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_test_file(__file__, out_dir)
     return {
         mode: [json.loads((out_dir / mode / f"rank{r}.json").read_text()) for r in range(2)] for mode in MODES
     }

@@ -7,6 +7,7 @@ import torch
 from lavis_helpers import CFG, launch
 from lavis_inprocess import train
 from omegaconf import OmegaConf
+from ranks import run_forked_ranks
 
 import lavis_ext  # noqa: F401  (registers the model)
 from lavis_ext.models.blip2_cir_align_prompt import Blip2QformerCirAlignPrompt
@@ -63,15 +64,7 @@ def _gather_worker(rank, store, out_dir):
 
 @pytest.fixture(scope="module")
 def gather_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gather")
-    # a one-process group left by an earlier in-process run would be inherited by the forked ranks
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    # fork: the children inherit the imported lavis (no 20 s re-import); file:// store: no port to pick
-    torch.multiprocessing.start_processes(
-        _gather_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, start_method="fork"
-    )
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_forked_ranks(_gather_worker, tmp_path_factory.mktemp("gather"), WORLD)
 
 
 @pytest.fixture(scope="module")

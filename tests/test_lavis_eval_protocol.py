@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from ranks import run_forked_ranks
 
 import lavis_ext  # noqa: F401  (registers builders, processor, task, model)
 
@@ -141,12 +142,7 @@ def _eval_worker(rank, store, out_dir, roots):
 def test_two_process_evaluation_gives_the_one_process_recalls(toy_fashioniq, toy_cirr, tmp_path):
     """Each rank ranks its share of the queries (then gathered): the same ranks and recalls as one process."""
     roots = {"fashioniq": str(toy_fashioniq), "cirr": str(toy_cirr)}
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    torch.multiprocessing.start_processes(
-        _eval_worker, args=(str(tmp_path / "store"), str(tmp_path), roots), nprocs=WORLD, start_method="fork"
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_forked_ranks(_eval_worker, tmp_path, WORLD, roots)
     model = _model()
     for name, root in roots.items():
         dataset = _build(name, root, ["val"])["val"]

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from omegaconf import OmegaConf
+from ranks import run_forked_ranks
 
 import lavis_ext  # noqa: F401  (registers the model)
 from lavis_ext.models.blip2_cir_align_prompt import Blip2QformerCirAlignPrompt
@@ -82,13 +83,7 @@ def _worker(rank, store, out_dir):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grad_scale")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    torch.multiprocessing.start_processes(
-        _worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, start_method="fork"
-    )
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_forked_ranks(_worker, tmp_path_factory.mktemp("grad_scale"), WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
+from vlext.atomic_files import atomic_save_figure
+
 TRAIN_IMAGES, VAL_IMAGES, EPOCHS, BATCH = 256, 64, 6, 8
 QUICK = {"train_images": 32, "val_images": 16, "epochs": 1}
 LOSS_LINE = re.compile(r"Train Epoch: (\d+) .*Contrastive_loss: ([0-9.]+)")
@@ -82,7 +84,7 @@ def _plot(curves: dict[str, list[float]], path: Path) -> None:
     ax.set_ylabel("train contrastive loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

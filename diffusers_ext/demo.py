@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlext.atomic_files import atomic_save_figure, atomic_save_image, atomic_write_json
+
 # torch, diffusers, numpy and PIL are imported by the functions that use them, so that
 # `python -m diffusers_ext.demo --help` answers at once instead of after a 20 s import.
 if TYPE_CHECKING:
@@ -278,7 +280,7 @@ def _grid(rows: dict[str, list], requests, path: Path, scale: int = 6) -> None:
             for color, box in requests[c]:
                 draw.rectangle([v * size for v in box], outline=COLORS[color], width=2)
             canvas.paste(tile, (margin + c * (size + 2), r * (size + 2)))
-    canvas.save(path)
+    atomic_save_image(canvas, path)
 
 
 def _plot(curve: dict, out_norm_init: float, path: Path) -> None:
@@ -302,7 +304,7 @@ def _plot(curve: dict, out_norm_init: float, path: Path) -> None:
     c.set_xlabel("optimizer steps taken")
     c.set_ylabel("output-layer norm (to_out, ff_out)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -629,7 +631,7 @@ def run(
         },
         {"file": "diffusers_gate_loss.png", "caption": "adapter phase: loss, gates and output-layer norm"},
     ]
-    (out_dir / "diffusers_demo.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out_dir / "diffusers_demo.json", result, indent=2)
     for label, a, b in rows:
         print(f"{label:>50}: adapter {a:.3f}  no adapter {b:.3f}")
     return result

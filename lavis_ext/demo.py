@@ -22,6 +22,8 @@ import json
 import textwrap
 from pathlib import Path
 
+from vlext.atomic_files import atomic_save_figure, atomic_write_json
+
 __all__ = ["main", "random_baseline", "run"]
 
 _PROJECT = Path(__file__).resolve().parent / "projects" / "cirr_tiny.yaml"
@@ -167,7 +169,7 @@ def draw_retrieval_panel(examples: list[dict], path: Path, title: str) -> None:
             row[1].set_title("caption", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -239,7 +241,7 @@ def run(
             }
         ],
     }
-    (out_dir / "lavis_ext_demo.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / "lavis_ext_demo.json", summary, indent=2)
     return summary
 
 

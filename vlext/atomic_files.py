@@ -32,6 +32,8 @@ from vlext.test_hooks import armed, hook
 
 __all__ = [
     "MARKER",
+    "atomic_save_figure",
+    "atomic_save_image",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
@@ -130,6 +132,20 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = None
     indented)."""
     text = json.dumps(obj, ensure_ascii=False, indent=indent, **dumps_kwargs)
     return atomic_write_text(path, text + "\n" if indent is not None else text)
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """:func:`atomic_write` of a matplotlib figure, in the format ``path``'s suffix names (``.png``, ``.svg``)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs))
+
+
+def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> Path:
+    """:func:`atomic_write` of a PIL image, in the format ``path``'s suffix names."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    return atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike, save: Callable) -> Path:

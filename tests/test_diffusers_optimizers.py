@@ -236,3 +236,20 @@ def test_every_optimizer_steps_on_the_meta_device_with_its_state_there(name, sr)
     state = [v for v in opt.state[weight].values() if isinstance(v, torch.Tensor) and v.numel() > 1]
     assert state and all(v.device.type == "meta" for v in state)
     assert weight.dtype == (torch.bfloat16 if sr else torch.float32)
+
+
+def test_importing_bitsandbytes_drops_only_its_4bit_kernel_notice(caplog):
+    """bitsandbytes' CPU backend warns that the optional 4-bit GEMM kernel is missing; nothing here uses
+    4-bit weights, so only that notice is dropped and its other warnings still show."""
+    import logging
+
+    from diffusers_ext.training.optimizers import import_bitsandbytes
+
+    import_bitsandbytes()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'"
+        )
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]

@@ -241,6 +241,23 @@ class _StochasticRounding:
 _CLASSES: dict[tuple[str, bool], type] = {}
 
 
+def _quiet_4bit_notice(record) -> bool:
+    # bitsandbytes >= 0.50 on a CPU with AVX512-BF16 warns at import that its 4-bit GEMM kernel (from the
+    # optional `kernels` package) is missing: every demo and trainer log carried it, and nothing here uses
+    # 4-bit weights. Only that message is dropped; any other bitsandbytes warning still shows.
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def import_bitsandbytes():
+    """``import bitsandbytes``, without its notice about the 4-bit CPU kernel this package never uses."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_4bit_notice)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def _optimizer_class(name: str, bf16_stochastic_rounding: bool) -> type:
     key = (name, bf16_stochastic_rounding)
     if key in _CLASSES:
@@ -248,8 +265,7 @@ def _optimizer_class(name: str, bf16_stochastic_rounding: bool) -> type:
     if name == "adamw" and not bf16_stochastic_rounding:
         base, label = torch.optim.AdamW, "AdamW"
     else:
-        import bitsandbytes as bnb
-
+        bnb = import_bitsandbytes()
         base = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.AdamW32bit
         label = "AdamW8bit" if name == "adamw8bit" else "AdamW"
     bases = (_LeverTag, _StochasticRounding, base) if bf16_stochastic_rounding else (_LeverTag, base)

@@ -489,8 +489,11 @@ def _meta_adamw8bit():
     ``fill_qmap`` differs: bitsandbytes computes its two 256-value fp32 maps with ``.tolist()``, which has no
     data to read on the meta device, so the stand-in makes maps of the same shape and dtype there.
     tests/test_diffusers_plan.py checks its state bytes against the real optimizer's after a CPU step."""
-    import bitsandbytes as bnb
     import torch
+
+    from diffusers_ext.training.optimizers import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     class MetaAdamW8bit(bnb.optim.AdamW8bit):
         def fill_qmap(self):
@@ -507,9 +510,9 @@ def _rehearsed_8bit_adam(enabled: bool):
     if not enabled:
         yield
         return
-    import bitsandbytes as bnb
-
     from diffusers_ext.training import optimizers
+
+    bnb = optimizers.import_bitsandbytes()
 
     real, cached = bnb.optim.AdamW8bit, dict(optimizers._CLASSES)
     bnb.optim.AdamW8bit = _meta_adamw8bit()

@@ -11,7 +11,10 @@ neither torch nor diffusers: each name loads on first use (:mod:`vlext.lazy_expo
 
 from typing import TYPE_CHECKING
 
+from diffusers_ext._quiet import quiet_4bit_notice
 from vlext.lazy_exports import lazy_exports
+
+quiet_4bit_notice()  # before diffusers imports bitsandbytes (diffusers_ext/_quiet.py says why)
 
 if TYPE_CHECKING:
     from diffusers_ext.gated_self_attention import GatedSelfAttnProcessor as GatedSelfAttnProcessor

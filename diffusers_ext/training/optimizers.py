@@ -241,18 +241,11 @@ class _StochasticRounding:
 _CLASSES: dict[tuple[str, bool], type] = {}
 
 
-def _quiet_4bit_notice(record) -> bool:
-    # bitsandbytes >= 0.50 on a CPU with AVX512-BF16 warns at import that its 4-bit GEMM kernel (from the
-    # optional `kernels` package) is missing: every demo and trainer log carried it, and nothing here uses
-    # 4-bit weights. Only that message is dropped; any other bitsandbytes warning still shows.
-    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
-
-
 def import_bitsandbytes():
     """``import bitsandbytes``, without its notice about the 4-bit CPU kernel this package never uses."""
-    import logging
+    from diffusers_ext._quiet import quiet_4bit_notice
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_4bit_notice)
+    quiet_4bit_notice()
     import bitsandbytes
 
     return bitsandbytes

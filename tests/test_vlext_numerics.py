@@ -106,7 +106,7 @@ def test_every_part_the_demo_and_seeds_start_gets_the_pinning_or_the_named_opt_o
 def test_a_part_run_directly_pins_itself_before_torch_is_imported(native_capability, tmp_path):
     script = (
         "import sys, vlext.demo as d\n"
-        "def fake(run, out, quick, seed):\n"
+        "def fake(run, out, quick, seed, config=None):\n"
         f"    exec({PROBE!r}, {{}})\n"
         "    return {'status': 'ok'}\n"
         "d.run_part = fake\n"

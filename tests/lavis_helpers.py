@@ -21,3 +21,17 @@ def launch(command, timeout, cwd=ROOT):
 def run_train(*options, cfg=CFG, timeout=400):
     command = [sys.executable, "-W", "ignore", "-m", "lavis_ext.train", "--cfg-path", str(cfg), "--options"]
     return launch([*command, *options], timeout)
+
+
+def build_datasets(name, root, splits, image_size=32):
+    """The datasets LAVIS's registered builder ``name`` makes from ``root`` for ``splits``, images at ``image_size``."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    cls = registry.get_builder_class(name)
+    cfg = OmegaConf.load(cls.default_config_path()).datasets[name]
+    cfg.build_info.root = str(root)
+    cfg.build_info.splits = splits
+    for split in ("train", "eval"):
+        cfg.vis_processor[split].image_size = image_size
+    return cls(cfg).build_datasets()

@@ -19,6 +19,7 @@ from diffusers_ext import (
 from diffusers_ext.generation import generate, phrase_dim
 from diffusers_ext.gligen_conversion import adapter_from_gated_unet, gligen_checkpoint, save_gligen_checkpoint
 from diffusers_ext.testing.tiny_pipelines import TINY_PIPELINE_CONFIG, tiny_sd_pipeline
+from diffusers_ext.testing.tiny_unet import open_gated_unet
 
 torch.set_num_threads(1)
 PHRASES = ["a red circle", "a blue square"]
@@ -26,19 +27,8 @@ BOXES = [[0.1, 0.1, 0.5, 0.5], [0.55, 0.4, 0.95, 0.9]]
 
 
 def _gated(seed: int = 3) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        **TINY_PIPELINE_CONFIG["unet"],
-        cross_attention_dim=TINY_PIPELINE_CONFIG["text_width"],
-        attention_type="gated",
-    ).eval()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "alpha_" in name:
-                p.uniform_(0.5, 1.0)
-            if "null_" in name:
-                p.normal_()
-    return unet
+    config = {**TINY_PIPELINE_CONFIG["unet"], "cross_attention_dim": TINY_PIPELINE_CONFIG["text_width"]}
+    return open_gated_unet(config, seed, lowest_gate=0.5)
 
 
 def _unet_inputs():

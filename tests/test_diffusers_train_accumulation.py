@@ -8,24 +8,13 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
+from trainer_runs import train_fresh
 
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
-
-
-def _train(argv):
-    AcceleratorState._reset_state(True)  # accelerate keeps one accumulation setting per process
-    GradientState._reset_state()
-    try:
-        return train(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def test_n_micro_batches_of_b_give_the_update_of_one_batch_of_n_times_b(tmp_path):
@@ -34,8 +23,8 @@ def test_n_micro_batches_of_b_give_the_update_of_one_batch_of_n_times_b(tmp_path
     common = ["--mixed-data", str(jsonl), "--pretrained-model", str(model), "--hidden-dim", "16", "--max-objs", "4",
               "--lr", "1e-3", "--lr-scheduler", "linear", "--lr-warmup-steps", "1", "--phrase-dropout", "0.3",
               "--max-train-steps", "2", "--max-grad-norm", "0.5"]  # fmt: skip
-    whole = _train([*common, "--output-dir", str(tmp_path / "whole"), "--batch-size", "4"])
-    accumulated = _train([*common, "--output-dir", str(tmp_path / "acc"), "--batch-size", "2",
+    whole = train_fresh([*common, "--output-dir", str(tmp_path / "whole"), "--batch-size", "4"])
+    accumulated = train_fresh([*common, "--output-dir", str(tmp_path / "acc"), "--batch-size", "2",
                           "--gradient-accumulation-steps", "2"])  # fmt: skip
     assert whole["steps"] == accumulated["steps"] == 2
     assert accumulated["losses"] == pytest.approx(whole["losses"], rel=1e-5)
@@ -66,4 +55,4 @@ def test_accumulation_needs_whole_global_batches_and_is_fixed_on_resume(tmp_path
         SystemExit,
         match=r"4 rows after cleaning is fewer than one global batch \(2 x 1 processes x 3 accumulated micro-batches\)",
     ):
-        _train(argv)  # fmt: skip
+        train_fresh(argv)  # fmt: skip

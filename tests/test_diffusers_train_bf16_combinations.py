@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from trainer_runs import train_fresh
 
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
@@ -56,13 +55,7 @@ def test_one_bf16_step_trains_and_every_component_is_where_the_placement_says(
         argv += ["--lora-rank", "2"]
     if ema:
         argv += ["--ema"]
-    AcceleratorState._reset_state(True)  # accelerate keeps one mixed-precision setting per process
-    GradientState._reset_state()
-    try:
-        result = train(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    result = train_fresh(argv)
     assert result["steps"] == 1 and math.isfinite(result["losses"][0]) and 0 < result["losses"][0] < 10
     assert result["unet_dtype"] == "torch.bfloat16"
     table = result["placement"].table()

@@ -13,14 +13,15 @@ import shutil
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
+from trainer_runs import train_fresh
 
 from diffusers_ext import SpatialAdapter, load_spatial_adapter
 from diffusers_ext.gligen_conversion import adapter_to_gated_state_dict
 from diffusers_ext.spatial_adapter import transformer_blocks
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
+from diffusers_ext.testing.tiny_unet import open_gated_unet
 from diffusers_ext.training import init_adapter as init_module
 from diffusers_ext.training import train_spatial_adapter as trainer
 from diffusers_ext.training.train_spatial_adapter import parse_args
@@ -34,16 +35,7 @@ FUSER = "mid_block.attentions.0.transformer_blocks.0.fuser.attn.to_q.weight"
 def _gated_unet_like(unet_config: dict) -> UNet2DConditionModel:
     """A diffusers gated UNet with the pipeline UNet's config (GLIGEN-XL's format at tiny size), random base
     weights, gates opened and null features moved so that its fusers are not an identity."""
-    torch.manual_seed(3)
-    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    gated = UNet2DConditionModel.from_config({**config, "attention_type": "gated"}).eval()
-    with torch.no_grad():
-        for name, p in gated.named_parameters():
-            if "alpha_" in name:
-                p.uniform_(0.3, 1.0)
-            if "null_" in name:
-                p.normal_()
-    return gated
+    return open_gated_unet(unet_config)
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +56,6 @@ def _argv(toy, out, *extra, model="sdxl"):
 
 def _gligen_xl(toy):
     return ["--init-adapter", str(toy["gligen_xl"]), "--init-adapter-subfolder", "unet"]
-
-
-def _train(argv):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return trainer.train(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def _spy_on_build(monkeypatch):
@@ -107,7 +89,7 @@ def gligen_xl_run(toy):
     out = toy["root"] / "gligen-xl-run"
     with pytest.MonkeyPatch.context() as mp:
         seen = _spy_on_build(mp)
-        result = _train(_argv(toy, out, *_gligen_xl(toy), "--max-train-steps", "2", "--checkpointing-steps", "1",
+        result = train_fresh(_argv(toy, out, *_gligen_xl(toy), "--max-train-steps", "2", "--checkpointing-steps", "1",
                               "--lora-rank", "2", "--ema"))  # fmt: skip
     return out, seen, result
 
@@ -116,7 +98,7 @@ def gligen_xl_run(toy):
 def our_run(toy):
     """A first run of our own on the tiny SD pipeline (a small adapter: 16 wide, 4 objects, 'mid' only)."""
     out = toy["root"] / "our-run"
-    _train(_argv(toy, out, "--hidden-dim", "16", "--max-objs", "4", "--layers", "mid", "--max-train-steps", "1",
+    train_fresh(_argv(toy, out, "--hidden-dim", "16", "--max-objs", "4", "--layers", "mid", "--max-train-steps", "1",
                  model="sd"))  # fmt: skip
     return out
 
@@ -163,7 +145,7 @@ def test_the_adapter_trained_from_gligen_xl_loads_back_with_its_blocks(toy, glig
 
 def test_init_adapter_base_unet_takes_the_gated_unet_s_base_weights(toy, tmp_path, monkeypatch):
     seen = _spy_on_build(monkeypatch)
-    _train(
+    train_fresh(
         _argv(toy, tmp_path / "out", *_gligen_xl(toy), "--init-adapter-base-unet", "--max-train-steps", "1")
     )
     assert torch.equal(seen["conv_in"], toy["gated"].state_dict()["conv_in.weight"])
@@ -176,7 +158,7 @@ def test_gligen_xl_fine_tunes_with_the_documented_24_gb_levers(toy, tmp_path, mo
     """docs/gligen_xl.md's command line, at the tiny size: every memory lever with the gated UNet as init."""
     seen = _spy_on_build(monkeypatch)
     out = tmp_path / "ft"
-    result = _train(_argv(toy, out, *_gligen_xl(toy), "--resolution", "64", "--mixed-precision", "bf16",
+    result = train_fresh(_argv(toy, out, *_gligen_xl(toy), "--resolution", "64", "--mixed-precision", "bf16",
                           "--bf16-adapter", "--use-8bit-adam", "--gradient-checkpointing", "--cache-dir",
                           str(tmp_path / "cache"), "--cache-latents", "--batch-size", "1",
                           "--gradient-accumulation-steps", "2", "--max-train-steps", "1"))  # fmt: skip
@@ -233,7 +215,7 @@ def test_a_second_run_starts_from_the_first_run_s_adapter_with_the_memory_levers
     seen = _spy_on_build(monkeypatch)
     out = tmp_path / "second"
     first = load_file(str(our_run / "adapter" / "diffusion_pytorch_model.safetensors"))
-    result = _train(_argv(toy, out, "--init-adapter", str(our_run / "adapter"), "--max-train-steps", "1",
+    result = train_fresh(_argv(toy, out, "--init-adapter", str(our_run / "adapter"), "--max-train-steps", "1",
                           "--mixed-precision", "bf16", "--bf16-adapter", "--use-8bit-adam", "--ema",
                           "--gradient-accumulation-steps", "2", "--batch-size", "1",
                           "--cache-dir", str(tmp_path / "cache"), "--cache-latents", "--checkpointing-steps", "1",
@@ -306,7 +288,7 @@ def test_init_adapter_refusals_come_before_the_pipeline_loads(
     }[case]
     _no_pipeline_load(monkeypatch)
     with pytest.raises(SystemExit) as error:
-        _train(_argv(toy, tmp_path / "out", *extra, model="sd"))
+        train_fresh(_argv(toy, tmp_path / "out", *extra, model="sd"))
     assert message.format(root=toy["root"], ours=our_run / "adapter") in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -329,10 +311,12 @@ def test_an_official_gligen_checkpoint_file_trains_and_is_checked_once_loaded(to
     adapter = SpatialAdapter.for_unet(unet, 32, hidden_dim=16, phrase_norm=False, gate_init=0.5)
     path = save_gligen_checkpoint(adapter, unet, tmp_path / "gligen.pth")
     with pytest.raises(SystemExit) as error:
-        _train(_argv(toy, tmp_path / "refused", "--init-adapter", str(path), "--max-objs", "4", model="sd"))
+        train_fresh(
+            _argv(toy, tmp_path / "refused", "--init-adapter", str(path), "--max-objs", "4", model="sd")
+        )
     assert f"--init-adapter {path}: --max-objs 4 against its 30" in str(error.value)
     seen = _spy_on_build(monkeypatch)
-    result = _train(
+    result = train_fresh(
         _argv(toy, tmp_path / "out", "--init-adapter", str(path), "--max-train-steps", "1", model="sd")
     )
     assert result["steps"] == 1
@@ -361,13 +345,13 @@ def test_a_hub_id_in_the_hub_cache_is_checked_before_loading_and_trains_offline(
     with monkeypatch.context() as m:
         _no_pipeline_load(m)
         with pytest.raises(SystemExit) as error:
-            _train(_argv(toy, tmp_path / "out", *hub, "--layers", "mid"))
+            train_fresh(_argv(toy, tmp_path / "out", *hub, "--layers", "mid"))
     assert (
         f"--init-adapter {repo} (--init-adapter-subfolder unet): --layers mid (1 blocks) against its 7 blocks"
         in str(error.value)
     )
     seen = _spy_on_build(monkeypatch)
-    result = _train(_argv(toy, tmp_path / "out", *hub, "--max-train-steps", "1"))
+    result = train_fresh(_argv(toy, tmp_path / "out", *hub, "--max-train-steps", "1"))
     assert result["steps"] == 1
     assert torch.equal(seen["gated"][FUSER], toy["gated"].state_dict()[FUSER])
 
@@ -384,7 +368,7 @@ def test_a_phrase_width_that_does_not_fit_is_refused_after_loading_and_before_ov
     shutil.copytree(gligen_xl_run[0], out)
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(SystemExit) as error:
-        _train(_argv(toy, out, "--init-adapter", str(tmp_path / "narrow"), "--overwrite"))
+        train_fresh(_argv(toy, out, "--init-adapter", str(tmp_path / "narrow"), "--overwrite"))
     assert (
         f"--init-adapter {tmp_path / 'narrow'}: its grounding tokenizer takes 48-wide phrase features, "
         f"--pretrained-model {toy['sdxl']}'s text encoders give 64" in str(error.value)
@@ -393,7 +377,7 @@ def test_a_phrase_width_that_does_not_fit_is_refused_after_loading_and_before_ov
 
 
 def test_freeze_gate_keeps_loaded_gates_and_refuses_gates_that_are_all_zero(toy, our_run, tmp_path):
-    result = _train(_argv(toy, tmp_path / "frozen", "--init-adapter", str(our_run / "adapter"), "--freeze-gate",
+    result = train_fresh(_argv(toy, tmp_path / "frozen", "--init-adapter", str(our_run / "adapter"), "--freeze-gate",
                           "--max-train-steps", "1", model="sd"))  # fmt: skip
     assert result["trainable"] and not any("alpha_" in n for n in result["trainable"])
     unet = DiffusionPipeline.from_pretrained(toy["sd"]).unet
@@ -401,7 +385,7 @@ def test_freeze_gate_keeps_loaded_gates_and_refuses_gates_that_are_all_zero(toy,
         tmp_path / "fresh"
     )  # gates 0
     with pytest.raises(SystemExit) as error:
-        _train(
+        train_fresh(
             _argv(
                 toy, tmp_path / "out", "--init-adapter", str(tmp_path / "fresh"), "--freeze-gate", model="sd"
             )
@@ -414,7 +398,7 @@ def test_freeze_gate_keeps_loaded_gates_and_refuses_gates_that_are_all_zero(toy,
 
 def test_an_unreachable_hub_id_is_named_with_the_flag(toy, tmp_path):
     with pytest.raises(SystemExit) as error:
-        _train(_argv(toy, tmp_path / "out", "--init-adapter", "nobody/no-such-adapter", model="sd"))
+        train_fresh(_argv(toy, tmp_path / "out", "--init-adapter", "nobody/no-such-adapter", model="sd"))
     assert str(error.value).startswith(
         "--init-adapter nobody/no-such-adapter: 'nobody/no-such-adapter' is neither a local file or folder nor "
         "reachable on the Hugging Face hub"
@@ -432,7 +416,7 @@ def test_resume_with_another_init_adapter_is_refused_naming_both(toy, gligen_xl_
     extra = ["--init-adapter", str(our_run / "adapter")] if other == "ours" else []
     _no_pipeline_load(monkeypatch)
     with pytest.raises(SystemExit) as error:
-        _train(_argv(toy, tmp_path / "out", *extra, "--resume", str(ckpt), "--lora-rank", "2", "--ema",
+        train_fresh(_argv(toy, tmp_path / "out", *extra, "--resume", str(ckpt), "--lora-rank", "2", "--ema",
                      "--max-train-steps", "2"))  # fmt: skip
     now = repr(str((our_run / "adapter").resolve())) if other == "ours" else "None"
     assert f"--init-adapter {str(toy['gligen_xl'].resolve())!r} in the checkpoint, {now} now" in str(
@@ -454,7 +438,7 @@ def test_a_resume_with_the_same_init_adapter_keeps_the_checkpoint_s_weights(
     # reading the init weights would be a TypeError
     monkeypatch.setattr(diffusers_ext.loaders, "load_spatial_adapter", None)
     # resumed at step 1 with --max-train-steps 1: no step is taken, so the exported adapter is what was loaded
-    result = _train(_argv(toy, out, *_gligen_xl(toy), "--resume", str(ckpt), "--lora-rank", "2", "--ema",
+    result = train_fresh(_argv(toy, out, *_gligen_xl(toy), "--resume", str(ckpt), "--lora-rank", "2", "--ema",
                           "--max-train-steps", "1"))  # fmt: skip
     assert result["steps"] == 1 and result["losses"] == []
     exported = load_file(str(out / "adapter" / "diffusion_pytorch_model.safetensors"))
@@ -472,7 +456,7 @@ def test_a_run_resumed_from_its_init_adapter_checkpoint_continues_like_the_unint
     toy, gligen_xl_run, tmp_path
 ):
     out, _, uninterrupted = gligen_xl_run
-    result = _train(_argv(toy, tmp_path / "resumed", *_gligen_xl(toy), "--resume", str(out / "checkpoint-1"),
+    result = train_fresh(_argv(toy, tmp_path / "resumed", *_gligen_xl(toy), "--resume", str(out / "checkpoint-1"),
                           "--lora-rank", "2", "--ema", "--max-train-steps", "2"))  # fmt: skip
     assert result["losses"] == uninterrupted["losses"][1:]
     name = "diffusion_pytorch_model.safetensors"
@@ -490,7 +474,7 @@ def test_two_processes_start_from_the_init_adapter_and_take_the_single_process_s
 
     init = ["--init-adapter", str(our_run / "adapter"), "--max-train-steps", "1"]
     single = tmp_path / "single"
-    _train(_argv(toy, single, *init, model="sd"))
+    train_fresh(_argv(toy, single, *init, model="sd"))
     two = tmp_path / "two"
     # the last --batch-size wins: 2 processes x 1 sample, the single run's global batch of 2
     _launch([*_argv(toy, two, *init, model="sd"), "--batch-size", "1"], port=29561)

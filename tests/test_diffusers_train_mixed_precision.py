@@ -8,26 +8,13 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from trainer_runs import train_fresh
 
 from diffusers_ext.spatial_adapter import SpatialAdapter
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
-from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
-
-
-def _train(argv: list[str]) -> dict:
-    """``train`` as in a fresh process: accelerate keeps one mixed-precision setting per process (its own
-    test case resets it the same way), and these runs switch between bf16 and fp32."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def _losses(out) -> dict[int, float]:
@@ -41,9 +28,9 @@ def test_bf16_with_gradient_checkpointing_trains_and_resumes_exactly(tmp_path):
     common = ["--mixed-data", str(jsonl), "--pretrained-model", str(model), "--batch-size", "2", "--hidden-dim",
               "32", "--lr", "1e-3", "--max-train-steps", "4"]  # fmt: skip
     bf16 = ["--mixed-precision", "bf16", "--gradient-checkpointing"]
-    full = _train([*common, *bf16, "--output-dir", str(tmp_path / "full"), "--checkpointing-steps", "2"])
+    full = train_fresh([*common, *bf16, "--output-dir", str(tmp_path / "full"), "--checkpointing-steps", "2"])
     assert full["unet_dtype"] == "torch.bfloat16" and full["gradient_checkpointing"] is True
-    fp32 = _train([*common, "--output-dir", str(tmp_path / "fp32"), "--max-train-steps", "1"])
+    fp32 = train_fresh([*common, "--output-dir", str(tmp_path / "fp32"), "--max-train-steps", "1"])
     assert full["losses"][0] != fp32["losses"][0]  # bf16 really ran ...
     assert full["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)  # ... and only rounding differs
     gates = torch.stack(
@@ -51,7 +38,7 @@ def test_bf16_with_gradient_checkpointing_trains_and_resumes_exactly(tmp_path):
     )
     assert gates.abs().max() > 0  # gradients reached the gates through the checkpointed blocks
 
-    _train(
+    train_fresh(
         [
             *common,
             *bf16,

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from trainer_runs import train_fresh
 
 from diffusers_ext.testing.tiny_pipelines import save_tiny_pipeline
 from diffusers_ext.training.placement import plan_placement
-from diffusers_ext.training.train_spatial_adapter import train
 from vlext.toyworld import write_grounding_jsonl
 
 torch.set_num_threads(1)
@@ -32,19 +31,9 @@ def _argv(toy, out, *extra):
             "--batch-size", "2", "--hidden-dim", "16", "--max-objs", "4", "--lr", "1e-3", *extra]  # fmt: skip
 
 
-def _train(argv):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train(argv)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-
 def test_8bit_adam_with_a_bf16_adapter_trains_and_keeps_the_ema_in_fp32(toy, tmp_path):
     out = tmp_path / "run"
-    result = _train(_argv(toy, out, "--mixed-precision", "bf16", "--use-8bit-adam", "--bf16-adapter", "--ema",
+    result = train_fresh(_argv(toy, out, "--mixed-precision", "bf16", "--use-8bit-adam", "--bf16-adapter", "--ema",
                           "--max-train-steps", "2", "--checkpointing-steps", "1"))  # fmt: skip
     assert result["steps"] == 2 and all(math.isfinite(x) for x in result["losses"])
     table = result["placement"].table()
@@ -54,12 +43,12 @@ def test_8bit_adam_with_a_bf16_adapter_trains_and_keeps_the_ema_in_fp32(toy, tmp
     flags = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["flags"]
     assert (flags["optimizer"], flags["bf16_adapter"]) == ("adamw8bit", True)
     with pytest.raises(SystemExit, match=r"--optimizer 'adamw8bit' in the checkpoint, 'adamw' now"):
-        _train(_argv(toy, tmp_path / "resumed", "--mixed-precision", "bf16", "--bf16-adapter", "--ema",
+        train_fresh(_argv(toy, tmp_path / "resumed", "--mixed-precision", "bf16", "--bf16-adapter", "--ema",
                      "--max-train-steps", "2", "--resume", str(out / "checkpoint-1")))  # fmt: skip
 
 
 def test_a_bf16_adapter_needs_bf16_mixed_precision(toy, tmp_path):
     with pytest.raises(SystemExit, match=r"--bf16-adapter needs --mixed-precision bf16 \(got no\)"):
-        _train(_argv(toy, tmp_path / "out", "--bf16-adapter"))
+        train_fresh(_argv(toy, tmp_path / "out", "--bf16-adapter"))
     with pytest.raises(ValueError, match="bf16_adapter needs mixed_precision 'bf16'"):
         plan_placement("fp16", "cpu", cache_dir=False, cache_latents=False, bf16_adapter=True)

@@ -13,6 +13,7 @@ from diffusers_ext.gligen_conversion import adapter_from_gated_state_dict, adapt
 from diffusers_ext.spatial_adapter import transformer_blocks
 from diffusers_ext.testing.published_unets import SDXL
 from diffusers_ext.testing.tiny_pipelines import tiny_sdxl_pipeline
+from diffusers_ext.testing.tiny_unet import open_gated_unet
 from diffusers_ext.training.optimizers import build_optimizer
 
 torch.set_num_threads(1)
@@ -26,15 +27,7 @@ def _sdxl_pipeline_and_gated_unet():
     config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
     config["transformer_layers_per_block"] = DEPTHS
     pipe.unet = UNet2DConditionModel.from_config(config).eval()
-    torch.manual_seed(3)
-    gated = UNet2DConditionModel.from_config({**config, "attention_type": "gated"}).eval()
-    with torch.no_grad():  # open the gates and move the null features, so the fusers change the output
-        for name, p in gated.named_parameters():
-            if "alpha_" in name:
-                p.uniform_(0.3, 1.0)
-            if "null_" in name:
-                p.normal_()
-    return pipe, gated
+    return pipe, open_gated_unet(config)  # gates open, null features moved: the fusers change the output
 
 
 def _inputs(pipe, batch=2):

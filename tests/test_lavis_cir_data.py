@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from lavis_helpers import build_datasets
 from PIL import Image
 
 import lavis_ext  # noqa: F401  (registers builders, processor, task)
@@ -76,20 +76,8 @@ def toy_cirr(tmp_path_factory):
     return write_cirr(tmp_path_factory.mktemp("cirr") / "cirr_dataset", 12, 12, 6, seed=0, image_size=32)
 
 
-def build(name, root, splits):
-    from lavis.common.registry import registry
-
-    cls = registry.get_builder_class(name)
-    cfg = OmegaConf.load(cls.default_config_path()).datasets[name]
-    cfg.build_info.root = str(root)
-    cfg.build_info.splits = splits
-    for split in ("train", "eval"):
-        cfg.vis_processor[split].image_size = 32
-    return cls(cfg).build_datasets()
-
-
 def test_cirr_builder_reads_the_official_layout(toy_cirr):
-    datasets = build("cirr", toy_cirr, ["train", "val", "test"])
+    datasets = build_datasets("cirr", toy_cirr, ["train", "val", "test"])
     item = datasets["train"][0]
     assert item["image"].shape == item["target"].shape == (3, 32, 32)
     assert isinstance(item["text_input"], str) and item["text_input"]
@@ -109,7 +97,7 @@ def test_missing_image_is_named(toy_cirr, tmp_path):
     relpath = next(iter(json.loads((root / "cirr/image_splits/split.rc2.val.json").read_text()).values()))
     (root / relpath).unlink()
     with pytest.raises(FileNotFoundError, match=relpath.split("/")[-1]):
-        build("cirr", root, ["val"])
+        build_datasets("cirr", root, ["val"])
 
 
 def test_corrupt_image_is_named(toy_cirr, tmp_path):
@@ -120,7 +108,7 @@ def test_corrupt_image_is_named(toy_cirr, tmp_path):
     rows = json.loads((root / "cirr/captions/cap.rc2.train.json").read_text())
     relpath = json.loads((root / "cirr/image_splits/split.rc2.train.json").read_text())[rows[0]["reference"]]
     (root / relpath).write_bytes(b"not a png")
-    dataset = build("cirr", root, ["train"])["train"]
+    dataset = build_datasets("cirr", root, ["train"])["train"]
     with pytest.raises(ValueError, match=relpath.split("/")[-1] + ": not a readable image"):
         dataset[0]
 
@@ -129,7 +117,7 @@ def test_fashioniq_builder_joins_both_captions(tmp_path):
     from vlext.toyworld import write_fashioniq
 
     root = write_fashioniq(tmp_path / "fashionIQ_dataset", n_per_category=3, seed=0, image_size=32)
-    datasets = build("fashioniq", root, ["train", "val"])
+    datasets = build_datasets("fashioniq", root, ["train", "val"])
     assert len(datasets["train"]) == 9
     row = json.loads((root / "captions/cap.dress.val.json").read_text())[0]
     first = datasets["val"].triplets[0]["caption"]
@@ -143,7 +131,7 @@ def test_task_evaluation_matches_a_brute_force_ranking(toy_cirr):
 
     torch.manual_seed(0)
     model = load_model("blip2_cir_align_prompt", "tiny", is_eval=True)
-    val = build("cirr", toy_cirr, ["val"])["val"]
+    val = build_datasets("cirr", toy_cirr, ["val"])["val"]
     task = registry.get_task_class("composed_image_retrieval")(rank_chunk=5, rank_gallery_chunk=3)
     loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=val.collater)
     result = task.evaluation(model, loader)
@@ -170,7 +158,7 @@ def test_cirr_test_split_writes_submission_files(toy_cirr, tmp_path):
 
     torch.manual_seed(0)
     model = load_model("blip2_cir_align_prompt", "tiny", is_eval=True)
-    test = build("cirr", toy_cirr, ["test"])["test"]
+    test = build_datasets("cirr", toy_cirr, ["test"])["test"]
     task = registry.get_task_class("composed_image_retrieval")()
     registry.mapping["paths"]["result_dir"] = str(tmp_path)
     loader = torch.utils.data.DataLoader(test, batch_size=8, collate_fn=test.collater)
@@ -215,7 +203,7 @@ def test_truncated_image_is_named_not_padded(toy_cirr, tmp_path):
     relpath = json.loads((root / "cirr/image_splits/split.rc2.train.json").read_text())[rows[0]["reference"]]
     data = (root / relpath).read_bytes()
     (root / relpath).write_bytes(data[: len(data) * 2 // 3])
-    dataset = build("cirr", root, ["train"])["train"]
+    dataset = build_datasets("cirr", root, ["train"])["train"]
     with pytest.raises(ValueError, match=relpath.split("/")[-1] + ": not a readable image .*truncated"):
         dataset[0]
 
@@ -249,7 +237,7 @@ def test_malformed_cirr_row_is_named_by_file_and_row(toy_cirr, tmp_path, edit, m
     root = copy_of(toy_cirr, tmp_path)
     path = edit_rows(root, "train", edit)
     with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*" + re.escape(message)):
-        build("cirr", root, ["train"])
+        build_datasets("cirr", root, ["train"])
 
 
 def test_malformed_captions_json_is_named(toy_cirr, tmp_path):
@@ -259,11 +247,11 @@ def test_malformed_captions_json_is_named(toy_cirr, tmp_path):
     path = root / "cirr/captions/cap.rc2.val.json"
     path.write_text(path.read_text()[:-20])
     with pytest.raises(AnnotationError, match=re.escape(f"{path} is not valid JSON")):
-        build("cirr", root, ["val"])
+        build_datasets("cirr", root, ["val"])
 
 
 def test_cirr_test1_rows_need_no_target(toy_cirr):
-    datasets = build("cirr", toy_cirr, ["test"])
+    datasets = build_datasets("cirr", toy_cirr, ["test"])
     assert len(datasets["test"]) == 6 and not datasets["test"].has_targets
 
 
@@ -293,4 +281,4 @@ def test_malformed_fashioniq_row_is_named_by_file_and_row(tmp_path, edit, messag
     edit(rows)
     path.write_text(json.dumps(rows))
     with pytest.raises(AnnotationError, match=re.escape(str(path)) + ".*" + re.escape(message)):
-        build("fashioniq", root, ["train"])
+        build_datasets("fashioniq", root, ["train"])

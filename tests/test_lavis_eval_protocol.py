@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from lavis_helpers import build_datasets
 from omegaconf import OmegaConf
 from ranks import run_forked_ranks
 
@@ -18,18 +19,6 @@ import lavis_ext  # noqa: F401  (registers builders, processor, task, model)
 
 torch.set_num_threads(1)
 WORLD = 2
-
-
-def _build(name, root, splits):
-    from lavis.common.registry import registry
-
-    cls = registry.get_builder_class(name)
-    cfg = OmegaConf.load(cls.default_config_path()).datasets[name]
-    cfg.build_info.root = str(root)
-    cfg.build_info.splits = splits
-    for split in ("train", "eval"):
-        cfg.vis_processor[split].image_size = 32
-    return cls(cfg).build_datasets()
 
 
 def _model():
@@ -94,7 +83,7 @@ def _sprc_fashioniq(model, dataset, categories):
 
 def test_fashioniq_ranks_each_category_against_its_own_gallery_as_sprc_does(toy_fashioniq, tmp_path):
     model = _model()
-    val = _build("fashioniq", toy_fashioniq, ["val"])["val"]
+    val = build_datasets("fashioniq", toy_fashioniq, ["val"])["val"]
     # 24 images per category; the union (72) is what the queries used to be ranked against
     assert {c: len(p) for c, p in val.galleries.items()} == {"dress": 24, "shirt": 24, "toptee": 24}
     result, metrics = _evaluate(model, val, tmp_path, rank_chunk=4, rank_gallery_chunk=7)
@@ -118,7 +107,7 @@ def _eval_worker(rank, store, out_dir, roots):
         model = _model()
         results = {}
         for name, root in roots.items():
-            dataset = _build(name, root, ["val"])["val"]
+            dataset = build_datasets(name, root, ["val"])["val"]
             sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=5, sampler=sampler, collate_fn=dataset.collater
@@ -145,7 +134,7 @@ def test_two_process_evaluation_gives_the_one_process_recalls(toy_fashioniq, toy
     ranks = run_forked_ranks(_eval_worker, tmp_path, WORLD, roots)
     model = _model()
     for name, root in roots.items():
-        dataset = _build(name, root, ["val"])["val"]
+        dataset = build_datasets(name, root, ["val"])["val"]
         result, metrics = _evaluate(model, dataset, tmp_path / name, rank_chunk=3)
         for got in ranks:
             assert torch.equal(got[name]["ranks"], result["ranks"])
@@ -167,7 +156,7 @@ def test_the_gallery_is_decoded_with_the_run_configs_loader_workers(toy_cirr, tm
 
     monkeypatch.setattr(task_module, "DataLoader", recording)
     model = _model()
-    val = _build("cirr", toy_cirr, ["val"])["val"]
+    val = build_datasets("cirr", toy_cirr, ["val"])["val"]
     task = task_module.ComposedImageRetrievalTask()
     task.run_cfg = OmegaConf.create({"num_workers": 3})
     task.evaluation(model, torch.utils.data.DataLoader(val, batch_size=5, collate_fn=val.collater))
